@@ -1,0 +1,101 @@
+/// @file backward.cuh
+/// @brief lce::backward — dX, dW, db of the linear cross-entropy from the forward's lse, by
+/// chunked recomputation of the logits; never an n×v buffer.
+#pragma once
+
+#include <cublas_v2.h>
+
+#include <cstddef>
+#include <type_traits>
+
+#include "args.hpp"
+#include "config.hpp"
+#include "detail/validate.hpp"
+#include "device/chunked_backward.cuh"
+#include "forward.cuh"
+#include "options.hpp"
+#include "status.hpp"
+
+LCE_NAMESPACE_BEGIN
+
+namespace detail {
+template <class Element, class Grad>
+cudaError_t validate_backward_args(const backward_args<Element, Grad>& a) noexcept {
+  if (a.x == nullptr) return invalid("args.x must not be null");
+  if (a.w == nullptr) return invalid("args.w must not be null");
+  if (a.targets == nullptr) return invalid("args.targets must not be null");
+  if (a.lse == nullptr) return invalid("args.lse must not be null (pass the forward's lse)");
+  return cudaSuccess;
+}
+
+template <class Element, class Grad>
+constexpr void check_backward_types() noexcept {
+  static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
+  static_assert(std::is_same_v<Grad, Element> || std::is_same_v<Grad, float>,
+                "Grad (type of dW and db) must be Element or float");
+}
+}  // namespace detail
+
+/// @brief Workspace bytes lce::backward needs: a pure function of the shape and options.
+/// Within `bopt.memory_budget` unless one minimal chunk alone exceeds it (see backward()).
+template <class Element, class Grad = Element>
+[[nodiscard]] std::size_t backward_workspace_size(const problem& shape,
+                                                  const backward_options& bopt = {}) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  detail::workspace_layout layout;
+  return device::make_backward_plan<Element, Grad>(shape, bopt, layout).bytes;
+}
+
+/// @brief Gradients of the linear cross-entropy: dX = dZ·W, dW = dZᵀ·X, db = Σ_i dZ_i with
+/// dZ = g·(softmax(Z) − onehot(y)), recomputing Z chunk by chunk from the saved lse.
+///
+/// @tparam Element  float, __half or __nv_bfloat16 (x, w, bias, dx)
+/// @tparam Grad     Element or float (dw, db); float is required by row_chunked
+/// @param[in]     d_workspace      device workspace (256-byte aligned) or null: size query,
+///                                 launches nothing
+/// @param[in,out] workspace_bytes  in: available; out (size query): needed
+/// @param[in]     args             device pointers; dx, dw, db each optional
+/// @param[in]     shape            n, d, v and leading dimensions
+/// @param[in]     options          ignore_index and reduction of the forward
+/// @param[in]     bopt             strategy and memory budget (docs/algorithm.md, "Strategies")
+/// @param[in]     handle           cuBLAS handle for the GEMMs; its stream and pointer mode are
+///                                 set for the call and restored before returning
+/// @param[in]     stream           every launch and GEMM is enqueued on it, in order
+/// @return cudaSuccess, cudaErrorInvalidValue naming a bad argument, or a launch/cuBLAS error.
+///
+/// Never allocates, synchronizes or reads back to the host (capturable, provided the cuBLAS
+/// handle is). Overwrites dx, dw and db. Deterministic for a given strategy and chunk size.
+/// Accumulation is fp32 throughout; dX accumulates in fp32 (workspace) across vocabulary
+/// chunks. vocab_chunked: workspace ≈ n·Vc·4 + (16-bit elements: n·d·4) bytes, 4 GEMMs of
+/// work. row_chunked: workspace ≈ Nc·v·4 bytes, 3 GEMMs of work, dW/db accumulated in fp32.
+/// The upstream gradient `grad` is [1] (mean/sum) or [n] (none); null means 1. Ignored rows
+/// get zero gradient; with mean, g is divided by the number of valid rows (0 if none).
+template <class Element, class Grad>
+[[nodiscard]] cudaError_t backward(void* d_workspace, std::size_t& workspace_bytes,
+                                   const backward_args<Element, Grad>& args, const problem& shape,
+                                   const loss_options& options, const backward_options& bopt,
+                                   cublasHandle_t handle, cudaStream_t stream = nullptr) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  detail::clear_error();
+  LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_args(args));
+  if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
+  detail::workspace_layout layout;
+  const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  detail::cublas_scope scope(handle, stream);
+  if (scope.status() != CUBLAS_STATUS_SUCCESS)
+    return detail::cublas_failure(scope.status(), "handle setup");
+  return device::run_backward<Element, Grad>(d_workspace, plan, args, shape, options, handle,
+                                             stream);
+}
+
+LCE_NAMESPACE_END

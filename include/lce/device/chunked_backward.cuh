@@ -1,0 +1,192 @@
+/// @file chunked_backward.cuh
+/// @brief Device-wide backward by recomputation in chunks (docs/algorithm.md):
+/// - vocab_chunked: for each slice of Vc vocabulary rows, Z_c = X·W_cᵀ (fp32), dZ_c in place,
+///   dW_c = dZ_cᵀ·X, db_c = dZ_cᵀ·1, dX += dZ_c·W_c (fp32 accumulator): 4 GEMMs in all, a
+///   chunk buffer of n·Vc floats, dW written once.
+/// - row_chunked: for each slice of Nc rows, Z_c = X_c·Wᵀ (whole rows), dZ_c in place,
+///   dX_c = dZ_c·W, dW += dZ_cᵀ·X_c and db += dZ_cᵀ·1 into fp32 dW/db: 3 GEMMs in all.
+/// GEMMs run on cuBLAS with fp32 accumulation; the dZ epilogue is lce's own kernel.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../args.hpp"
+#include "../detail/cublas.cuh"
+#include "../detail/workspace.hpp"
+#include "../kernel/elementwise.cuh"
+#include "../kernel/logit_grad.cuh"
+#include "../options.hpp"
+
+LCE_NAMESPACE_BEGIN
+namespace device {
+
+/// Strategy, chunk extent and workspace regions of one backward.
+struct backward_plan {
+  backward_strategy strategy = backward_strategy::vocab_chunked;
+  std::int64_t chunk = 0;     ///< vocabulary rows (vocab_chunked) or token rows (row_chunked)
+  std::int64_t chunk_ld = 0;  ///< row stride of the fp32 chunk buffer, a multiple of 8
+  bool dx_accumulator = false;
+  std::size_t n_valid = 0, ones = 0, dx = 0, logits = 0;
+  std::size_t bytes = 0;
+};
+
+inline constexpr std::int64_t vocab_chunk_granule = 128;
+/// Below this many rows per chunk, row_chunked GEMMs run far from peak: automatic falls back
+/// to vocab_chunked.
+inline constexpr std::int64_t min_row_chunk = 128;
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept { return (x + m - 1) / m * m; }
+
+template <class Element, class Grad>
+backward_plan make_backward_plan(const problem& s, const backward_options& b,
+                                 detail::workspace_layout& layout) noexcept {
+  constexpr bool fp32_grad = std::is_same_v<Grad, float>;
+  backward_plan p;
+  p.n_valid = layout.reserve<long long>(1);
+  p.ones = layout.reserve<Element>(static_cast<std::size_t>(s.n));
+  const std::size_t fixed = layout.bytes() + 2 * detail::workspace_layout::alignment;
+  const std::size_t avail = b.memory_budget > fixed ? b.memory_budget - fixed : 0;
+
+  const std::int64_t row_ld = round_up(s.v, 8);
+  const auto rows_fit = static_cast<std::int64_t>(avail / (static_cast<std::size_t>(row_ld) * 4));
+  p.strategy = b.strategy;
+  if (p.strategy == backward_strategy::automatic) {
+    p.strategy = fp32_grad && rows_fit >= std::min(s.n, min_row_chunk)
+                     ? backward_strategy::row_chunked
+                     : backward_strategy::vocab_chunked;
+  }
+  if (p.strategy == backward_strategy::row_chunked) {
+    p.chunk = std::clamp<std::int64_t>(rows_fit, 1, s.n);
+    p.chunk_ld = row_ld;
+    p.logits = layout.reserve<float>(static_cast<std::size_t>(p.chunk * p.chunk_ld));
+  } else {
+    p.dx_accumulator = !std::is_same_v<Element, float>;
+    std::size_t left = avail;
+    if (p.dx_accumulator) {
+      p.dx = layout.reserve<float>(static_cast<std::size_t>(s.n * s.d));
+      const std::size_t dx_bytes = static_cast<std::size_t>(s.n * s.d) * 4;
+      left = left > dx_bytes ? left - dx_bytes : 0;
+    }
+    const auto cols_fit = static_cast<std::int64_t>(left / (static_cast<std::size_t>(s.n) * 4));
+    const std::int64_t cols = std::max(cols_fit / vocab_chunk_granule * vocab_chunk_granule,
+                                       vocab_chunk_granule);
+    p.chunk = std::min(cols, s.v);
+    p.chunk_ld = round_up(p.chunk, 8);
+    p.logits = layout.reserve<float>(static_cast<std::size_t>(s.n * p.chunk_ld));
+  }
+  p.bytes = layout.bytes();
+  return p;
+}
+
+/// Enqueues the backward. Arguments are validated; the scope has set the handle's stream.
+template <class Element, class Grad>
+cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
+                         const problem& s, const loss_options& o, cublasHandle_t handle,
+                         cudaStream_t stream) noexcept {
+  using detail::gemm;
+  constexpr cublasOperation_t N = CUBLAS_OP_N;
+  constexpr cublasOperation_t T = CUBLAS_OP_T;
+  constexpr int grad_threads = 256;
+  constexpr int grad_per_thread = 8;
+  const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
+  const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
+
+  auto* n_valid = detail::at<long long>(ws, plan.n_valid);
+  auto* ones = detail::at<Element>(ws, plan.ones);
+  auto* logits = detail::at<float>(ws, plan.logits);
+  auto* dz = reinterpret_cast<const Element*>(logits);
+  const std::int64_t ldz = plan.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
+
+  constexpr int count_threads = 512;
+  kernel::count_valid_kernel<count_threads>
+      <<<1, count_threads, 0, stream>>>(a.targets, s.n, o.ignore_index, n_valid);
+  LCE_CHECK_LAUNCH("count_valid_kernel");
+  if (a.db != nullptr) {
+    kernel::fill_kernel<Element><<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(
+        ones, s.n, 1.0f);
+    LCE_CHECK_LAUNCH("fill_kernel");
+  }
+
+  kernel::logit_grad_params<Element> gp{};
+  gp.logits = logits;
+  gp.ld = plan.chunk_ld;
+  gp.bias = a.bias;
+  gp.targets = a.targets;
+  gp.lse = a.lse;
+  gp.grad = a.grad;
+  gp.grad_per_row = o.reduction == lce::reduction::none;
+  gp.n_valid = n_valid;
+  gp.ignore_index = o.ignore_index;
+  gp.reduction = o.reduction;
+
+  if (plan.strategy == backward_strategy::vocab_chunked) {
+    // dX accumulates over chunks in fp32: in the caller's buffer when it is fp32, else in
+    // the workspace, converted once at the end.
+    float* dx_acc = nullptr;
+    std::int64_t dx_ld = s.d;
+    if constexpr (std::is_same_v<Element, float>) {
+      dx_acc = a.dx;
+      dx_ld = lddx;
+    } else {
+      dx_acc = detail::at<float>(ws, plan.dx);
+    }
+    for (std::int64_t v0 = 0; v0 < s.v; v0 += plan.chunk) {
+      const std::int64_t vc = std::min(plan.chunk, s.v - v0);
+      const Element* w_c = a.w + v0 * ldw;
+      // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
+      LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, w_c, ldw, a.x, ldx, 0.0f, logits,
+                               plan.chunk_ld));
+      gp.cols = vc;
+      gp.row0 = 0;
+      gp.vocab0 = v0;
+      kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
+          <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
+      LCE_CHECK_LAUNCH("logit_grad_kernel");
+      if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
+        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, a.x, ldx, dz, ldz, 0.0f,
+                                 a.dw + v0 * lddw, lddw));
+      if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, vc, 1, s.n, dz, ldz, ones, s.n, 0.0f, a.db + v0, vc));
+      if (a.dx != nullptr) {  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
+        const float beta = v0 == 0 ? 0.0f : 1.0f;
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, s.n, vc, w_c, ldw, dz, ldz, beta, dx_acc, dx_ld));
+      }
+    }
+    if (a.dx != nullptr && plan.dx_accumulator) {
+      const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((s.n * s.d + 255) / 256, 4096));
+      kernel::convert_rows_kernel<Element><<<blocks, 256, 0, stream>>>(dx_acc, s.n, s.d, a.dx, lddx);
+      LCE_CHECK_LAUNCH("convert_rows_kernel");
+    }
+    return cudaSuccess;
+  }
+
+  if constexpr (std::is_same_v<Grad, float>) {
+    for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.chunk) {
+      const std::int64_t nr = std::min(plan.chunk, s.n - r0);
+      const Element* x_c = a.x + r0 * ldx;
+      const float beta = r0 == 0 ? 0.0f : 1.0f;
+      // Z_cᵀ [v, nr] = W · X_cᵀ
+      LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, a.w, ldw, x_c, ldx, 0.0f, logits,
+                               plan.chunk_ld));
+      gp.cols = s.v;
+      gp.row0 = r0;
+      gp.vocab0 = 0;
+      kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
+          <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
+      LCE_CHECK_LAUNCH("logit_grad_kernel");
+      if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, a.w, ldw, dz, ldz, 0.0f,
+                                 a.dx + r0 * lddx, lddx));
+      if (a.dw != nullptr)  // dWᵀ [d, v] += X_cᵀ · dZ_c
+        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, nr, x_c, ldx, dz, ldz, beta, a.dw, lddw));
+      if (a.db != nullptr)  // db [v, 1] += dZ_cᵀ · 1
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, dz, ldz, ones, nr, beta, a.db, s.v));
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace device
+LCE_NAMESPACE_END

@@ -1,0 +1,86 @@
+/// @file forward.cuh
+/// @brief lce::forward — the loss (and lse) of a linear layer followed by softmax
+/// cross-entropy, without materializing the logits.
+#pragma once
+
+#include <cstddef>
+
+#include "args.hpp"
+#include "config.hpp"
+#include "detail/validate.hpp"
+#include "device/forward.cuh"
+#include "options.hpp"
+#include "status.hpp"
+
+LCE_NAMESPACE_BEGIN
+
+namespace detail {
+template <class Element>
+cudaError_t validate_forward_args(const forward_args<Element>& a, const loss_options& o) noexcept {
+  if (a.x == nullptr) return invalid("args.x must not be null");
+  if (a.w == nullptr) return invalid("args.w must not be null");
+  if (a.targets == nullptr) return invalid("args.targets must not be null");
+  if (o.reduction == lce::reduction::none && a.token_loss == nullptr)
+    return invalid("args.token_loss must not be null with reduction none");
+  if (o.reduction != lce::reduction::none && a.loss == nullptr)
+    return invalid("args.loss must not be null with reduction mean or sum");
+  return cudaSuccess;
+}
+
+inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
+  if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
+    return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
+  return cudaSuccess;
+}
+}  // namespace detail
+
+/// @brief Workspace bytes lce::forward needs for `shape`: a pure function of the shape,
+/// O(n·splits) — about 8·n·ceil(1024 / ceil(n / BlockM)) + 8·n bytes, never O(n·v).
+template <class Element, class Config = default_config<Element>>
+[[nodiscard]] std::size_t forward_workspace_size(const problem& shape) noexcept {
+  detail::workspace_layout layout;
+  return device::make_forward_plan<Config>(shape, layout).bytes;
+}
+
+/// @brief Cross-entropy loss of Z = X·Wᵀ + b against `targets`, fused: tiles of Z live in
+/// shared memory and registers only.
+///
+/// @tparam Element  float, __half or __nv_bfloat16 (fp32 accumulation always; fp32 inputs
+///                  use exact FFMA, never TF32)
+/// @tparam Config   tile configuration (default_config<Element>)
+/// @param[in]     d_workspace      device workspace (256-byte aligned), or null for a size
+///                                 query that only sets `workspace_bytes` and launches nothing
+/// @param[in,out] workspace_bytes  in: bytes available; out (size query): bytes needed
+/// @param[in]     args             device pointers; see forward_args
+/// @param[in]     shape            n, d, v and leading dimensions
+/// @param[in]     options          ignore_index and reduction
+/// @param[in]     stream           every launch is enqueued on it, in order
+/// @return cudaSuccess; cudaErrorInvalidValue for a bad argument (lce::last_error_message()
+///         names it); or the error of a failed launch.
+///
+/// Never allocates, synchronizes or reads back to the host: safe under stream capture.
+/// Deterministic (fixed reduction order). Writes `loss` (mean/sum), `token_loss` and `lse`
+/// where given; ignored rows get loss 0; a target outside [0, v) that is not ignore_index gives
+/// a NaN loss for its row (and so for the mean). Inputs and outputs must not overlap.
+template <class Element, class Config = default_config<Element>>
+[[nodiscard]] cudaError_t forward(void* d_workspace, std::size_t& workspace_bytes,
+                                  const forward_args<Element>& args, const problem& shape,
+                                  const loss_options& options = {},
+                                  cudaStream_t stream = nullptr) noexcept {
+  static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
+  detail::clear_error();
+  LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(args, options));
+  detail::workspace_layout layout;
+  const device::forward_plan plan = device::make_forward_plan<Config>(shape, layout);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);
+}
+
+LCE_NAMESPACE_END

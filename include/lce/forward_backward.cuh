@@ -1,0 +1,86 @@
+/// @file forward_backward.cuh
+/// @brief lce::forward_backward — loss and gradients in one call (upstream gradient 1), for
+/// callers that need no separate backward.
+#pragma once
+
+#include "backward.cuh"
+#include "forward.cuh"
+
+LCE_NAMESPACE_BEGIN
+
+namespace detail {
+struct forward_backward_plan {
+  device::forward_plan forward;
+  std::size_t lse = 0;
+  std::size_t backward = 0;  ///< offset of the backward's workspace
+  device::backward_plan backward_plan;
+  std::size_t bytes = 0;
+};
+
+template <class Element, class Grad, class Config>
+forward_backward_plan make_forward_backward_plan(const problem& s,
+                                                 const backward_options& b) noexcept {
+  forward_backward_plan p;
+  workspace_layout layout;
+  p.forward = device::make_forward_plan<Config>(s, layout);
+  p.lse = layout.reserve<float>(static_cast<std::size_t>(s.n));
+  p.backward = layout.reserve<char>(0);
+  workspace_layout backward_layout;
+  p.backward_plan = device::make_backward_plan<Element, Grad>(s, b, backward_layout);
+  p.bytes = p.backward + p.backward_plan.bytes;
+  return p;
+}
+}  // namespace detail
+
+/// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and
+/// the backward's.
+template <class Element, class Grad = Element, class Config = default_config<Element>>
+[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
+                                                          const backward_options& bopt = {}) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt).bytes;
+}
+
+/// @brief The forward (loss, token_loss, lse where given) followed by the gradients of the
+/// returned loss (upstream gradient 1: of the mean or sum; for reduction none, of the sum of
+/// the per-token losses). Same contracts as lce::forward and lce::backward: two-phase
+/// workspace, no allocation, no synchronization, stream-ordered, deterministic.
+template <class Element, class Grad, class Config = default_config<Element>>
+[[nodiscard]] cudaError_t forward_backward(void* d_workspace, std::size_t& workspace_bytes,
+                                           const forward_backward_args<Element, Grad>& args,
+                                           const problem& shape, const loss_options& options,
+                                           const backward_options& bopt, cublasHandle_t handle,
+                                           cudaStream_t stream = nullptr) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  detail::clear_error();
+  const forward_args<Element> fa{args.x, args.w, args.bias, args.targets, args.loss, args.token_loss,
+                                 args.lse};
+  LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, options));
+  if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
+  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+
+  float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
+  forward_args<Element> fwd = fa;
+  fwd.lse = lse;
+  LCE_RETURN_IF_ERROR(
+      (device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape, options, stream)));
+  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  const backward_args<Element, Grad> ba{args.x, args.w, args.bias, args.targets, lse, nullptr,
+                                        args.dx, args.dw, args.db};
+  detail::cublas_scope scope(handle, stream);
+  if (scope.status() != CUBLAS_STATUS_SUCCESS)
+    return detail::cublas_failure(scope.status(), "handle setup");
+  return device::run_backward<Element, Grad>(detail::at<char>(d_workspace, plan.backward),
+                                             plan.backward_plan, ba, shape, options, handle, stream);
+}
+
+LCE_NAMESPACE_END

@@ -1,0 +1,73 @@
+/// @file logit_grad.cuh
+/// @brief Turns a chunk of recomputed logits (fp32, row-major) into the logit gradient
+/// dZ = g·(softmax(Z) − onehot(y)) *in place*, stored in the element type over the same bytes.
+///
+/// Aliasing: row r of the fp32 chunk starts at byte r·ld·4; its dZ row is written from the same
+/// byte as `Element` values. For 16-bit elements, dZ element c overwrites fp32 element c/2, so a
+/// block handles a whole row in segments: every thread reads its values of a segment, the block
+/// synchronizes, then writes. Writes of a segment only reach fp32 elements already read.
+#pragma once
+
+#include <cstdint>
+
+#include "../options.hpp"
+#include "../thread/cross_entropy.cuh"
+
+LCE_NAMESPACE_BEGIN
+namespace kernel {
+
+template <class Element>
+struct logit_grad_params {
+  float* logits;               ///< [rows, ld] fp32 chunk; overwritten by dZ as Element
+  std::int64_t ld;             ///< row stride of the chunk in fp32 elements
+  std::int64_t cols;           ///< valid columns of the chunk
+  std::int64_t row0;           ///< global row of chunk row 0
+  std::int64_t vocab0;         ///< global vocabulary id of chunk column 0
+  const Element* bias;         ///< [v] or null
+  const std::int64_t* targets; ///< [n]
+  const float* lse;            ///< [n]
+  const float* grad;           ///< upstream gradient, [1] or [n] (per_row), or null (= 1)
+  bool grad_per_row;
+  const long long* n_valid;    ///< [1] rows that are not ignored
+  std::int64_t ignore_index;
+  lce::reduction reduction;
+};
+
+/// One block per chunk row.
+template <class Element, int Threads, int PerThread>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    logit_grad_kernel(const logit_grad_params<Element> p) {
+  const std::int64_t r = blockIdx.x;
+  const std::int64_t row = p.row0 + r;
+  const std::int64_t y = p.targets[row];
+  const bool valid = thread::is_valid_target(y, p.ignore_index);
+  const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
+  const float g = thread::row_grad_scale(upstream, valid, *p.n_valid, p.reduction);
+  const float lse = p.lse[row];
+  const float* in = p.logits + r * p.ld;
+  Element* out = reinterpret_cast<Element*>(p.logits + r * p.ld);
+
+  constexpr int segment = Threads * PerThread;
+  for (std::int64_t base = 0; base < p.cols; base += segment) {
+    float dz[PerThread];
+#pragma unroll
+    for (int e = 0; e < PerThread; ++e) {
+      const std::int64_t c = base + threadIdx.x + e * Threads;
+      dz[e] = 0.0f;
+      if (c < p.cols && g != 0.0f) {
+        const std::int64_t v = p.vocab0 + c;
+        const float z = in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f);
+        dz[e] = thread::logit_grad(z, lse, v == y, g);
+      }
+    }
+    __syncthreads();  // every fp32 value of this segment is read before any dZ overwrites it
+#pragma unroll
+    for (int e = 0; e < PerThread; ++e) {
+      const std::int64_t c = base + threadIdx.x + e * Threads;
+      if (c < p.cols) out[c] = static_cast<Element>(dz[e]);
+    }
+  }
+}
+
+}  // namespace kernel
+LCE_NAMESPACE_END

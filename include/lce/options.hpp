@@ -1,0 +1,60 @@
+/// @file options.hpp
+/// @brief Host-side descriptions of a problem and of the loss: shapes, leading dimensions,
+/// reduction, ignore_index and the backward strategy.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "version.hpp"
+
+LCE_NAMESPACE_BEGIN
+
+/// @brief Shape of one linear cross-entropy problem. Matrices are row-major.
+///
+/// X is [n, d] with row stride `ldx`, W is [v, d] with row stride `ldw`, dX [n, d] has row
+/// stride `lddx` and dW [v, d] row stride `lddw`. A leading dimension of 0 means "dense" (= d).
+struct problem {
+  std::int64_t n = 0;     ///< tokens (rows of X)
+  std::int64_t d = 0;     ///< hidden size
+  std::int64_t v = 0;     ///< vocabulary size (rows of W)
+  std::int64_t ldx = 0;   ///< row stride of X in elements, >= d (0: d)
+  std::int64_t ldw = 0;   ///< row stride of W in elements, >= d (0: d)
+  std::int64_t lddx = 0;  ///< row stride of dX in elements, >= d (0: d)
+  std::int64_t lddw = 0;  ///< row stride of dW in elements, >= d (0: d)
+
+  [[nodiscard]] constexpr std::int64_t x_stride() const noexcept { return ldx ? ldx : d; }
+  [[nodiscard]] constexpr std::int64_t w_stride() const noexcept { return ldw ? ldw : d; }
+  [[nodiscard]] constexpr std::int64_t dx_stride() const noexcept { return lddx ? lddx : d; }
+  [[nodiscard]] constexpr std::int64_t dw_stride() const noexcept { return lddw ? lddw : d; }
+};
+
+/// @brief How per-token losses are combined (PyTorch's `reduction=`).
+enum class reduction : int {
+  mean = 0,  ///< sum over valid rows / number of valid rows (0 when every row is ignored)
+  sum = 1,   ///< sum over valid rows
+  none = 2,  ///< per-token losses only; the upstream gradient is a vector of n values
+};
+
+/// @brief Options that change the loss. Defaults reproduce `F.cross_entropy(x @ w.T, y)`.
+struct loss_options {
+  std::int64_t ignore_index = -100;  ///< rows whose target equals this contribute nothing
+  lce::reduction reduction = lce::reduction::mean;
+};
+
+/// @brief How the backward pass is organised (docs/algorithm.md, "Strategies").
+enum class backward_strategy : int {
+  automatic = 0,      ///< row_chunked when dW/db are fp32, vocab_chunked otherwise
+  vocab_chunked = 1,  ///< recompute a vocabulary slice of Z for all rows: 4 GEMMs, small buffer
+  row_chunked = 2,    ///< recompute whole rows of Z for a row slice: 3 GEMMs, fp32 dW only
+};
+
+/// @brief Options of the backward pass that change cost, never the result (up to rounding).
+struct backward_options {
+  backward_strategy strategy = backward_strategy::automatic;
+  /// Upper bound on the workspace the backward may ask for, in bytes. The chunk size is the
+  /// largest that fits; the workspace never drops below what one minimal chunk needs.
+  std::size_t memory_budget = std::size_t{256} << 20;
+};
+
+LCE_NAMESPACE_END

@@ -1,0 +1,46 @@
+/// @file online_lse.cuh
+/// @brief Online (streaming) log-sum-exp: a running {max, sum} state, pushing one value and
+/// merging two states. `__host__ __device__` so that the CPU reference and tests use the very
+/// same formulas as the kernels.
+#pragma once
+
+#include <cmath>
+
+#include "../version.hpp"
+
+LCE_NAMESPACE_BEGIN
+namespace thread {
+
+/// @brief State of a streaming log-sum-exp over a set S of values:
+/// `max` = max(S) and `sum` = Σ_{z∈S} exp(z − max). The empty set is {−inf, 0}.
+struct lse_state {
+  float max;
+  float sum;
+};
+
+/// @brief The state of the empty set, the identity of lse_merge.
+__host__ __device__ constexpr lse_state lse_identity() noexcept { return {-INFINITY, 0.0f}; }
+
+/// @brief Merges two states: the result describes the union of both sets.
+/// Merging two empty states gives the empty state (never NaN: exp(−inf − (−inf)) is never
+/// formed). A NaN value in either state propagates.
+__host__ __device__ inline lse_state lse_merge(lse_state a, lse_state b) noexcept {
+  const float m = fmaxf(a.max, b.max);
+  if (m == -INFINITY) return lse_identity();
+  // fmaxf drops a NaN operand: propagate it explicitly.
+  if (a.max != a.max || b.max != b.max) return {NAN, NAN};
+  return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+
+/// @brief Adds one value to a state. `-inf` (a masked value) leaves the state unchanged.
+__host__ __device__ inline lse_state lse_push(lse_state s, float z) noexcept {
+  return lse_merge(s, lse_state{z, 1.0f});
+}
+
+/// @brief log Σ exp(z) of the set: max + log(sum); −inf for the empty set.
+__host__ __device__ inline float lse_value(lse_state s) noexcept {
+  return s.sum > 0.0f ? s.max + logf(s.sum) : (s.sum == 0.0f ? -INFINITY : NAN);
+}
+
+}  // namespace thread
+LCE_NAMESPACE_END
