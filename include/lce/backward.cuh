@@ -46,6 +46,24 @@ template <class Element, class Grad = Element>
   return device::make_backward_plan<Element, Grad>(shape, bopt, layout).bytes;
 }
 
+/// @brief What the backward will do for a shape and options: the strategy `automatic`
+/// resolves to, the chunk extent (vocabulary rows for vocab_chunked, token rows for
+/// row_chunked) and the workspace. A pure function; nothing is launched.
+struct backward_choice {
+  backward_strategy strategy;
+  std::int64_t chunk;
+  std::size_t workspace_bytes;
+};
+
+template <class Element, class Grad = Element>
+[[nodiscard]] backward_choice choose_backward(const problem& shape,
+                                              const backward_options& bopt = {}) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  detail::workspace_layout layout;
+  const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
+  return {plan.strategy, plan.chunk, plan.bytes};
+}
+
 /// @brief Gradients of the linear cross-entropy: dX = dZ·W, dW = dZᵀ·X, db = Σ_i dZ_i with
 /// dZ = g·(softmax(Z) − onehot(y)), recomputing Z chunk by chunk from the saved lse.
 ///
@@ -66,8 +84,9 @@ template <class Element, class Grad = Element>
 /// Never allocates, synchronizes or reads back to the host (capturable, provided the cuBLAS
 /// handle is). Overwrites dx, dw and db. Deterministic for a given strategy and chunk size.
 /// Accumulation is fp32 throughout; dX accumulates in fp32 (workspace) across vocabulary
-/// chunks. vocab_chunked: workspace ≈ n·Vc·4 + (16-bit elements: n·d·4) bytes, 4 GEMMs of
-/// work. row_chunked: workspace ≈ Nc·v·4 bytes, 3 GEMMs of work, dW/db accumulated in fp32.
+/// chunks. vocab_chunked: workspace ≈ n·Vc·4 + (16-bit elements: n·d·4) bytes. row_chunked:
+/// workspace ≈ Nc·v·4 bytes, dW/db accumulated in fp32 (dW is read and rewritten once per row
+/// chunk, so small chunks cost bandwidth). Either: 3 GEMMs (Z, dX, dW) and a GEMV for db.
 /// The upstream gradient `grad` is [1] (mean/sum) or [n] (none); null means 1. Ignored rows
 /// get zero gradient; with mean, g is divided by the number of valid rows (0 if none).
 template <class Element, class Grad>

@@ -45,6 +45,9 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 /// returned loss (upstream gradient 1: of the mean or sum; for reduction none, of the sum of
 /// the per-token losses). Same contracts as lce::forward and lce::backward: two-phase
 /// workspace, no allocation, no synchronization, stream-ordered, deterministic.
+/// With vocab_chunked the fused forward runs first (4 GEMMs of work in all); with
+/// row_chunked each chunk of whole rows yields its own lse and loss, so the call does the
+/// work of 3 GEMMs.
 template <class Element, class Grad, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t forward_backward(void* d_workspace, std::size_t& workspace_bytes,
                                            const forward_backward_args<Element, Grad>& args,
@@ -71,16 +74,33 @@ template <class Element, class Grad, class Config = default_config<Element>>
   float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;
   fwd.lse = lse;
-  LCE_RETURN_IF_ERROR(
-      (device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape, options, stream)));
-  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  const bool gradients = args.dx != nullptr || args.dw != nullptr || args.db != nullptr;
+  const bool rows_in_one_pass =
+      gradients && plan.backward_plan.strategy == backward_strategy::row_chunked;
+  if (!rows_in_one_pass) {
+    LCE_RETURN_IF_ERROR((device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
+                                                              options, stream)));
+  }
+  if (!gradients) return cudaSuccess;
+
   const backward_args<Element, Grad> ba{args.x, args.w, args.bias, args.targets, lse, nullptr,
                                         args.dx, args.dw, args.db};
-  detail::cublas_scope scope(handle, stream);
-  if (scope.status() != CUBLAS_STATUS_SUCCESS)
-    return detail::cublas_failure(scope.status(), "handle setup");
-  return device::run_backward<Element, Grad>(detail::at<char>(d_workspace, plan.backward),
-                                             plan.backward_plan, ba, shape, options, handle, stream);
+  float* token_loss =
+      args.token_loss ? args.token_loss : detail::at<float>(d_workspace, plan.forward.token_loss);
+  const device::row_forward_outputs rows{lse, token_loss};
+  {
+    detail::cublas_scope scope(handle, stream);
+    if (scope.status() != CUBLAS_STATUS_SUCCESS)
+      return detail::cublas_failure(scope.status(), "handle setup");
+    LCE_RETURN_IF_ERROR((device::run_backward<Element, Grad>(
+        detail::at<char>(d_workspace, plan.backward), plan.backward_plan, ba, shape, options,
+        handle, stream, rows_in_one_pass ? &rows : nullptr)));
+  }
+  if (rows_in_one_pass && options.reduction != lce::reduction::none) {
+    LCE_RETURN_IF_ERROR(device::run_reduce_loss(token_loss, args.targets, shape, options,
+                                                args.loss, stream));
+  }
+  return cudaSuccess;
 }
 
 LCE_NAMESPACE_END

@@ -44,9 +44,15 @@ struct loss_options {
 
 /// @brief How the backward pass is organised (docs/algorithm.md, "Strategies").
 enum class backward_strategy : int {
-  automatic = 0,      ///< row_chunked when dW/db are fp32, vocab_chunked otherwise
-  vocab_chunked = 1,  ///< recompute a vocabulary slice of Z for all rows: 4 GEMMs, small buffer
-  row_chunked = 2,    ///< recompute whole rows of Z for a row slice: 3 GEMMs, fp32 dW only
+  /// row_chunked when dW/db are fp32 and the budget holds chunks of at least
+  /// min(n, 1024) whole rows; vocab_chunked otherwise
+  automatic = 0,
+  /// recompute a vocabulary slice of Z for all rows; dW written once per slice. Backward:
+  /// 3 GEMMs (Z, dX, dW) + a GEMV for db; forward_backward: 4 GEMMs (the forward's Z too)
+  vocab_chunked = 1,
+  /// recompute whole rows of Z for a row slice; dW/db accumulate in fp32 across slices (fp32
+  /// dW only). Backward: 3 GEMMs; forward_backward: 3 GEMMs, the lse taken from the same rows
+  row_chunked = 2,
 };
 
 /// @brief Options of the backward pass that change cost, never the result (up to rounding).

@@ -37,13 +37,18 @@ class cublas_scope {
   cublas_scope(cublasHandle_t handle, cudaStream_t stream) noexcept : handle_(handle) {
     status_ = cublasGetStream(handle_, &saved_stream_);
     if (status_ == CUBLAS_STATUS_SUCCESS) status_ = cublasGetPointerMode(handle_, &saved_mode_);
-    if (status_ == CUBLAS_STATUS_SUCCESS) status_ = cublasSetStream(handle_, stream);
+    // cublasSetStream also drops a workspace set with cublasSetWorkspace (PyTorch sets one):
+    // only call it when the stream really changes.
+    if (status_ == CUBLAS_STATUS_SUCCESS && saved_stream_ != stream) {
+      status_ = cublasSetStream(handle_, stream);
+      stream_changed_ = true;
+    }
     if (status_ == CUBLAS_STATUS_SUCCESS)
       status_ = cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST);
   }
   ~cublas_scope() {
     if (status_ == CUBLAS_STATUS_SUCCESS) {
-      (void)cublasSetStream(handle_, saved_stream_);
+      if (stream_changed_) (void)cublasSetStream(handle_, saved_stream_);
       (void)cublasSetPointerMode(handle_, saved_mode_);
     }
   }
@@ -55,6 +60,7 @@ class cublas_scope {
   cublasHandle_t handle_;
   cudaStream_t saved_stream_ = nullptr;
   cublasPointerMode_t saved_mode_ = CUBLAS_POINTER_MODE_HOST;
+  bool stream_changed_ = false;
   cublasStatus_t status_;
 };
 

@@ -1,11 +1,12 @@
 /// @file chunked_backward.cuh
 /// @brief Device-wide backward by recomputation in chunks (docs/algorithm.md):
 /// - vocab_chunked: for each slice of Vc vocabulary rows, Z_c = X·W_cᵀ (fp32), dZ_c in place,
-///   dW_c = dZ_cᵀ·X, db_c = dZ_cᵀ·1, dX += dZ_c·W_c (fp32 accumulator): 4 GEMMs in all, a
-///   chunk buffer of n·Vc floats, dW written once.
+///   dW_c = dZ_cᵀ·X, db_c = dZ_cᵀ·1, dX += dZ_c·W_c (fp32 accumulator): a chunk buffer of
+///   n·Vc floats, dW written once.
 /// - row_chunked: for each slice of Nc rows, Z_c = X_c·Wᵀ (whole rows), dZ_c in place,
-///   dX_c = dZ_c·W, dW += dZ_cᵀ·X_c and db += dZ_cᵀ·1 into fp32 dW/db: 3 GEMMs in all.
-/// GEMMs run on cuBLAS with fp32 accumulation; the dZ epilogue is lce's own kernel.
+///   dX_c = dZ_c·W, dW += dZ_cᵀ·X_c and db += dZ_cᵀ·1 into fp32 dW/db. Whole rows also give the
+///   lse, so forward_backward needs no separate forward: 3 GEMMs in all.
+/// GEMMs run on cuBLAS with fp32 accumulation; the lse and dZ epilogues are lce's own kernels.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
+#include "../kernel/row_lse.cuh"
 #include "../options.hpp"
 
 LCE_NAMESPACE_BEGIN
@@ -33,9 +35,9 @@ struct backward_plan {
 };
 
 inline constexpr std::int64_t vocab_chunk_granule = 128;
-/// Below this many rows per chunk, row_chunked GEMMs run far from peak: automatic falls back
-/// to vocab_chunked.
-inline constexpr std::int64_t min_row_chunk = 128;
+/// row_chunked reads and rewrites the fp32 dW once per row chunk: below this many rows per
+/// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
+inline constexpr std::int64_t min_row_chunk = 1024;
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept { return (x + m - 1) / m * m; }
 
@@ -80,11 +82,19 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
   return p;
 }
 
+/// Outputs of the forward that a row_chunked forward_backward takes from its own chunks.
+struct row_forward_outputs {
+  float* lse;         ///< [n]; must be the backward_args' lse
+  float* token_loss;  ///< [n]
+};
+
 /// Enqueues the backward. Arguments are validated; the scope has set the handle's stream.
+/// With `fwd` (row_chunked only), each chunk's lse and token losses are computed from the
+/// recomputed rows before its dZ, so no separate forward is needed.
 template <class Element, class Grad>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream) noexcept {
+                         cudaStream_t stream, const row_forward_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
@@ -170,6 +180,14 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
       // Z_cᵀ [v, nr] = W · X_cᵀ
       LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, a.w, ldw, x_c, ldx, 0.0f, logits,
                                plan.chunk_ld));
+      if (fwd != nullptr) {
+        constexpr int lse_threads = 512;
+        const kernel::row_lse_params<Element> lp{logits, plan.chunk_ld, s.v, r0, a.bias, a.targets,
+                                                 o.ignore_index, fwd->lse, fwd->token_loss};
+        kernel::row_lse_kernel<Element, lse_threads>
+            <<<static_cast<unsigned>(nr), lse_threads, 0, stream>>>(lp);
+        LCE_CHECK_LAUNCH("row_lse_kernel");
+      }
       gp.cols = s.v;
       gp.row0 = r0;
       gp.vocab0 = 0;

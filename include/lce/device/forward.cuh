@@ -43,6 +43,17 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   return p;
 }
 
+/// Enqueues the deterministic mean/sum of the token losses into `loss`.
+inline cudaError_t run_reduce_loss(const float* token_loss, const std::int64_t* targets,
+                                   const problem& s, const loss_options& o, float* loss,
+                                   cudaStream_t stream) noexcept {
+  constexpr int reduce_threads = 512;
+  const kernel::reduce_params rp{token_loss, targets, s.n, o.ignore_index, o.reduction, loss};
+  kernel::reduce_loss_kernel<reduce_threads><<<1, reduce_threads, 0, stream>>>(rp);
+  LCE_CHECK_LAUNCH("reduce_loss_kernel");
+  return cudaSuccess;
+}
+
 /// Enqueues the forward. Arguments are already validated; `lse` may be null.
 template <class Element, class Config>
 cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
@@ -72,12 +83,8 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   kernel::combine_rows_kernel<combine_threads><<<combine_blocks, combine_threads, 0, stream>>>(cp);
   LCE_CHECK_LAUNCH("combine_rows_kernel");
 
-  if (o.reduction != lce::reduction::none && a.loss != nullptr) {
-    constexpr int reduce_threads = 512;
-    const kernel::reduce_params rp{token_loss, a.targets, s.n, o.ignore_index, o.reduction, a.loss};
-    kernel::reduce_loss_kernel<reduce_threads><<<1, reduce_threads, 0, stream>>>(rp);
-    LCE_CHECK_LAUNCH("reduce_loss_kernel");
-  }
+  if (o.reduction != lce::reduction::none && a.loss != nullptr)
+    return run_reduce_loss(token_loss, a.targets, s, o, a.loss, stream);
   return cudaSuccess;
 }
 

@@ -32,9 +32,13 @@ __host__ __device__ inline lse_state lse_merge(lse_state a, lse_state b) noexcep
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 
-/// @brief Adds one value to a state. `-inf` (a masked value) leaves the state unchanged.
+/// @brief Adds one value to a state with a single exponential (the common case z ≤ max
+/// rescales nothing). `-inf` (a masked value) leaves the state unchanged; NaN propagates.
 __host__ __device__ inline lse_state lse_push(lse_state s, float z) noexcept {
-  return lse_merge(s, lse_state{z, 1.0f});
+  if (z == -INFINITY) return s;
+  if (z <= s.max) return {s.max, s.sum + expf(z - s.max)};
+  if (z > s.max) return {z, s.sum * expf(s.max - z) + 1.0f};  // exp(−inf) = 0 for the empty state
+  return {NAN, NAN};                                           // z or max is NaN
 }
 
 /// @brief log Σ exp(z) of the set: max + log(sum); −inf for the empty set.

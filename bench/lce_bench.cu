@@ -1,0 +1,456 @@
+// lce_bench: Google Benchmark suite of lce in bf16, against the cuBLAS floor and the naive path.
+// Row names: <op>/<impl>/bf16/<N>x<D>x<V>[/<family>[/<strategy>/<budget>]] (bench/RESULTS.md
+// explains each row and counter). Every timed run starts with a flushed L2 and is timed by CUDA
+// events (manual time). Quick run: lce_bench --benchmark_filter=4096x2048
+// The data are drawn from a fresh seed (reported in the context); LCE_BENCH_SEED=<n> fixes it.
+
+#include <benchmark/benchmark.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <lce/lce.cuh>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/cuda_check.cuh"
+#include "common/data.cuh"
+#include "common/naive.cuh"
+
+namespace {
+
+using namespace lce_example;
+using bf16 = __nv_bfloat16;
+
+constexpr int warmup_runs = 3;
+constexpr int floor_runs = 10;  // timed runs of each floor, once per shape
+constexpr std::size_t memory_margin = std::size_t{512} << 20;  // cuBLAS workspace, fragmentation
+
+const lce::problem shapes[] = {
+    {4096, 2048, 32768},   // quick
+    {8192, 2304, 256000},  // Gemma 2
+    {8192, 4096, 128256},  // Llama 3 8B
+    {8192, 3584, 152064},  // Qwen 2 7B
+};
+
+std::string shape_name(const lce::problem& s) {
+  return std::to_string(s.n) + "x" + std::to_string(s.d) + "x" + std::to_string(s.v);
+}
+
+double ndv(const lce::problem& s) {
+  return static_cast<double>(s.n) * static_cast<double>(s.d) * static_cast<double>(s.v);
+}
+
+/// Process-wide CUDA state, created on first use (after the device check in main).
+struct context {
+  cuda_stream stream;
+  cublas_handle handle;
+  l2_flusher flusher;
+  event_timer timer;
+  std::uint64_t seed = 0;
+
+  static context& get() {
+    static context instance;
+    return instance;
+  }
+
+ private:
+  context() {
+    LCE_EXAMPLE_CHECK(cublasSetStream(handle, stream));  // for the floor and naive GEMMs
+    const char* fixed = std::getenv("LCE_BENCH_SEED");
+    seed = fixed != nullptr && *fixed != '\0' ? std::strtoull(fixed, nullptr, 0) : fresh_seed();
+  }
+};
+
+/// Throws (and so skips the row) unless `bytes` more fit in free device memory.
+void require_memory(std::size_t bytes) {
+  const std::size_t free = free_device_bytes();
+  if (bytes + memory_margin > free) {
+    char message[160];
+    std::snprintf(message, sizeof(message), "not enough device memory: needs %.2f GiB, %.2f free",
+                  gib(bytes + memory_margin), gib(free));
+    throw std::runtime_error(message);
+  }
+}
+
+/// Inputs of one (shape, family). One is kept at a time: rows are registered grouped by shape
+/// and family, so a row mostly finds its data ready.
+struct dataset {
+  lce::problem shape;
+  data_family family;
+  device_buffer<bf16> x, w;
+  device_buffer<std::int64_t> targets;
+
+  static const dataset& get(const lce::problem& s, data_family f) {
+    static std::unique_ptr<dataset> cached;
+    if (!cached || cached->family != f || cached->shape.n != s.n || cached->shape.d != s.d ||
+        cached->shape.v != s.v) {
+      cached.reset();
+      const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+                 v = static_cast<std::size_t>(s.v);
+      require_memory((n + v) * d * sizeof(bf16) + n * sizeof(std::int64_t));
+      cached.reset(new dataset{s, f, device_buffer<bf16>(n * d), device_buffer<bf16>(v * d),
+                               device_buffer<std::int64_t>(n)});
+      context& ctx = context::get();
+      const std::uint64_t seed = detail::mix64(
+          ctx.seed ^
+          detail::mix64(static_cast<std::uint64_t>(s.n * 1000003 + s.d * 1009 + s.v) * 4 +
+                        static_cast<std::uint64_t>(f)));
+      generate(f, s, seed, cached->x.data(), cached->w.data(), cached->targets.data(), ctx.stream);
+      LCE_EXAMPLE_CHECK(cudaStreamSynchronize(ctx.stream));
+    }
+    return *cached;
+  }
+};
+
+/// The cuBLAS floor: the GEMMs alone, into preallocated buffers (dZ is the Z buffer: its
+/// contents do not change the GEMMs' cost), on flat random data.
+struct floor_setup {
+  lce::problem shape;
+  device_buffer<bf16> x, w, z, dx, dw;
+
+  static std::size_t bytes(const lce::problem& s) {
+    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+               v = static_cast<std::size_t>(s.v);
+    return (2 * (n + v) * d + n * v) * sizeof(bf16) + n * sizeof(std::int64_t);
+  }
+
+  explicit floor_setup(const lce::problem& s) : shape(s) {
+    require_memory(bytes(s));
+    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+               v = static_cast<std::size_t>(s.v);
+    x = device_buffer<bf16>(n * d);
+    w = device_buffer<bf16>(v * d);
+    z = device_buffer<bf16>(n * v);
+    dx = device_buffer<bf16>(n * d);
+    dw = device_buffer<bf16>(v * d);
+    device_buffer<std::int64_t> targets(n);
+    context& ctx = context::get();
+    generate(data_family::flat, s, detail::mix64(ctx.seed), x.data(), w.data(), targets.data(),
+             ctx.stream);
+    LCE_EXAMPLE_CHECK(cudaStreamSynchronize(ctx.stream));  // before `targets` is freed
+  }
+  void forward(cublasHandle_t handle) {
+    naive::logits_gemm(handle, shape, x.data(), w.data(), z.data());
+  }
+  void forward_backward(cublasHandle_t handle) {
+    naive::logits_gemm(handle, shape, x.data(), w.data(), z.data());
+    naive::grad_x_gemm(handle, shape, z.data(), w.data(), dx.data());
+    naive::grad_w_gemm(handle, shape, z.data(), x.data(), dw.data());
+  }
+};
+
+struct floor_times {
+  double forward_ms = 0.0;           ///< 1 GEMM
+  double forward_backward_ms = 0.0;  ///< 3 GEMMs
+};
+
+/// The floor of `s`, measured on first use and kept for the rest of the process.
+const floor_times& floor_of(const lce::problem& s) {
+  static std::map<std::string, floor_times> cache;
+  const std::string key = shape_name(s);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  context& ctx = context::get();
+  floor_setup setup(s);
+  floor_times t;
+  t.forward_ms = median(time_runs([&](cudaStream_t) { setup.forward(ctx.handle); }, warmup_runs,
+                                  floor_runs, ctx.stream, ctx.flusher));
+  t.forward_backward_ms =
+      median(time_runs([&](cudaStream_t) { setup.forward_backward(ctx.handle); }, warmup_runs,
+                       floor_runs, ctx.stream, ctx.flusher));
+  return cache.emplace(key, t).first->second;
+}
+
+/// Times `work()` once per benchmark iteration (L2 flushed before each, CUDA events around it)
+/// after a few warm-up runs, and sets the counters.
+template <class Work>
+void measure(benchmark::State& state, Work&& work, double flops, double floor_ms,
+             std::size_t extra_bytes) {
+  context& ctx = context::get();
+  for (int i = 0; i < warmup_runs; ++i) work();
+  LCE_EXAMPLE_CHECK(cudaStreamSynchronize(ctx.stream));
+  std::vector<double> ms;
+  for (auto _ : state) {
+    ctx.flusher.flush(ctx.stream);
+    ctx.timer.start(ctx.stream);
+    work();
+    ctx.timer.stop(ctx.stream);
+    const double t = ctx.timer.elapsed_ms();
+    state.SetIterationTime(t * 1e-3);
+    ms.push_back(t);
+  }
+  const double median_ms = median(ms);
+  state.counters["TFLOP/s"] =
+      benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["median_ms"] = median_ms;
+  state.counters["ratio_to_floor"] = median_ms / floor_ms;
+  state.counters["extra_MiB"] = mib(extra_bytes);
+}
+
+/// Reads the loss back and reports it; a non-finite loss fails the row.
+void report_loss(benchmark::State& state, const device_buffer<float>& loss) {
+  const float value = loss.read();
+  if (!std::isfinite(value)) throw std::runtime_error("the loss is not finite");
+  state.counters["loss"] = value;
+}
+
+/// Runs a benchmark body; an exception (CUDA, cuBLAS or lce error, memory) skips the row.
+template <class Body>
+void guarded(benchmark::State& state, Body&& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
+void bm_floor_forward(benchmark::State& state, lce::problem s) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    floor_setup setup(s);
+    context& ctx = context::get();
+    measure(
+        state, [&] { setup.forward(ctx.handle); }, 2 * ndv(s), floor.forward_ms, 0);
+  });
+}
+
+void bm_floor_forward_backward(benchmark::State& state, lce::problem s) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    floor_setup setup(s);
+    context& ctx = context::get();
+    measure(
+        state, [&] { setup.forward_backward(ctx.handle); }, 6 * ndv(s), floor.forward_backward_ms,
+        0);
+  });
+}
+
+void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    const dataset& data = dataset::get(s, f);
+    context& ctx = context::get();
+    device_buffer<float> loss(1);
+    lce::forward_args<bf16> args;
+    args.x = data.x.data();
+    args.w = data.w.data();
+    args.targets = data.targets.data();
+    args.loss = loss.data();
+    std::size_t bytes = 0;
+    LCE_EXAMPLE_CHECK(lce::forward(nullptr, bytes, args, s));
+    require_memory(bytes);
+    device_buffer<unsigned char> workspace(bytes);
+    measure(
+        state,
+        [&] { LCE_EXAMPLE_CHECK(lce::forward(workspace.data(), bytes, args, s, {}, ctx.stream)); },
+        2 * ndv(s), floor.forward_ms, bytes);
+    report_loss(state, loss);
+  });
+}
+
+/// The backward alone, from the lse of an untimed forward. Its floor is the 3-GEMM one: given
+/// only the lse, a backward must recompute Z.
+template <class Grad>
+void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
+                     lce::backward_options bopt) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    const dataset& data = dataset::get(s, f);
+    context& ctx = context::get();
+    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+               v = static_cast<std::size_t>(s.v);
+    device_buffer<float> loss(1);
+    device_buffer<float> lse(n);
+    {
+      lce::forward_args<bf16> fwd;
+      fwd.x = data.x.data();
+      fwd.w = data.w.data();
+      fwd.targets = data.targets.data();
+      fwd.loss = loss.data();
+      fwd.lse = lse.data();
+      std::size_t bytes = 0;
+      LCE_EXAMPLE_CHECK(lce::forward(nullptr, bytes, fwd, s));
+      device_buffer<unsigned char> workspace(bytes);
+      LCE_EXAMPLE_CHECK(lce::forward(workspace.data(), bytes, fwd, s, {}, ctx.stream));
+      LCE_EXAMPLE_CHECK(cudaStreamSynchronize(ctx.stream));
+    }
+    lce::backward_args<bf16, Grad> args;
+    args.x = data.x.data();
+    args.w = data.w.data();
+    args.targets = data.targets.data();
+    args.lse = lse.data();
+    std::size_t bytes = 0;
+    LCE_EXAMPLE_CHECK(lce::backward(nullptr, bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+    require_memory(bytes + n * d * sizeof(bf16) + v * d * sizeof(Grad));
+    device_buffer<bf16> dx(n * d);
+    device_buffer<Grad> dw(v * d);
+    args.dx = dx.data();
+    args.dw = dw.data();
+    device_buffer<unsigned char> workspace(bytes);
+    measure(
+        state,
+        [&] {
+          LCE_EXAMPLE_CHECK(
+              lce::backward(workspace.data(), bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+        },
+        4 * ndv(s), floor.forward_backward_ms, bytes);
+  });
+}
+
+template <class Grad>
+void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_family f,
+                             lce::backward_options bopt) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    const dataset& data = dataset::get(s, f);
+    context& ctx = context::get();
+    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+               v = static_cast<std::size_t>(s.v);
+    device_buffer<float> loss(1);
+    lce::forward_backward_args<bf16, Grad> args;
+    args.x = data.x.data();
+    args.w = data.w.data();
+    args.targets = data.targets.data();
+    args.loss = loss.data();
+    std::size_t bytes = 0;
+    LCE_EXAMPLE_CHECK(
+        lce::forward_backward(nullptr, bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+    require_memory(bytes + n * d * sizeof(bf16) + v * d * sizeof(Grad));
+    device_buffer<bf16> dx(n * d);
+    device_buffer<Grad> dw(v * d);
+    args.dx = dx.data();
+    args.dw = dw.data();
+    device_buffer<unsigned char> workspace(bytes);
+    measure(
+        state,
+        [&] {
+          LCE_EXAMPLE_CHECK(lce::forward_backward(workspace.data(), bytes, args, s, {}, bopt,
+                                                  ctx.handle, ctx.stream));
+        },
+        6 * ndv(s), floor.forward_backward_ms, bytes);
+    report_loss(state, loss);
+  });
+}
+
+void bm_naive_forward_backward(benchmark::State& state, lce::problem s, data_family f) {
+  guarded(state, [&] {
+    const floor_times& floor = floor_of(s);
+    const dataset& data = dataset::get(s, f);
+    context& ctx = context::get();
+    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
+               v = static_cast<std::size_t>(s.v);
+    const std::size_t bytes = naive::workspace_size<bf16>(s);
+    require_memory(bytes + (n + v) * d * sizeof(bf16));
+    device_buffer<float> loss(1);
+    device_buffer<bf16> dx(n * d);
+    device_buffer<bf16> dw(v * d);
+    device_buffer<unsigned char> workspace(bytes);
+    lce::forward_backward_args<bf16, bf16> args;
+    args.x = data.x.data();
+    args.w = data.w.data();
+    args.targets = data.targets.data();
+    args.loss = loss.data();
+    args.dx = dx.data();
+    args.dw = dw.data();
+    measure(
+        state,
+        [&] { naive::forward_backward(workspace.data(), args, s, {}, ctx.handle, ctx.stream); },
+        6 * ndv(s), floor.forward_backward_ms, bytes);
+    report_loss(state, loss);
+  });
+}
+
+/// One backward configuration: strategy, dW type (vocab_chunked bf16, row_chunked fp32) and
+/// memory budget.
+struct variant {
+  lce::backward_strategy strategy;
+  std::size_t budget_mib;
+};
+
+std::string variant_name(const variant& c) {
+  const char* strategy =
+      c.strategy == lce::backward_strategy::row_chunked ? "row_chunked" : "vocab_chunked";
+  return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
+}
+
+template <class Fn, class... Args>
+void add(const std::string& name, Fn&& fn, Args&&... args) {
+  benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn), std::forward<Args>(args)...)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
+void register_benchmarks() {
+  constexpr std::size_t default_budget = lce::backward_options{}.memory_budget >> 20;
+  for (const lce::problem& s : shapes) {
+    const std::string shape = "/bf16/" + shape_name(s);
+    add("fwd/cublas" + shape, bm_floor_forward, s);
+    add("fwdbwd/cublas" + shape, bm_floor_forward_backward, s);
+    for (data_family f : {data_family::flat, data_family::peaked, data_family::lm}) {
+      const std::string rows = shape + "/" + to_string(f);
+      add("fwd/lce" + rows, bm_lce_forward, s, f);
+      std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
+                                       {lce::backward_strategy::row_chunked, default_budget}};
+      // row_chunked re-reads and re-writes the fp32 dW once per row chunk: with the default
+      // budget that is ~30 chunks at full scale; a 4 GiB budget shows the cost of fewer chunks.
+      if (f == data_family::lm) variants.push_back({lce::backward_strategy::row_chunked, 4096});
+      for (const variant& c : variants) {
+        const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
+        const std::string name = rows + "/" + variant_name(c);
+        if (c.strategy == lce::backward_strategy::row_chunked) {
+          add("bwd/lce" + name, bm_lce_backward<float>, s, f, bopt);
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt);
+        } else {
+          add("bwd/lce" + name, bm_lce_backward<bf16>, s, f, bopt);
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt);
+        }
+      }
+    }
+    add("fwdbwd/naive" + shape + "/lm", bm_naive_forward_backward, s, data_family::lm);
+  }
+}
+
+/// Whether --benchmark_list_tests was asked for (names only: no device needed).
+bool listing_only(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--benchmark_list_tests" || arg == "--benchmark_list_tests=true") return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool listing = listing_only(argc, argv);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  if (!listing) {
+    if (!has_cuda_device()) {
+      std::fprintf(stderr, "lce_bench: no CUDA device found\n");
+      return 1;
+    }
+    try {
+      context& ctx = context::get();
+      cudaDeviceProp prop{};
+      LCE_EXAMPLE_CHECK(cudaGetDeviceProperties(&prop, 0));
+      benchmark::AddCustomContext("gpu", prop.name);
+      benchmark::AddCustomContext("l2_flush_bytes", std::to_string(ctx.flusher.bytes()));
+      benchmark::AddCustomContext("data_seed", std::to_string(ctx.seed));
+      benchmark::AddCustomContext("lce_version", LCE_VERSION_STRING);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "lce_bench: %s\n", e.what());
+      return 1;
+    }
+  }
+  register_benchmarks();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

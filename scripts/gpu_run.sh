@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: configure and build for sm_90a against .deps (Catch2 and
+# Google Benchmark packed by ../shared/tools/gpu-deps.sh), run the gpu-labelled tests,
+# compute-sanitizer on the small GPU tests, the example and the benchmarks; logs go to $OUT,
+# a short table is printed last.
+#   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize]...   (default: all)
+#   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, BUILD_DIR
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${OUT:-$root/gpu-out}
+mkdir -p "$out"
+build=${BUILD_DIR:-build-gpu}
+steps=${*:-all}
+has() { [[ " $steps " == *" all "* || " $steps " == *" $1 "* ]]; }
+export LD_LIBRARY_PATH="$root/.deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+summary=()
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv \
+  | tee "$out/gpu.txt"
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$root/.deps/usr" \
+  -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+start=$SECONDS
+cmake --build "$build" -j16 >"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; exit 1; }
+summary+=("build: ok in $((SECONDS - start)) s")
+
+if has test; then
+  start=$SECONDS
+  ctest --test-dir "$build" -L gpu --output-on-failure -j2 >"$out/ctest-gpu.log" 2>&1
+  rc=$?
+  summary+=("gpu tests: rc=$rc, $(grep -E 'tests passed|tests failed' "$out/ctest-gpu.log" | tail -1) ($((SECONDS - start)) s)")
+  grep -h '^RESULT' "$build"/Testing/Temporary/LastTest.log >"$out/results.txt" 2>/dev/null || true
+  [[ $rc -ne 0 ]] && grep -E "FAILED|failed|REQUIRE|with expansion" -A3 "$out/ctest-gpu.log" | head -60
+fi
+
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    for t in $(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}'); do
+      exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
+      compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "[sanitize]" >"$out/sanitize-$tool-$t.log" 2>&1
+      rc=$?
+      summary+=("compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/sanitize-$tool-$t.log" | tail -1)")
+    done
+  done
+fi
+
+if has example; then
+  exe=$(find "$build" -type f -name lm_head_step -perm -u+x | head -1)
+  "$exe" ${EXAMPLE_ARGS:-} >"$out/example.log" 2>&1
+  summary+=("example: rc=$? (see example.log)")
+  tail -25 "$out/example.log"
+fi
+
+if has bench; then
+  exe=$(find "$build" -type f -name lce_bench -perm -u+x | head -1)
+  "$exe" --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_counters_tabular=true \
+    --benchmark_out="$out/bench.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
+  summary+=("bench: rc=$?")
+  cat "$out/bench.log" | cut -c1-230 | tail -60
+fi
+
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
