@@ -4,7 +4,8 @@
 # compute-sanitizer on the small GPU tests, the example and the benchmarks; logs go to $OUT,
 # a short table is printed last.
 #   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize]...   (default: all)
-#   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, BUILD_DIR
+#   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, SANITIZE_FILTER (Catch2
+#          test spec of the small cases run under compute-sanitizer), BUILD_DIR
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -35,10 +36,11 @@ if has test; then
 fi
 
 if has sanitize; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck; do
     for t in $(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}'); do
       exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
-      compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "[sanitize]" >"$out/sanitize-$tool-$t.log" 2>&1
+      compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "${SANITIZE_FILTER:-*optional*,*all-ignored*}" \
+        >"$out/sanitize-$tool-$t.log" 2>&1
       rc=$?
       summary+=("compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/sanitize-$tool-$t.log" | tail -1)")
     done

@@ -1,1 +1,21 @@
-# The test list: one lce_add_test(NAME <name> SOURCES <source>... [GPU]) call per test executable.
+# The test executables of lce. Included by test/CMakeLists.txt, which defines
+# lce_add_test(NAME <name> SOURCES <files...> [GPU]): CPU tests link support/main.cpp, GPU tests
+# (label gpu, SKIP_RETURN_CODE 77 without a device) support/gpu_main.cpp.
+# Few translation units on purpose: each one that includes lce.cuh compiles the kernels for
+# every architecture.
+
+# CPU: thread/ formulas and the fp64 reference's self-checks (no library kernels).
+lce_add_test(NAME thread
+  SOURCES thread/online_lse.cu thread/cross_entropy.cu support/reference.cu)
+
+# CPU: argument validation and the workspace protocol of the public API (launches nothing).
+lce_add_test(NAME contract
+  SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu)
+
+# GPU: against the fp64 references; the GPU reference's own check rides with the forward.
+lce_add_test(NAME device_forward GPU
+  SOURCES device/forward.cu support/gpu_reference.cu)
+lce_add_test(NAME device_backward GPU
+  SOURCES device/backward.cu)
+lce_add_test(NAME device_forward_backward GPU
+  SOURCES device/forward_backward.cu)

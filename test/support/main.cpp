@@ -1,4 +1,4 @@
-// Catch2 main of the CPU tests.
+// Catch2 main of the CPU tests (no GPU needed).
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 

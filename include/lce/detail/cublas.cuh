@@ -30,8 +30,8 @@ inline cudaError_t cublas_failure(cublasStatus_t status, const char* what) noexc
   return cudaErrorUnknown;
 }
 
-/// Sets the handle's stream and host pointer mode for the lifetime of the scope, then
-/// restores what the caller had.
+/// Sets the handle's stream and device pointer mode (alpha and beta live in the workspace)
+/// for the lifetime of the scope, then restores what the caller had.
 class cublas_scope {
  public:
   cublas_scope(cublasHandle_t handle, cudaStream_t stream) noexcept : handle_(handle) {
@@ -44,7 +44,7 @@ class cublas_scope {
       stream_changed_ = true;
     }
     if (status_ == CUBLAS_STATUS_SUCCESS)
-      status_ = cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_HOST);
+      status_ = cublasSetPointerMode(handle_, CUBLAS_POINTER_MODE_DEVICE);
   }
   ~cublas_scope() {
     if (status_ == CUBLAS_STATUS_SUCCESS) {
@@ -64,19 +64,20 @@ class cublas_scope {
   cublasStatus_t status_;
 };
 
-/// Column-major C[m, n] = A·B (+ beta·C), with op(A) [m, k] and op(B) [k, n], alpha = 1.
-/// `AB` is the type of A and B, `C` the type of C; accumulation is fp32.
+/// Column-major C[m, n] = alpha·op(A)·op(B) + beta·C, with op(A) [m, k] and op(B) [k, n];
+/// alpha and beta are device pointers. `AB` is the type of A and B, `C` the type of C;
+/// accumulation is fp32.
 template <class AB, class C>
 cudaError_t gemm(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b,
-                 std::int64_t m, std::int64_t n, std::int64_t k, const AB* a, std::int64_t lda,
-                 const AB* b, std::int64_t ldb, float beta, C* c, std::int64_t ldc) noexcept {
-  const float alpha = 1.0f;
+                 std::int64_t m, std::int64_t n, std::int64_t k, const float* alpha, const AB* a,
+                 std::int64_t lda, const AB* b, std::int64_t ldb, const float* beta, C* c,
+                 std::int64_t ldc) noexcept {
   const cublasComputeType_t compute =
       std::is_same_v<AB, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
   const cublasStatus_t status = cublasGemmEx(
-      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), &alpha,
+      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
       a, cuda_data_type<AB>(), static_cast<int>(lda), b, cuda_data_type<AB>(),
-      static_cast<int>(ldb), &beta, c, cuda_data_type<C>(), static_cast<int>(ldc), compute,
+      static_cast<int>(ldb), beta, c, cuda_data_type<C>(), static_cast<int>(ldc), compute,
       CUBLAS_GEMM_DEFAULT);
   return status == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(status, "GEMM");
 }

@@ -30,7 +30,7 @@ struct backward_plan {
   std::int64_t chunk = 0;     ///< vocabulary rows (vocab_chunked) or token rows (row_chunked)
   std::int64_t chunk_ld = 0;  ///< row stride of the fp32 chunk buffer, a multiple of 8
   bool dx_accumulator = false;
-  std::size_t n_valid = 0, ones = 0, dx = 0, logits = 0;
+  std::size_t scalars = 0, ones = 0, dx = 0, logits = 0;
   std::size_t bytes = 0;
 };
 
@@ -46,7 +46,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
                                  detail::workspace_layout& layout) noexcept {
   constexpr bool fp32_grad = std::is_same_v<Grad, float>;
   backward_plan p;
-  p.n_valid = layout.reserve<long long>(1);
+  p.scalars = layout.reserve<kernel::grad_scalars>(1);
   p.ones = layout.reserve<Element>(static_cast<std::size_t>(s.n));
   const std::size_t fixed = layout.bytes() + 2 * detail::workspace_layout::alignment;
   const std::size_t avail = b.memory_budget > fixed ? b.memory_budget - fixed : 0;
@@ -103,16 +103,21 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
-  auto* n_valid = detail::at<long long>(ws, plan.n_valid);
+  auto* scalars = detail::at<kernel::grad_scalars>(ws, plan.scalars);
+  // Every GEMM takes alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
+  // GEMMs multiply the alpha-normalized dZ back by alpha.
+  const float* one = &scalars->one;
+  const float* zero = &scalars->zero;
+  const float* alpha = &scalars->alpha;
   auto* ones = detail::at<Element>(ws, plan.ones);
   auto* logits = detail::at<float>(ws, plan.logits);
   auto* dz = reinterpret_cast<const Element*>(logits);
   const std::int64_t ldz = plan.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
 
-  constexpr int count_threads = 512;
-  kernel::count_valid_kernel<count_threads>
-      <<<1, count_threads, 0, stream>>>(a.targets, s.n, o.ignore_index, n_valid);
-  LCE_CHECK_LAUNCH("count_valid_kernel");
+  constexpr int scalar_threads = 512;
+  kernel::grad_scalars_kernel<scalar_threads><<<1, scalar_threads, 0, stream>>>(
+      a.targets, s.n, o.ignore_index, a.grad, o.reduction, scalars);
+  LCE_CHECK_LAUNCH("grad_scalars_kernel");
   if (a.db != nullptr) {
     kernel::fill_kernel<Element><<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(
         ones, s.n, 1.0f);
@@ -127,7 +132,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   gp.lse = a.lse;
   gp.grad = a.grad;
   gp.grad_per_row = o.reduction == lce::reduction::none;
-  gp.n_valid = n_valid;
+  gp.scalars = scalars;
   gp.ignore_index = o.ignore_index;
   gp.reduction = o.reduction;
 
@@ -146,7 +151,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
       const std::int64_t vc = std::min(plan.chunk, s.v - v0);
       const Element* w_c = a.w + v0 * ldw;
       // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
-      LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, w_c, ldw, a.x, ldx, 0.0f, logits,
+      LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, one, w_c, ldw, a.x, ldx, zero, logits,
                                plan.chunk_ld));
       gp.cols = vc;
       gp.row0 = 0;
@@ -155,13 +160,15 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
           <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
       LCE_CHECK_LAUNCH("logit_grad_kernel");
       if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, a.x, ldx, dz, ldz, 0.0f,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, alpha, a.x, ldx, dz, ldz, zero,
                                  a.dw + v0 * lddw, lddw));
       if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, vc, 1, s.n, dz, ldz, ones, s.n, 0.0f, a.db + v0, vc));
+        LCE_RETURN_IF_ERROR(
+            gemm(handle, N, N, vc, 1, s.n, alpha, dz, ldz, ones, s.n, zero, a.db + v0, vc));
       if (a.dx != nullptr) {  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
-        const float beta = v0 == 0 ? 0.0f : 1.0f;
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, s.n, vc, w_c, ldw, dz, ldz, beta, dx_acc, dx_ld));
+        const float* beta = v0 == 0 ? zero : one;
+        LCE_RETURN_IF_ERROR(
+            gemm(handle, N, N, s.d, s.n, vc, alpha, w_c, ldw, dz, ldz, beta, dx_acc, dx_ld));
       }
     }
     if (a.dx != nullptr && plan.dx_accumulator) {
@@ -176,9 +183,9 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.chunk) {
       const std::int64_t nr = std::min(plan.chunk, s.n - r0);
       const Element* x_c = a.x + r0 * ldx;
-      const float beta = r0 == 0 ? 0.0f : 1.0f;
+      const float* beta = r0 == 0 ? zero : one;
       // Z_cᵀ [v, nr] = W · X_cᵀ
-      LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, a.w, ldw, x_c, ldx, 0.0f, logits,
+      LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, one, a.w, ldw, x_c, ldx, zero, logits,
                                plan.chunk_ld));
       if (fwd != nullptr) {
         constexpr int lse_threads = 512;
@@ -195,12 +202,13 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
           <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
       LCE_CHECK_LAUNCH("logit_grad_kernel");
       if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, a.w, ldw, dz, ldz, 0.0f,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz, zero,
                                  a.dx + r0 * lddx, lddx));
       if (a.dw != nullptr)  // dWᵀ [d, v] += X_cᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, nr, x_c, ldx, dz, ldz, beta, a.dw, lddw));
+        LCE_RETURN_IF_ERROR(
+            gemm(handle, N, T, s.d, s.v, nr, alpha, x_c, ldx, dz, ldz, beta, a.dw, lddw));
       if (a.db != nullptr)  // db [v, 1] += dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, dz, ldz, ones, nr, beta, a.db, s.v));
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz, ones, nr, beta, a.db, s.v));
     }
   }
   return cudaSuccess;

@@ -71,7 +71,7 @@ struct fused_forward {
         for (int j = 0; j < cols_per_lane; ++j) {
           const int c = lane + 32 * j;
           z[j] = (vocab0 + c < p.op.v) ? s.acc[r * mainloop::acc_stride + c] + bias[j] : -INFINITY;
-          local_max = fmaxf(local_max, z[j]);
+          local_max = thread::nan_max(local_max, z[j]);
         }
         const float tile_max = warp::allreduce_max(local_max);
         float local_sum = 0.0f;

@@ -1,6 +1,7 @@
 /// @file logit_grad.cuh
 /// @brief Turns a chunk of recomputed logits (fp32, row-major) into the logit gradient
-/// dZ = g·(softmax(Z) − onehot(y)) *in place*, stored in the element type over the same bytes.
+/// dZ = g·(softmax(Z) − onehot(y)) *in place*, stored in the element type over the same bytes,
+/// divided by the scalar alpha that the following GEMMs multiply back in.
 ///
 /// Aliasing: row r of the fp32 chunk starts at byte r·ld·4; its dZ row is written from the same
 /// byte as `Element` values. For 16-bit elements, dZ element c overwrites fp32 element c/2, so a
@@ -12,6 +13,7 @@
 
 #include "../options.hpp"
 #include "../thread/cross_entropy.cuh"
+#include "elementwise.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -28,7 +30,7 @@ struct logit_grad_params {
   const float* lse;            ///< [n]
   const float* grad;           ///< upstream gradient, [1] or [n] (per_row), or null (= 1)
   bool grad_per_row;
-  const long long* n_valid;    ///< [1] rows that are not ignored
+  const grad_scalars* scalars; ///< n_valid and alpha; dZ is stored divided by alpha
   std::int64_t ignore_index;
   lce::reduction reduction;
 };
@@ -42,7 +44,9 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const std::int64_t y = p.targets[row];
   const bool valid = thread::is_valid_target(y, p.ignore_index);
   const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
-  const float g = thread::row_grad_scale(upstream, valid, *p.n_valid, p.reduction);
+  const grad_scalars scalars = *p.scalars;
+  const float g_abs = thread::row_grad_scale(upstream, valid, scalars.n_valid, p.reduction);
+  const float g = scalars.alpha != 0.0f ? g_abs / scalars.alpha : 0.0f;
   const float lse = p.lse[row];
   const float* in = p.logits + r * p.ld;
   Element* out = reinterpret_cast<Element*>(p.logits + r * p.ld);

@@ -18,6 +18,12 @@ struct lse_state {
   float sum;
 };
 
+/// @brief max(a, b) that propagates NaN (fmaxf returns the other operand), so a NaN logit
+/// can never vanish into a plausible lse.
+__host__ __device__ inline float nan_max(float a, float b) noexcept {
+  return (a != a || b != b) ? NAN : fmaxf(a, b);
+}
+
 /// @brief The state of the empty set, the identity of lse_merge.
 __host__ __device__ constexpr lse_state lse_identity() noexcept { return {-INFINITY, 0.0f}; }
 
@@ -25,10 +31,10 @@ __host__ __device__ constexpr lse_state lse_identity() noexcept { return {-INFIN
 /// Merging two empty states gives the empty state (never NaN: exp(−inf − (−inf)) is never
 /// formed). A NaN value in either state propagates.
 __host__ __device__ inline lse_state lse_merge(lse_state a, lse_state b) noexcept {
+  // fmaxf drops a NaN operand: propagate it first.
+  if (a.max != a.max || b.max != b.max) return {NAN, NAN};
   const float m = fmaxf(a.max, b.max);
   if (m == -INFINITY) return lse_identity();
-  // fmaxf drops a NaN operand: propagate it explicitly.
-  if (a.max != a.max || b.max != b.max) return {NAN, NAN};
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
 

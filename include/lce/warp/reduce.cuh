@@ -7,10 +7,12 @@
 LCE_NAMESPACE_BEGIN
 namespace warp {
 
-/// @brief Maximum over the 32 lanes of a full warp; every lane gets the result.
+/// @brief Maximum over the 32 lanes of a full warp (NaN if any lane holds NaN); every lane
+/// gets the result.
 __device__ inline float allreduce_max(float x) noexcept {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1)
+    x = thread::nan_max(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 

@@ -1,0 +1,186 @@
+// CPU contract tests of lce::backward: argument validation, strategy/Grad checks and the
+// two-phase workspace protocol. No GPU: every call here returns before launching anything.
+#include <functional>
+#include <vector>
+
+#include "contract/common.hpp"
+
+namespace {
+
+using lce_test::check_invalid;
+using lce_test::check_success;
+using lce_test::fake_handle;
+using lce_test::fake_pointer;
+using lce_test::fake_workspace;
+
+template <class Element, class Grad>
+lce::backward_args<Element, Grad> valid_backward_args() {
+  lce::backward_args<Element, Grad> a;
+  a.x = fake_pointer<const Element>(1);
+  a.w = fake_pointer<const Element>(2);
+  a.bias = fake_pointer<const Element>(3);
+  a.targets = fake_pointer<const std::int64_t>(4);
+  a.lse = fake_pointer<const float>(5);
+  a.grad = fake_pointer<const float>(6);
+  a.dx = fake_pointer<Element>(7);
+  a.dw = fake_pointer<Grad>(8);
+  a.db = fake_pointer<Grad>(9);
+  return a;
+}
+
+struct backward_call {
+  lce::problem shape{300, 72, 127, 0, 0, 0, 0};
+  lce::loss_options options{};
+  lce::backward_options bopt{};
+  cublasHandle_t handle = fake_handle();
+};
+
+const lce::backward_strategy all_strategies[] = {lce::backward_strategy::automatic,
+                                                 lce::backward_strategy::vocab_chunked,
+                                                 lce::backward_strategy::row_chunked};
+
+template <class Element, class Grad>
+void check_size_query(const lce::problem& shape, std::size_t budget);
+
+template <class Element, class Grad>
+void check_size_queries() {
+  const lce::problem shapes[] = {lce::problem{1, 16, 1}, lce::problem{7, 72, 3},
+                                 lce::problem{300, 1000, 127, 1003, 1008, 1001, 1005},
+                                 lce::problem{4097, 2304, 50257}, lce::problem{4097, 72, 128256}};
+  for (const lce::problem& shape : shapes) {
+    for (const std::size_t budget : {std::size_t{1} << 20, std::size_t{256} << 20}) {
+      CAPTURE(shape.n, shape.d, shape.v, budget);
+      check_size_query<Element, Grad>(shape, budget);
+    }
+  }
+}
+
+template <class Element, class Grad>
+void check_size_query(const lce::problem& shape, std::size_t budget) {
+  constexpr bool fp32_grad = std::is_same_v<Grad, float>;
+  const lce::backward_args<Element, Grad> args = valid_backward_args<Element, Grad>();
+  for (const lce::backward_strategy strategy : all_strategies) {
+    CAPTURE(lce_test::strategy_name(strategy));
+    lce::backward_options bopt;
+    bopt.strategy = strategy;
+    bopt.memory_budget = budget;
+    std::size_t bytes = 12345;
+    const cudaError_t status =
+        lce::backward(nullptr, bytes, args, shape, lce::loss_options{}, bopt, fake_handle());
+    if (strategy == lce::backward_strategy::row_chunked && !fp32_grad) {
+      check_invalid(status, "strategy");
+      continue;
+    }
+    check_success(status);
+    CHECK(bytes > 0);
+    CHECK(bytes == lce::backward_workspace_size<Element, Grad>(shape, bopt));
+    // The budget bounds the workspace whenever one minimal chunk fits in it.
+    if (budget >= (std::size_t{256} << 20)) CHECK(bytes <= budget);
+    // A smaller budget never asks for more memory.
+    lce::backward_options larger = bopt;
+    larger.memory_budget = budget * 4;
+    CHECK(lce::backward_workspace_size<Element, Grad>(shape, larger) >= bytes);
+
+    std::size_t short_bytes = bytes - 1;
+    check_invalid(lce::backward(fake_workspace(), short_bytes, args, shape, lce::loss_options{},
+                                bopt, fake_handle()),
+                  "workspace_bytes");
+  }
+}
+
+template <class Element, class Grad>
+void check_invalid_arguments() {
+  struct invalid_case {
+    const char* argument;
+    std::function<void(lce::backward_args<Element, Grad>&, backward_call&)> mutate;
+  };
+  const std::vector<invalid_case> cases{
+      {"shape.n", [](auto&, auto& c) { c.shape.n = 0; }},
+      {"shape.d", [](auto&, auto& c) { c.shape.d = 0; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = 0; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = -3; }},
+      {"ldx", [](auto&, auto& c) { c.shape.ldx = c.shape.d - 1; }},
+      {"ldw", [](auto&, auto& c) { c.shape.ldw = c.shape.d - 3; }},
+      {"lddx", [](auto&, auto& c) { c.shape.lddx = c.shape.d - 1; }},
+      {"lddw", [](auto&, auto& c) { c.shape.lddw = 1; }},
+      {"args.x", [](auto& a, auto&) { a.x = nullptr; }},
+      {"args.w", [](auto& a, auto&) { a.w = nullptr; }},
+      {"args.targets", [](auto& a, auto&) { a.targets = nullptr; }},
+      {"args.lse", [](auto& a, auto&) { a.lse = nullptr; }},
+      {"handle", [](auto&, auto& c) { c.handle = nullptr; }},
+      {"reduction", [](auto&, auto& c) { c.options.reduction = static_cast<lce::reduction>(-1); }},
+      {"strategy",
+       [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(9); }},
+  };
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const invalid_case& tc = cases[i];
+    CAPTURE(i, tc.argument);
+    lce::backward_args<Element, Grad> args = valid_backward_args<Element, Grad>();
+    backward_call call;
+    tc.mutate(args, call);
+    std::size_t bytes = 0;
+    check_invalid(
+        lce::backward(nullptr, bytes, args, call.shape, call.options, call.bopt, call.handle),
+        tc.argument);
+    std::size_t ample = lce_test::unlimited_bytes;
+    check_invalid(lce::backward(fake_workspace(), ample, args, call.shape, call.options, call.bopt,
+                                call.handle),
+                  tc.argument);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("backward size query: launches nothing, matches backward_workspace_size",
+                   "[contract][backward]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_size_queries<TestType, TestType>(); }
+  SECTION("Grad = float") { check_size_queries<TestType, float>(); }
+}
+
+TEMPLATE_TEST_CASE("backward rejects invalid arguments by name", "[contract][backward]", float,
+                   __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_invalid_arguments<TestType, TestType>(); }
+  SECTION("Grad = float") { check_invalid_arguments<TestType, float>(); }
+}
+
+TEMPLATE_TEST_CASE("backward: row_chunked needs fp32 dW/db", "[contract][backward]", float, __half,
+                   __nv_bfloat16) {
+  const lce::problem shape{300, 72, 127};
+  lce::backward_options bopt;
+  bopt.strategy = lce::backward_strategy::row_chunked;
+  std::size_t bytes = 0;
+  const auto float_args = valid_backward_args<TestType, float>();
+  check_success(lce::backward(nullptr, bytes, float_args, shape, {}, bopt, fake_handle()));
+  const auto same_args = valid_backward_args<TestType, TestType>();
+  const cudaError_t status =
+      lce::backward(nullptr, bytes, same_args, shape, {}, bopt, fake_handle());
+  if constexpr (std::is_same_v<TestType, float>) {
+    check_success(status);
+  } else {
+    check_invalid(status, "strategy");
+    std::size_t ample = lce_test::unlimited_bytes;
+    check_invalid(lce::backward(fake_workspace(), ample, same_args, shape, {}, bopt, fake_handle()),
+                  "strategy");
+  }
+}
+
+TEMPLATE_TEST_CASE("backward: null handle is rejected even for a size query",
+                   "[contract][backward]", float, __half, __nv_bfloat16) {
+  const auto args = valid_backward_args<TestType, TestType>();
+  std::size_t bytes = 0;
+  check_invalid(lce::backward(nullptr, bytes, args, lce::problem{7, 72, 3}, {}, {}, nullptr),
+                "handle");
+}
+
+TEMPLATE_TEST_CASE("backward with no gradient requested enqueues nothing", "[contract][backward]",
+                   float, __half, __nv_bfloat16) {
+  // dx, dw and db are each optional; with none of them there is nothing to launch (this runs
+  // without a GPU, so a launch or a cuBLAS call on the fake handle would fail or crash).
+  auto args = valid_backward_args<TestType, TestType>();
+  args.dx = nullptr;
+  args.dw = nullptr;
+  args.db = nullptr;
+  std::size_t ample = lce_test::unlimited_bytes;
+  check_success(
+      lce::backward(fake_workspace(), ample, args, lce::problem{7, 72, 3}, {}, {}, fake_handle()));
+}

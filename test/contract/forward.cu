@@ -1,0 +1,170 @@
+// CPU contract tests of lce::forward: argument validation and the two-phase workspace
+// protocol. No GPU: every call here must return before launching anything.
+#include <functional>
+#include <vector>
+
+#include "contract/common.hpp"
+
+namespace {
+
+using lce_test::check_invalid;
+using lce_test::check_success;
+using lce_test::fake_pointer;
+using lce_test::fake_workspace;
+
+template <class Element>
+lce::forward_args<Element> valid_forward_args() {
+  lce::forward_args<Element> a;
+  a.x = fake_pointer<const Element>(1);
+  a.w = fake_pointer<const Element>(2);
+  a.bias = fake_pointer<const Element>(3);
+  a.targets = fake_pointer<const std::int64_t>(4);
+  a.loss = fake_pointer<float>(5);
+  a.token_loss = fake_pointer<float>(6);
+  a.lse = fake_pointer<float>(7);
+  return a;
+}
+
+struct forward_call {
+  lce::problem shape{300, 72, 127};
+  lce::loss_options options{};
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward size query: launches nothing, matches forward_workspace_size",
+                   "[contract][forward]", float, __half, __nv_bfloat16) {
+  const auto shape =
+      GENERATE(lce::problem{1, 16, 1}, lce::problem{7, 72, 3}, lce::problem{300, 1000, 127},
+               lce::problem{4097, 2304, 50257}, lce::problem{4097, 72, 128256, 80, 75, 0, 0},
+               lce::problem{1, 2304, 128256});
+  const auto red = GENERATE(lce::reduction::mean, lce::reduction::sum, lce::reduction::none);
+  CAPTURE(shape.n, shape.d, shape.v, static_cast<int>(red));
+  lce::forward_args<TestType> args = valid_forward_args<TestType>();
+  lce::loss_options options;
+  options.reduction = red;
+  std::size_t bytes = 12345;
+  check_success(lce::forward<TestType>(nullptr, bytes, args, shape, options));
+  CHECK(bytes == lce::forward_workspace_size<TestType>(shape));
+  if (red != lce::reduction::none) CHECK(bytes > 0);
+  // O(n · splits), never O(n · v): splits are at most 1024 (forward_workspace_size's doc).
+  const auto n = static_cast<std::size_t>(shape.n);
+  CHECK(bytes <= 8 * n * 1024 + 16 * n + 4096);
+
+  SECTION("optional outputs do not change the size") {
+    args.lse = nullptr;
+    if (red != lce::reduction::none) args.token_loss = nullptr;
+    args.bias = nullptr;
+    std::size_t again = 0;
+    check_success(lce::forward<TestType>(nullptr, again, args, shape, options));
+    CHECK(again == bytes);
+  }
+  SECTION("a short workspace is rejected before any launch") {
+    if (bytes > 0) {
+      std::size_t short_bytes = bytes - 1;
+      check_invalid(lce::forward<TestType>(fake_workspace(), short_bytes, args, shape, options),
+                    "workspace_bytes");
+    }
+    std::size_t zero = 0;
+    if (bytes > 0) {
+      check_invalid(lce::forward<TestType>(fake_workspace(), zero, args, shape, options),
+                    "workspace_bytes");
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("forward rejects invalid arguments by name", "[contract][forward]", float,
+                   __half, __nv_bfloat16) {
+  struct invalid_case {
+    const char* argument;
+    std::function<void(lce::forward_args<TestType>&, forward_call&)> mutate;
+  };
+  const std::vector<invalid_case> cases{
+      {"shape.n", [](auto&, auto& c) { c.shape.n = 0; }},
+      {"shape.n", [](auto&, auto& c) { c.shape.n = -7; }},
+      {"shape.d", [](auto&, auto& c) { c.shape.d = 0; }},
+      {"shape.d", [](auto&, auto& c) { c.shape.d = -1; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = 0; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = -128256; }},
+      {"shape.n", [](auto&, auto& c) { c.shape.n = std::int64_t{1} << 40; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = std::int64_t{1} << 40; }},
+      {"ldx", [](auto&, auto& c) { c.shape.ldx = c.shape.d - 1; }},
+      {"ldx", [](auto&, auto& c) { c.shape.ldx = -1; }},
+      {"ldw", [](auto&, auto& c) { c.shape.ldw = c.shape.d - 1; }},
+      {"args.x", [](auto& a, auto&) { a.x = nullptr; }},
+      {"args.w", [](auto& a, auto&) { a.w = nullptr; }},
+      {"args.targets", [](auto& a, auto&) { a.targets = nullptr; }},
+      {"args.loss",
+       [](auto& a, auto& c) {
+         a.loss = nullptr;
+         c.options.reduction = lce::reduction::mean;
+       }},
+      {"args.loss",
+       [](auto& a, auto& c) {
+         a.loss = nullptr;
+         c.options.reduction = lce::reduction::sum;
+       }},
+      {"args.token_loss",
+       [](auto& a, auto& c) {
+         a.token_loss = nullptr;
+         c.options.reduction = lce::reduction::none;
+       }},
+      {"reduction", [](auto&, auto& c) { c.options.reduction = static_cast<lce::reduction>(7); }},
+  };
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const invalid_case& tc = cases[i];
+    CAPTURE(i, tc.argument);
+    lce::forward_args<TestType> args = valid_forward_args<TestType>();
+    forward_call call;
+    tc.mutate(args, call);
+    // As a size query ...
+    std::size_t bytes = 0;
+    check_invalid(lce::forward<TestType>(nullptr, bytes, args, call.shape, call.options),
+                  tc.argument);
+    // ... and as a launch with ample workspace: rejected before anything is enqueued.
+    std::size_t ample = lce_test::unlimited_bytes;
+    check_invalid(lce::forward<TestType>(fake_workspace(), ample, args, call.shape, call.options),
+                  tc.argument);
+  }
+}
+
+TEMPLATE_TEST_CASE("forward: workspace pointer and error-message lifetime", "[contract][forward]",
+                   float, __half, __nv_bfloat16) {
+  const lce::forward_args<TestType> args = valid_forward_args<TestType>();
+  const lce::problem shape{300, 72, 127};
+  std::size_t bytes = lce_test::unlimited_bytes;
+  SECTION("a misaligned workspace is rejected") {
+    void* misaligned = static_cast<char*>(fake_workspace()) + 4;
+    check_invalid(lce::forward<TestType>(misaligned, bytes, args, shape), "d_workspace");
+  }
+  SECTION("a successful call clears the previous message") {
+    lce::forward_args<TestType> bad = args;
+    bad.x = nullptr;
+    check_invalid(lce::forward<TestType>(nullptr, bytes, bad, shape), "args.x");
+    check_success(lce::forward<TestType>(nullptr, bytes, args, shape));
+  }
+  SECTION("several bad arguments: one of them is named, on one line") {
+    lce::forward_args<TestType> bad = args;
+    bad.x = nullptr;
+    const cudaError_t status =
+        lce::forward<TestType>(nullptr, bytes, bad, lce::problem{0, 72, 127});
+    const std::string message = lce::last_error_message();
+    CAPTURE(message);
+    CHECK(status == cudaErrorInvalidValue);
+    CHECK((message.find("shape.n") != std::string::npos ||
+           message.find("args.x") != std::string::npos));
+    CHECK(message.find('\n') == std::string::npos);
+  }
+  SECTION("reduction none needs no loss pointer") {
+    lce::forward_args<TestType> a = args;
+    a.loss = nullptr;
+    lce::loss_options options;
+    options.reduction = lce::reduction::none;
+    check_success(lce::forward<TestType>(nullptr, bytes, a, shape, options));
+  }
+  SECTION("ignore_index may be any value, including a vocabulary id") {
+    lce::loss_options options;
+    options.ignore_index = 5;
+    check_success(lce::forward<TestType>(nullptr, bytes, args, shape, options));
+  }
+}

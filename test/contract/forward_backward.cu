@@ -1,0 +1,143 @@
+// CPU contract tests of lce::forward_backward: argument validation and the two-phase
+// workspace protocol. No GPU: every call here returns before launching anything.
+#include <functional>
+#include <vector>
+
+#include "contract/common.hpp"
+
+namespace {
+
+using lce_test::check_invalid;
+using lce_test::check_success;
+using lce_test::fake_handle;
+using lce_test::fake_pointer;
+using lce_test::fake_workspace;
+
+template <class Element, class Grad>
+lce::forward_backward_args<Element, Grad> valid_forward_backward_args() {
+  lce::forward_backward_args<Element, Grad> a;
+  a.x = fake_pointer<const Element>(1);
+  a.w = fake_pointer<const Element>(2);
+  a.bias = fake_pointer<const Element>(3);
+  a.targets = fake_pointer<const std::int64_t>(4);
+  a.loss = fake_pointer<float>(5);
+  a.token_loss = fake_pointer<float>(6);
+  a.lse = fake_pointer<float>(7);
+  a.dx = fake_pointer<Element>(8);
+  a.dw = fake_pointer<Grad>(9);
+  a.db = fake_pointer<Grad>(10);
+  return a;
+}
+
+struct call_state {
+  lce::problem shape{300, 72, 127};
+  lce::loss_options options{};
+  lce::backward_options bopt{};
+  cublasHandle_t handle = fake_handle();
+};
+
+template <class Element, class Grad>
+void check_size_query(const lce::problem& shape, lce::backward_strategy strategy) {
+  constexpr bool fp32_grad = std::is_same_v<Grad, float>;
+  CAPTURE(shape.n, shape.d, shape.v, lce_test::strategy_name(strategy));
+  const auto args = valid_forward_backward_args<Element, Grad>();
+  lce::backward_options bopt;
+  bopt.strategy = strategy;
+  std::size_t bytes = 12345;
+  const cudaError_t status =
+      lce::forward_backward(nullptr, bytes, args, shape, lce::loss_options{}, bopt, fake_handle());
+  if (strategy == lce::backward_strategy::row_chunked && !fp32_grad) {
+    check_invalid(status, "strategy");
+    return;
+  }
+  check_success(status);
+  CHECK(bytes == lce::forward_backward_workspace_size<Element, Grad>(shape, bopt));
+  // It holds the forward's and the backward's workspaces (and n floats of lse).
+  CHECK(bytes >= lce::forward_workspace_size<Element>(shape));
+  CHECK(bytes >= lce::backward_workspace_size<Element, Grad>(shape, bopt));
+  std::size_t short_bytes = bytes - 1;
+  check_invalid(lce::forward_backward(fake_workspace(), short_bytes, args, shape,
+                                      lce::loss_options{}, bopt, fake_handle()),
+                "workspace_bytes");
+}
+
+template <class Element, class Grad>
+void check_invalid_arguments() {
+  struct invalid_case {
+    const char* argument;
+    std::function<void(lce::forward_backward_args<Element, Grad>&, call_state&)> mutate;
+  };
+  const std::vector<invalid_case> cases{
+      {"shape.n", [](auto&, auto& c) { c.shape.n = 0; }},
+      {"shape.d", [](auto&, auto& c) { c.shape.d = -4; }},
+      {"shape.v", [](auto&, auto& c) { c.shape.v = 0; }},
+      {"ldx", [](auto&, auto& c) { c.shape.ldx = 3; }},
+      {"ldw", [](auto&, auto& c) { c.shape.ldw = c.shape.d - 1; }},
+      {"lddx", [](auto&, auto& c) { c.shape.lddx = c.shape.d - 1; }},
+      {"lddw", [](auto&, auto& c) { c.shape.lddw = c.shape.d - 1; }},
+      {"args.x", [](auto& a, auto&) { a.x = nullptr; }},
+      {"args.w", [](auto& a, auto&) { a.w = nullptr; }},
+      {"args.targets", [](auto& a, auto&) { a.targets = nullptr; }},
+      {"args.loss", [](auto& a, auto&) { a.loss = nullptr; }},
+      {"args.token_loss",
+       [](auto& a, auto& c) {
+         a.token_loss = nullptr;
+         c.options.reduction = lce::reduction::none;
+       }},
+      {"handle", [](auto&, auto& c) { c.handle = nullptr; }},
+      {"strategy",
+       [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(3); }},
+  };
+  for (std::size_t i = 0; i < cases.size(); ++i) {
+    const invalid_case& tc = cases[i];
+    CAPTURE(i, tc.argument);
+    auto args = valid_forward_backward_args<Element, Grad>();
+    call_state call;
+    tc.mutate(args, call);
+    std::size_t bytes = 0;
+    check_invalid(lce::forward_backward(nullptr, bytes, args, call.shape, call.options, call.bopt,
+                                        call.handle),
+                  tc.argument);
+    std::size_t ample = lce_test::unlimited_bytes;
+    check_invalid(lce::forward_backward(fake_workspace(), ample, args, call.shape, call.options,
+                                        call.bopt, call.handle),
+                  tc.argument);
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward_backward size query: launches nothing, matches the size function",
+                   "[contract][forward_backward]", float, __half, __nv_bfloat16) {
+  const lce::problem shapes[] = {lce::problem{1, 16, 1}, lce::problem{7, 72, 3, 80, 75, 81, 77},
+                                 lce::problem{4097, 2304, 50257}, lce::problem{300, 1000, 128256}};
+  for (const lce::problem& shape : shapes) {
+    for (const auto strategy :
+         {lce::backward_strategy::automatic, lce::backward_strategy::vocab_chunked,
+          lce::backward_strategy::row_chunked}) {
+      check_size_query<TestType, TestType>(shape, strategy);
+      check_size_query<TestType, float>(shape, strategy);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("forward_backward rejects invalid arguments by name",
+                   "[contract][forward_backward]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_invalid_arguments<TestType, TestType>(); }
+  SECTION("Grad = float") { check_invalid_arguments<TestType, float>(); }
+}
+
+TEMPLATE_TEST_CASE("forward_backward: row_chunked with 16-bit dW is rejected",
+                   "[contract][forward_backward]", __half, __nv_bfloat16) {
+  lce::backward_options bopt;
+  bopt.strategy = lce::backward_strategy::row_chunked;
+  const auto args = valid_forward_backward_args<TestType, TestType>();
+  std::size_t bytes = 0;
+  check_invalid(lce::forward_backward(nullptr, bytes, args, lce::problem{300, 72, 127}, {}, bopt,
+                                      fake_handle()),
+                "strategy");
+  std::size_t ample = lce_test::unlimited_bytes;
+  check_invalid(lce::forward_backward(fake_workspace(), ample, args, lce::problem{300, 72, 127}, {},
+                                      bopt, fake_handle()),
+                "strategy");
+}

@@ -1,0 +1,295 @@
+// GPU tests of lce::forward against the fp64 reference (CPU for small shapes, GPU for large),
+// with fresh random inputs, poisoned outputs and NaN-padded strided inputs.
+#include <cstring>
+#include <vector>
+
+#include "support/harness.cuh"
+
+namespace {
+
+using namespace lce_test;
+
+/// Runs lce::forward on `data` with the chosen optional outputs and checks what it wrote.
+template <class Element>
+measured run_forward(problem_data<Element>& data, gpu_context& ctx, bool with_lse,
+                     bool with_token_loss, outputs<Element, Element>& out) {
+  const bool reduced = data.spec.reduction != lce::reduction::none;
+  lce::forward_args<Element> args;
+  args.x = data.x.data();
+  args.w = data.w.data();
+  args.bias = data.bias_pointer();
+  args.targets = data.targets.data();
+  args.loss = reduced ? out.loss.data() : nullptr;
+  args.token_loss = with_token_loss || !reduced ? out.token_loss.data() : nullptr;
+  args.lse = with_lse ? out.lse.data() : nullptr;
+
+  std::size_t bytes = 0;
+  LCE_TEST_REQUIRE_OK(lce::forward<Element>(nullptr, bytes, args, data.shape, data.options));
+  REQUIRE(bytes == lce::forward_workspace_size<Element>(data.shape));
+  void* ws = ctx.workspace(bytes);
+  out.poison();
+  LCE_TEST_REQUIRE_OK(
+      lce::forward<Element>(ws, bytes, args, data.shape, data.options, ctx.stream()));
+  ctx.synchronize();
+  LCE_TEST_CUDA(cudaGetLastError());
+
+  const double tol = loss_tolerance<Element>();
+  const std::int64_t n = data.spec.n;
+  measured m;
+  if (args.loss != nullptr) m.loss = check_loss(out.loss.data(), data.ref_loss, tol);
+  if (args.lse != nullptr)
+    m.lse = check_output("lse", out.lse.data(), n, 1, 1, data.ref_lse.data(), tol);
+  if (args.token_loss != nullptr) {
+    m.token_loss =
+        check_output("token_loss", out.token_loss.data(), n, 1, 1, data.ref_token_loss.data(), tol);
+  }
+  return m;
+}
+
+const std::vector<case_spec>& small_cases() {
+  static const std::vector<case_spec> cases{
+      case_spec{1, 16, 1},
+      case_spec{7, 16, 3}.no_bias().sum().ignore_id(1),
+      case_spec{7, 72, 127}.none().padded(8, 3, 0, 0),
+      case_spec{300, 72, 3}.no_bias().padded(8, 3, 0, 0),
+      case_spec{300, 1000, 127}.sum(),
+      case_spec{300, 2304, 127}.padded(8, 3, 0, 0).scaled(6.0),
+      case_spec{4097, 16, 127}.none(),
+      case_spec{4097, 72, 1}.padded(8, 3, 0, 0),
+      case_spec{1, 2304, 50257}.no_bias(),
+      case_spec{7, 1000, 50257}.none().padded(8, 3, 0, 0),
+      case_spec{7, 72, 128256}.sum(),
+  };
+  return cases;
+}
+
+const std::vector<case_spec>& large_cases() {
+  static const std::vector<case_spec> cases{
+      case_spec{4097, 2304, 50257}.no_bias(),
+      case_spec{300, 1000, 128256}.none().padded(8, 3, 0, 0),
+      case_spec{4097, 72, 128256}.sum(),
+  };
+  return cases;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward matches the fp64 CPU reference on small and odd shapes",
+                   "[gpu][forward]", float, __half, __nv_bfloat16) {
+  const case_spec spec = GENERATE(from_range(small_cases()));
+  problem_data<TestType> data(spec, fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  print_result<TestType>("forward", spec, "-", run_forward(data, ctx, true, true, out));
+}
+
+TEMPLATE_TEST_CASE("forward matches the fp64 GPU reference on large shapes",
+                   "[gpu][forward][large]", float, __half, __nv_bfloat16) {
+  const case_spec spec = GENERATE(from_range(large_cases()));
+  problem_data<TestType> data(spec, fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  REQUIRE(data.reference_on_gpu);
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  print_result<TestType>("forward", spec, "-", run_forward(data, ctx, true, true, out));
+}
+
+TEMPLATE_TEST_CASE("forward: optional outputs may be null", "[gpu][forward]", float, __half,
+                   __nv_bfloat16) {
+  const auto red = GENERATE(lce::reduction::mean, lce::reduction::sum, lce::reduction::none);
+  const bool with_lse = GENERATE(false, true);
+  const bool with_token_loss = GENERATE(false, true);
+  problem_data<TestType> data(case_spec{300, 72, 1000}.with_reduction(red), fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe() << " lse=" << with_lse << " token_loss=" << with_token_loss);
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  (void)run_forward(data, ctx, with_lse, with_token_loss, out);
+}
+
+TEMPLATE_TEST_CASE("forward: an all-ignored batch gives loss 0, never NaN", "[gpu][forward]", float,
+                   __half, __nv_bfloat16) {
+  const auto red = GENERATE(lce::reduction::mean, lce::reduction::sum, lce::reduction::none);
+  problem_data<TestType> data(case_spec{300, 72, 127}.with_reduction(red).ignoring(1.0),
+                              fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  REQUIRE(data.n_valid == 0);
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  (void)run_forward(data, ctx, true, true, out);
+  check_exact_zero("token_loss", out.token_loss.data(), 300, 1, 1, data.ref_token_loss.data());
+  if (red != lce::reduction::none) {
+    float loss = 1.0f;
+    LCE_TEST_CUDA(cudaMemcpy(&loss, out.loss.data(), sizeof(float), cudaMemcpyDeviceToHost));
+    CHECK(loss == 0.0f);
+  }
+}
+
+TEMPLATE_TEST_CASE("forward: a target outside [0, v) gives a NaN loss for its row",
+                   "[gpu][forward]", float, __half, __nv_bfloat16) {
+  problem_data<TestType> data(case_spec{64, 72, 300}.ignoring(0.0), fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  const std::int64_t bad_row = 5;
+  const std::int64_t bad_target =
+      GENERATE(std::int64_t{300}, std::int64_t{-1}, std::int64_t{1} << 40);
+  CAPTURE(bad_target);
+  std::vector<std::int64_t> targets = data.h_targets;
+  targets[bad_row] = bad_target;
+  data.targets.upload(targets);
+
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  lce::forward_args<TestType> args{data.x.data(),       data.w.data(),   data.bias_pointer(),
+                                   data.targets.data(), out.loss.data(), out.token_loss.data(),
+                                   out.lse.data()};
+  std::size_t bytes = 0;
+  LCE_TEST_REQUIRE_OK(lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options));
+  out.poison();
+  LCE_TEST_REQUIRE_OK(lce::forward<TestType>(ctx.workspace(bytes), bytes, args, data.shape,
+                                             data.options, ctx.stream()));
+  ctx.synchronize();
+  const std::vector<float> token_loss = out.token_loss.download();
+  const std::vector<double> ref = data.ref_token_loss.download();
+  for (std::size_t i = 0; i < token_loss.size(); ++i) {
+    CAPTURE(i);
+    if (static_cast<std::int64_t>(i) == bad_row) {
+      CHECK(std::isnan(token_loss[i]));
+    } else {
+      CHECK(std::fabs(token_loss[i] - ref[i]) <= 1e-3 * (1.0 + std::fabs(ref[i])));
+    }
+  }
+  const std::vector<float> loss = out.loss.download();
+  CHECK(std::isnan(loss[0]));
+  // lse does not depend on the targets: every row is finite.
+  CHECK(all_finite(out.lse.download()));
+}
+
+TEMPLATE_TEST_CASE("forward is deterministic", "[gpu][forward]", float, __half, __nv_bfloat16) {
+  problem_data<TestType> data(case_spec{300, 1000, 50257}, fresh_seed());
+  INFO(data.describe());
+  gpu_context ctx;
+  std::vector<std::vector<float>> runs;
+  for (int run = 0; run < 2; ++run) {
+    outputs<TestType, TestType> out(data.shape, false);
+    lce::forward_args<TestType> args{data.x.data(),       data.w.data(),   data.bias_pointer(),
+                                     data.targets.data(), out.loss.data(), out.token_loss.data(),
+                                     out.lse.data()};
+    std::size_t bytes = 0;
+    LCE_TEST_REQUIRE_OK(lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options));
+    out.poison();
+    LCE_TEST_REQUIRE_OK(lce::forward<TestType>(ctx.workspace(bytes), bytes, args, data.shape,
+                                               data.options, ctx.stream()));
+    ctx.synchronize();
+    std::vector<float> all = out.loss.download();
+    const std::vector<float> lse = out.lse.download();
+    const std::vector<float> token_loss = out.token_loss.download();
+    all.insert(all.end(), lse.begin(), lse.end());
+    all.insert(all.end(), token_loss.begin(), token_loss.end());
+    runs.push_back(std::move(all));
+  }
+  REQUIRE(runs[0].size() == runs[1].size());
+  CHECK(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)) == 0);
+}
+
+TEMPLATE_TEST_CASE("forward under stream capture: graph replays give the reference",
+                   "[gpu][forward][graph]", float, __half, __nv_bfloat16) {
+  problem_data<TestType> data(case_spec{300, 72, 4097}.padded(8, 3, 0, 0), fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  lce::forward_args<TestType> args{data.x.data(),       data.w.data(),   data.bias_pointer(),
+                                   data.targets.data(), out.loss.data(), out.token_loss.data(),
+                                   out.lse.data()};
+  std::size_t bytes = 0;
+  LCE_TEST_REQUIRE_OK(lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options));
+  void* ws = ctx.workspace(bytes);
+  const captured_graph graph(ctx.stream(), [&] {
+    return lce::forward<TestType>(ws, bytes, args, data.shape, data.options, ctx.stream());
+  });
+  INFO("lce: " << graph.message());
+  REQUIRE(graph.status() == cudaSuccess);
+  CHECK(graph.nodes() > 0);
+  const double tol = loss_tolerance<TestType>();
+  for (int replay = 0; replay < 2; ++replay) {
+    CAPTURE(replay);
+    out.poison();
+    graph.launch(ctx.stream());
+    measured m;
+    m.loss = check_loss(out.loss.data(), data.ref_loss, tol);
+    m.lse = check_output("lse", out.lse.data(), data.spec.n, 1, 1, data.ref_lse.data(), tol);
+    m.token_loss = check_output("token_loss", out.token_loss.data(), data.spec.n, 1, 1,
+                                data.ref_token_loss.data(), tol);
+    if (replay == 0) print_result<TestType>("forward", data.spec, "-", m, "graph=1");
+  }
+}
+
+TEMPLATE_TEST_CASE("forward: a size query or a rejected call enqueues nothing",
+                   "[gpu][forward][graph]", float, __half, __nv_bfloat16) {
+  problem_data<TestType> data(case_spec{300, 72, 127}, fresh_seed());
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  lce::forward_args<TestType> args{
+      data.x.data(), data.w.data(), data.bias_pointer(), data.targets.data(), out.loss.data(),
+      nullptr,       nullptr};
+  std::size_t bytes = 0;
+  const captured_graph query(ctx.stream(), [&] {
+    return lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options, ctx.stream());
+  });
+  REQUIRE(query.status() == cudaSuccess);
+  CHECK(query.nodes() == 0);
+  CHECK(bytes > 0);
+
+  void* ws = ctx.workspace(bytes);
+  std::size_t short_bytes = bytes - 1;
+  const captured_graph rejected(ctx.stream(), [&] {
+    const cudaError_t status =
+        lce::forward<TestType>(ws, short_bytes, args, data.shape, data.options, ctx.stream());
+    return status == cudaErrorInvalidValue ? cudaSuccess : cudaErrorUnknown;
+  });
+  CHECK(rejected.status() == cudaSuccess);
+  CHECK(rejected.nodes() == 0);
+  // Argument errors are not sticky CUDA errors.
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
+
+TEMPLATE_TEST_CASE("forward with a caller-chosen tile configuration", "[gpu][forward][config]",
+                   float, __half, __nv_bfloat16) {
+  // Smaller tiles than the default (and another warp grid): the Config parameter is public.
+  using small_tiles = lce::tile_config<32, 64, 16, 1, 2>;
+  const case_spec spec = GENERATE(case_spec{300, 72, 1000}.padded(8, 3, 0, 0),
+                                  case_spec{7, 1000, 4097}.sum(), case_spec{33, 16, 3}.none());
+  problem_data<TestType> data(spec, fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe());
+  gpu_context ctx;
+  outputs<TestType, TestType> out(data.shape, false);
+  const bool reduced = spec.reduction != lce::reduction::none;
+  lce::forward_args<TestType> args{data.x.data(),
+                                   data.w.data(),
+                                   data.bias_pointer(),
+                                   data.targets.data(),
+                                   reduced ? out.loss.data() : nullptr,
+                                   out.token_loss.data(),
+                                   out.lse.data()};
+  std::size_t bytes = 0;
+  LCE_TEST_REQUIRE_OK(
+      (lce::forward<TestType, small_tiles>(nullptr, bytes, args, data.shape, data.options)));
+  REQUIRE(bytes == (lce::forward_workspace_size<TestType, small_tiles>(data.shape)));
+  out.poison();
+  LCE_TEST_REQUIRE_OK((lce::forward<TestType, small_tiles>(
+      ctx.workspace(bytes), bytes, args, data.shape, data.options, ctx.stream())));
+  ctx.synchronize();
+  const double tol = loss_tolerance<TestType>();
+  measured m;
+  if (reduced) m.loss = check_loss(out.loss.data(), data.ref_loss, tol);
+  m.lse = check_output("lse", out.lse.data(), spec.n, 1, 1, data.ref_lse.data(), tol);
+  m.token_loss = check_output("token_loss", out.token_loss.data(), spec.n, 1, 1,
+                              data.ref_token_loss.data(), tol);
+  print_result<TestType>("forward", spec, "-", m, "config=32x64x16/1x2");
+}
