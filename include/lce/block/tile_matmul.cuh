@@ -2,7 +2,7 @@
 /// @brief Block-wide tiled matmul: one (BlockM, BlockV) tile of Z = X·Wᵀ with fp32
 /// accumulation, left in shared memory for the epilogue. 16-bit inputs run on the tensor cores
 /// (mma.sync through WMMA fragments); fp32 inputs run on FFMA so that the result is exact to
-/// fp32 (no TF32). The K loop is double-buffered with cp.async.
+/// fp32 (no TF32). The K loop is a Config::stages-deep cp.async pipeline.
 #pragma once
 
 #include <mma.h>
@@ -39,9 +39,10 @@ struct tile_matmul {
   static constexpr int stride = bk + 16 / static_cast<int>(sizeof(Element));
   static constexpr int acc_stride = bv + 4;
 
+  static constexpr int stages = Config::stages;
   struct stage_storage {
-    Element x[2][bm * stride];  // (BlockM, BlockK) per stage
-    Element w[2][bv * stride];  // (BlockV, BlockK) per stage
+    Element x[stages][bm * stride];  // (BlockM, BlockK) per stage
+    Element w[stages][bv * stride];  // (BlockV, BlockK) per stage
   };
   union shared_storage {
     stage_storage stages;
@@ -71,9 +72,13 @@ struct tile_matmul {
   __device__ static void run(shared_storage& s, const tile_operands<Element>& op,
                              std::int64_t row0, std::int64_t vocab0) {
     const std::int64_t k_tiles = (op.d + bk - 1) / bk;
-    x_loader::load(s.stages.x[0], op.x, op.ldx, row0, op.n, 0, op.d, op.x_aligned);
-    w_loader::load(s.stages.w[0], op.w, op.ldw, vocab0, op.v, 0, op.d, op.w_aligned);
-    cp_async_commit();
+    // Prologue: stages 0 .. stages-2 in flight. Every step commits one group (possibly
+    // empty), so "wait until stages-2 groups are pending" always means "stage kt landed".
+#pragma unroll
+    for (int st = 0; st < stages - 1; ++st) {
+      if (st < k_tiles) load_stage(s, op, row0, vocab0, st, st);
+      cp_async_commit();
+    }
 
     if constexpr (tensor_cores) {
       using namespace nvcuda;
@@ -87,8 +92,7 @@ struct tile_matmul {
         for (int j = 0; j < frags_v; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
       for (std::int64_t kt = 0; kt < k_tiles; ++kt) {
-        const int cur = static_cast<int>(kt & 1);
-        prefetch_next(s, op, row0, vocab0, kt, k_tiles);
+        const int cur = advance(s, op, row0, vocab0, kt, k_tiles);
         const Element* xs = s.stages.x[cur];
         const Element* ws = s.stages.w[cur];
 #pragma unroll
@@ -106,8 +110,8 @@ struct tile_matmul {
 #pragma unroll
             for (int j = 0; j < frags_v; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
-        __syncthreads();  // the stage just read is the next prefetch's destination
       }
+      finish_pipeline();
 #pragma unroll
       for (int i = 0; i < frags_m; ++i)
 #pragma unroll
@@ -119,8 +123,7 @@ struct tile_matmul {
       const int tv = static_cast<int>(threadIdx.x) % threads_v;
       float acc[thread_m][thread_v] = {};
       for (std::int64_t kt = 0; kt < k_tiles; ++kt) {
-        const int cur = static_cast<int>(kt & 1);
-        prefetch_next(s, op, row0, vocab0, kt, k_tiles);
+        const int cur = advance(s, op, row0, vocab0, kt, k_tiles);
         const float* xs = s.stages.x[cur];
         const float* ws = s.stages.w[cur];
 #pragma unroll 4
@@ -136,8 +139,8 @@ struct tile_matmul {
 #pragma unroll
             for (int j = 0; j < thread_v; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
-        __syncthreads();
       }
+      finish_pipeline();
 #pragma unroll
       for (int i = 0; i < thread_m; ++i)
 #pragma unroll
@@ -148,20 +151,31 @@ struct tile_matmul {
   }
 
  private:
-  /// Starts the copy of stage kt+1 (if any) and waits for stage kt.
-  __device__ static void prefetch_next(shared_storage& s, const tile_operands<Element>& op,
-                                       std::int64_t row0, std::int64_t vocab0, std::int64_t kt,
-                                       std::int64_t k_tiles) {
-    if (kt + 1 < k_tiles) {
-      const int nxt = static_cast<int>((kt + 1) & 1);
-      x_loader::load(s.stages.x[nxt], op.x, op.ldx, row0, op.n, (kt + 1) * bk, op.d, op.x_aligned);
-      w_loader::load(s.stages.w[nxt], op.w, op.ldw, vocab0, op.v, (kt + 1) * bk, op.d,
-                     op.w_aligned);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+  __device__ static void load_stage(shared_storage& s, const tile_operands<Element>& op,
+                                    std::int64_t row0, std::int64_t vocab0, std::int64_t kt,
+                                    int stage) {
+    x_loader::load(s.stages.x[stage], op.x, op.ldx, row0, op.n, kt * bk, op.d, op.x_aligned);
+    w_loader::load(s.stages.w[stage], op.w, op.ldw, vocab0, op.v, kt * bk, op.d, op.w_aligned);
+  }
+
+  /// Waits for stage kt, then refills the stage consumed in step kt−1 with tile
+  /// kt+stages−1. The barrier both publishes stage kt and retires every read of the stage
+  /// being refilled. Returns the stage to compute on.
+  __device__ static int advance(shared_storage& s, const tile_operands<Element>& op,
+                                std::int64_t row0, std::int64_t vocab0, std::int64_t kt,
+                                std::int64_t k_tiles) {
+    cp_async_wait<stages - 2>();
+    __syncthreads();
+    const std::int64_t next = kt + stages - 1;
+    if (next < k_tiles) load_stage(s, op, row0, vocab0, next, static_cast<int>(next % stages));
+    cp_async_commit();
+    return static_cast<int>(kt % stages);
+  }
+
+  /// Drains the pipeline and retires every read of the stages before the accumulator tile,
+  /// which shares their memory, is written.
+  __device__ static void finish_pipeline() {
+    cp_async_wait<0>();
     __syncthreads();
   }
 };

@@ -72,7 +72,13 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   fp.target_logit = detail::at<float>(d_workspace, plan.target_logit);
   fp.tiles_per_split = plan.tiles_per_split;
   const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits));
-  kernel::fused_forward_kernel<Element, Config><<<grid, Config::threads, 0, stream>>>(fp);
+  constexpr int smem_bytes = static_cast<int>(sizeof(typename fused::shared_storage));
+  if constexpr (smem_bytes > 48 * 1024) {
+    LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_kernel<Element, Config>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             smem_bytes));
+  }
+  kernel::fused_forward_kernel<Element, Config><<<grid, Config::threads, smem_bytes, stream>>>(fp);
   LCE_CHECK_LAUNCH("fused_forward_kernel");
 
   constexpr int combine_threads = 256;

@@ -25,6 +25,7 @@ struct fused_forward {
   static constexpr int cols_per_lane = Config::block_v / 32;
   static_assert(Config::block_m % warps == 0, "BlockM must be a multiple of the warp count");
   static_assert(Config::block_v % 32 == 0, "BlockV must be a multiple of 32");
+  static_assert(rows_per_warp <= 32, "a warp keeps one row's state per lane");
 
   struct params {
     block::tile_operands<Element> op;
@@ -43,14 +44,12 @@ struct fused_forward {
     const std::int64_t tile_begin = static_cast<std::int64_t>(blockIdx.y) * p.tiles_per_split;
     const std::int64_t tile_end = min(vocab_tiles, tile_begin + p.tiles_per_split);
 
-    thread::lse_state state[rows_per_warp];
-    std::int64_t target[rows_per_warp];
-#pragma unroll
-    for (int i = 0; i < rows_per_warp; ++i) {
-      state[i] = thread::lse_identity();
-      const std::int64_t row = row0 + warp * rows_per_warp + i;
-      target[i] = row < p.op.n ? p.targets[row] : -1;
-    }
+    // Lane i < rows_per_warp keeps the running state and the target of the warp's row i, so
+    // that nothing per row stays live in registers across the mainloop.
+    const std::int64_t my_row = row0 + warp * rows_per_warp + lane;
+    const bool owns_row = lane < rows_per_warp && my_row < p.op.n;
+    thread::lse_state my_state = thread::lse_identity();
+    const std::int64_t my_target = owns_row ? p.targets[my_row] : -1;
 
     for (std::int64_t t = tile_begin; t < tile_end; ++t) {
       const std::int64_t vocab0 = t * Config::block_v;
@@ -62,7 +61,7 @@ struct fused_forward {
         const std::int64_t v = vocab0 + lane + 32 * j;
         bias[j] = (p.bias != nullptr && v < p.op.v) ? static_cast<float>(p.bias[v]) : 0.0f;
       }
-#pragma unroll
+#pragma unroll 2
       for (int i = 0; i < rows_per_warp; ++i) {
         const int r = warp * rows_per_warp + i;
         float z[cols_per_lane];
@@ -79,10 +78,11 @@ struct fused_forward {
 #pragma unroll
           for (int j = 0; j < cols_per_lane; ++j) local_sum += expf(z[j] - tile_max);
         }
-        state[i] = thread::lse_merge(state[i], {tile_max, warp::allreduce_sum(local_sum)});
+        const float tile_sum = warp::allreduce_sum(local_sum);
+        if (lane == i) my_state = thread::lse_merge(my_state, {tile_max, tile_sum});
         // The target logit comes from the same fp32 tile that feeds the lse.
-        const std::int64_t offset = target[i] - vocab0;
-        if (offset >= 0 && offset < Config::block_v && target[i] < p.op.v) {
+        const std::int64_t offset = __shfl_sync(0xffffffffu, my_target, i) - vocab0;
+        if (offset >= 0 && offset < Config::block_v && vocab0 + offset < p.op.v) {
 #pragma unroll
           for (int j = 0; j < cols_per_lane; ++j) {
             if (offset == lane + 32 * j) p.target_logit[row0 + r] = z[j];
@@ -92,21 +92,16 @@ struct fused_forward {
       __syncthreads();  // the accumulator tile is read; the next mainloop may overwrite it
     }
 
-    if (lane == 0) {
-#pragma unroll
-      for (int i = 0; i < rows_per_warp; ++i) {
-        const std::int64_t row = row0 + warp * rows_per_warp + i;
-        if (row < p.op.n) p.partial[static_cast<std::int64_t>(blockIdx.y) * p.op.n + row] = state[i];
-      }
-    }
+    if (owns_row) p.partial[static_cast<std::int64_t>(blockIdx.y) * p.op.n + my_row] = my_state;
   }
 };
 
 template <class Element, class Config>
-__global__ void __launch_bounds__(Config::threads) LCE_KERNEL_VISIBILITY
+__global__ void __launch_bounds__(Config::threads, 2) LCE_KERNEL_VISIBILITY
     fused_forward_kernel(const typename fused_forward<Element, Config>::params p) {
-  __shared__ typename fused_forward<Element, Config>::shared_storage storage;
-  fused_forward<Element, Config>{}(p, storage);
+  using storage_t = typename fused_forward<Element, Config>::shared_storage;
+  extern __shared__ __align__(128) unsigned char smem[];
+  fused_forward<Element, Config>{}(p, *reinterpret_cast<storage_t*>(smem));
 }
 
 }  // namespace kernel
