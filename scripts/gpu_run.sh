@@ -3,7 +3,8 @@
 # Google Benchmark packed by ../shared/tools/gpu-deps.sh), run the gpu-labelled tests,
 # compute-sanitizer on the small GPU tests, the example and the benchmarks; logs go to $OUT,
 # a short table is printed last.
-#   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize]...   (default: all)
+#   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize|pytorch]...   (default: all;
+#          pytorch, the binding's pytest suite, runs only when named)
 #   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, SANITIZE_FILTER (Catch2
 #          test spec of the small cases run under compute-sanitizer), BUILD_DIR
 set -uo pipefail
@@ -18,12 +19,13 @@ export LD_LIBRARY_PATH="$root/.deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 summary=()
 
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv \
-  | tee "$out/gpu.txt"
+# At most 8 files come back from $OUT: build.log, ctest-gpu.log, results.txt, sanitize.log,
+# example.log, bench.log, pytest.log, summary.txt.
+summary+=("$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader)")
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$root/.deps/usr" \
-  -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/configure.log" 2>&1 || { tail -30 "$out/configure.log"; exit 1; }
+  -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 start=$SECONDS
-cmake --build "$build" -j16 >"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; exit 1; }
+cmake --build "$build" -j16 >>"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; exit 1; }
 summary+=("build: ok in $((SECONDS - start)) s")
 
 if has test; then
@@ -39,10 +41,13 @@ if has sanitize; then
   for tool in memcheck racecheck initcheck; do
     for t in $(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}'); do
       exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
+      log="$out/sanitize-$tool-$t.tmp"
       compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "${SANITIZE_FILTER:-*optional*,*all-ignored*}" \
-        >"$out/sanitize-$tool-$t.log" 2>&1
+        >"$log" 2>&1
       rc=$?
-      summary+=("compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY' "$out/sanitize-$tool-$t.log" | tail -1)")
+      summary+=("compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test cases' "$log" | tr '\n' ' ')")
+      { echo "=== $tool $t (rc=$rc)"; tail -40 "$log"; } >>"$out/sanitize.log"
+      rm -f "$log"
     done
   done
 fi
@@ -57,9 +62,16 @@ fi
 if has bench; then
   exe=$(find "$build" -type f -name lce_bench -perm -u+x | head -1)
   "$exe" --benchmark_filter="${BENCH_FILTER:-.}" --benchmark_counters_tabular=true \
-    --benchmark_out="$out/bench.json" --benchmark_out_format=json >"$out/bench.log" 2>&1
+    >"$out/bench.log" 2>&1
   summary+=("bench: rc=$?")
   cat "$out/bench.log" | cut -c1-230 | tail -60
+fi
+
+if [[ " $steps " == *" pytorch "* && -d examples/pytorch/tests ]]; then
+  start=$SECONDS
+  PYTHONUNBUFFERED=1 python3 -m pytest -q examples/pytorch/tests >"$out/pytest.log" 2>&1
+  summary+=("pytest (PyTorch binding): rc=$?, $(tail -1 "$out/pytest.log") ($((SECONDS - start)) s)")
+  tail -15 "$out/pytest.log"
 fi
 
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"

@@ -6,7 +6,8 @@
 
 # CPU: thread/ formulas and the fp64 reference's self-checks (no library kernels).
 lce_add_test(NAME thread
-  SOURCES thread/online_lse.cu thread/cross_entropy.cu support/reference.cu)
+  SOURCES thread/online_lse.cu thread/row_stats.cu thread/cross_entropy.cu support/reference.cu
+    support/reference_options.cu)
 
 # CPU: argument validation and the workspace protocol of the public API (launches nothing).
 lce_add_test(NAME contract
@@ -19,3 +20,7 @@ lce_add_test(NAME device_backward GPU
   SOURCES device/backward.cu)
 lce_add_test(NAME device_forward_backward GPU
   SOURCES device/forward_backward.cu)
+# GPU: the loss options and their outputs, every strategy and element type. The tag [small]
+# (or the name filter "options small*") selects the quick subset for compute-sanitizer.
+lce_add_test(NAME device_options GPU
+  SOURCES device/options.cu)

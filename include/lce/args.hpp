@@ -20,6 +20,13 @@ struct forward_args {
   float* loss = nullptr;        ///< [1] reduced loss (mean/sum); required unless reduction none
   float* token_loss = nullptr;  ///< [n] per-token loss (0 for ignored rows); required for none
   float* lse = nullptr;         ///< [n] log-sum-exp of each row of Z (what backward needs)
+  const float* class_weight = nullptr;  ///< [v] optional class weights (PyTorch `weight=`)
+  float* z_loss = nullptr;          ///< [1] the reduced z-loss term alone (mean/sum)
+  float* token_z_loss = nullptr;    ///< [n] s·lse² per token (0 for ignored rows)
+  std::int64_t* argmax = nullptr;   ///< [n] predicted token (first maximum of z)
+  std::int64_t* correct = nullptr;  ///< [1] valid rows whose argmax equals the target
+  float* entropy = nullptr;         ///< [n] entropy of softmax(z), in nats
+  float* target_logprob = nullptr;  ///< [n] log softmax(z)_y (0 for ignored rows)
 };
 
 /// @brief Inputs and outputs of lce::backward.
@@ -37,6 +44,7 @@ struct backward_args {
   Element* dx = nullptr;  ///< [n, lddx] gradient of x (optional)
   Grad* dw = nullptr;     ///< [v, lddw] gradient of w (optional)
   Grad* db = nullptr;     ///< [v] gradient of bias (optional)
+  const float* class_weight = nullptr;  ///< [v] the forward's class weights, if any
 };
 
 /// @brief Inputs and outputs of lce::forward_backward: the forward's outputs and the
@@ -53,6 +61,13 @@ struct forward_backward_args {
   Element* dx = nullptr;
   Grad* dw = nullptr;
   Grad* db = nullptr;
+  const float* class_weight = nullptr;
+  float* z_loss = nullptr;
+  float* token_z_loss = nullptr;
+  std::int64_t* argmax = nullptr;
+  std::int64_t* correct = nullptr;
+  float* entropy = nullptr;
+  float* target_logprob = nullptr;
 };
 
 LCE_NAMESPACE_END

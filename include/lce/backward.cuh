@@ -74,7 +74,7 @@ template <class Element, class Grad = Element>
 /// @param[in,out] workspace_bytes  in: available; out (size query): needed
 /// @param[in]     args             device pointers; dx, dw, db each optional
 /// @param[in]     shape            n, d, v and leading dimensions
-/// @param[in]     options          ignore_index and reduction of the forward
+/// @param[in]     options          the forward's loss_options (the same values)
 /// @param[in]     bopt             strategy and memory budget (docs/algorithm.md, "Strategies")
 /// @param[in]     handle           cuBLAS handle for the GEMMs; its stream and pointer mode are
 ///                                 set for the call and restored before returning
@@ -82,13 +82,14 @@ template <class Element, class Grad = Element>
 /// @return cudaSuccess, cudaErrorInvalidValue naming a bad argument, or a launch/cuBLAS error.
 ///
 /// Never allocates, synchronizes or reads back to the host (capturable, provided the cuBLAS
-/// handle is). Overwrites dx, dw and db. Deterministic for a given strategy and chunk size.
+/// handle is). Overwrites dx, dw and db (adds into them with options.accumulate). Deterministic for a given strategy and chunk size.
 /// Accumulation is fp32 throughout; dX accumulates in fp32 (workspace) across vocabulary
 /// chunks. vocab_chunked: workspace ≈ n·Vc·4 + (16-bit elements: n·d·4) bytes. row_chunked:
 /// workspace ≈ Nc·v·4 bytes, dW/db accumulated in fp32 (dW is read and rewritten once per row
 /// chunk, so small chunks cost bandwidth). Either: 3 GEMMs (Z, dX, dW) and a GEMV for db.
 /// The upstream gradient `grad` is [1] (mean/sum) or [n] (none); null means 1. Ignored rows
-/// get zero gradient; with mean, g is divided by the number of valid rows (0 if none).
+/// get zero gradient; with mean, the cross-entropy part is divided by Σ_valid w_{y_i} (the
+/// number of valid rows without class weights) and the z-loss part by n_valid (0 if none).
 template <class Element, class Grad>
 [[nodiscard]] cudaError_t backward(void* d_workspace, std::size_t& workspace_bytes,
                                    const backward_args<Element, Grad>& args, const problem& shape,
@@ -97,7 +98,7 @@ template <class Element, class Grad>
   detail::check_backward_types<Element, Grad>();
   detail::clear_error();
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
-  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
   LCE_RETURN_IF_ERROR(detail::validate_backward_args(args));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");

@@ -35,7 +35,8 @@ inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept 
 }  // namespace detail
 
 /// @brief Workspace bytes lce::forward needs for `shape`: a pure function of the shape,
-/// O(n·splits) — about 8·n·ceil(1024 / ceil(n / BlockM)) + 8·n bytes, never O(n·v).
+/// O(n·splits): 24 B of row statistics per row and vocabulary split (splits ≈ 1024 /
+/// ceil(n / BlockM), at most 1024) plus 24 B per row, never O(n·v).
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] std::size_t forward_workspace_size(const problem& shape) noexcept {
   detail::workspace_layout layout;
@@ -53,15 +54,17 @@ template <class Element, class Config = default_config<Element>>
 /// @param[in,out] workspace_bytes  in: bytes available; out (size query): bytes needed
 /// @param[in]     args             device pointers; see forward_args
 /// @param[in]     shape            n, d, v and leading dimensions
-/// @param[in]     options          ignore_index and reduction
+/// @param[in]     options          ignore_index, reduction and the loss options (options.hpp)
 /// @param[in]     stream           every launch is enqueued on it, in order
 /// @return cudaSuccess; cudaErrorInvalidValue for a bad argument (lce::last_error_message()
 ///         names it); or the error of a failed launch.
 ///
 /// Never allocates, synchronizes or reads back to the host: safe under stream capture.
-/// Deterministic (fixed reduction order). Writes `loss` (mean/sum), `token_loss` and `lse`
-/// where given; ignored rows get loss 0; a target outside [0, v) that is not ignore_index gives
-/// a NaN loss for its row (and so for the mean). Inputs and outputs must not overlap.
+/// Deterministic (fixed reduction order). Writes each output of forward_args that is given
+/// (loss and z_loss for mean/sum; token_loss, lse, token_z_loss, argmax, correct, entropy,
+/// target_logprob) with the options of loss_options (options.hpp has the formulas); ignored
+/// rows get loss 0; a target outside [0, v) that is not ignore_index gives a NaN loss for its
+/// row (and so for the mean). Inputs and outputs must not overlap.
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t forward(void* d_workspace, std::size_t& workspace_bytes,
                                   const forward_args<Element>& args, const problem& shape,
@@ -70,7 +73,7 @@ template <class Element, class Config = default_config<Element>>
   static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
   detail::clear_error();
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
-  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_forward_args(args, options));
   detail::workspace_layout layout;
   const device::forward_plan plan = device::make_forward_plan<Config>(shape, layout);

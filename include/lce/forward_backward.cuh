@@ -56,10 +56,12 @@ template <class Element, class Grad, class Config = default_config<Element>>
                                            cudaStream_t stream = nullptr) noexcept {
   detail::check_backward_types<Element, Grad>();
   detail::clear_error();
-  const forward_args<Element> fa{args.x, args.w, args.bias, args.targets, args.loss, args.token_loss,
-                                 args.lse};
+  const forward_args<Element> fa{args.x,          args.w,      args.bias,         args.targets,
+                                 args.loss,       args.token_loss, args.lse,     args.class_weight,
+                                 args.z_loss,     args.token_z_loss, args.argmax, args.correct,
+                                 args.entropy,    args.target_logprob};
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
-  LCE_RETURN_IF_ERROR(detail::validate_options(options));
+  LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
   LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, options));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
@@ -83,24 +85,24 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   if (!gradients) return cudaSuccess;
 
-  const backward_args<Element, Grad> ba{args.x, args.w, args.bias, args.targets, lse, nullptr,
-                                        args.dx, args.dw, args.db};
-  float* token_loss =
-      args.token_loss ? args.token_loss : detail::at<float>(d_workspace, plan.forward.token_loss);
-  const device::row_forward_outputs rows{lse, token_loss};
+  const backward_args<Element, Grad> ba{args.x,  args.w,  args.bias, args.targets,      lse,
+                                        nullptr, args.dx, args.dw,   args.db, args.class_weight};
+  const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
+  void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   {
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)
       return detail::cublas_failure(scope.status(), "handle setup");
-    LCE_RETURN_IF_ERROR((device::run_backward<Element, Grad>(
-        detail::at<char>(d_workspace, plan.backward), plan.backward_plan, ba, shape, options,
-        handle, stream, rows_in_one_pass ? &rows : nullptr)));
+    LCE_RETURN_IF_ERROR((device::run_backward<Element, Grad>(backward_ws, plan.backward_plan, ba,
+                                                             shape, options, handle, stream,
+                                                             rows_in_one_pass ? &rows : nullptr)));
   }
-  if (rows_in_one_pass && options.reduction != lce::reduction::none) {
-    LCE_RETURN_IF_ERROR(device::run_reduce_loss(token_loss, args.targets, shape, options,
-                                                args.loss, stream));
-  }
-  return cudaSuccess;
+  if (!rows_in_one_pass) return cudaSuccess;
+  // The backward's scalars (valid rows, weight sums) serve the reduction of the one pass.
+  const auto* scalars =
+      detail::at<kernel::loss_scalars>(backward_ws, plan.backward_plan.scalars);
+  return device::run_reduce_loss(rows, args.targets, shape, options, scalars, args.loss,
+                                 args.z_loss, args.correct, stream);
 }
 
 LCE_NAMESPACE_END

@@ -37,9 +37,28 @@ enum class reduction : int {
 };
 
 /// @brief Options that change the loss. Defaults reproduce `F.cross_entropy(x @ w.T, y)`.
+///
+/// The logits of row i are z = softcap((x_i·Wᵀ + b) / temperature); with α the label
+/// smoothing, w the class weights (1 when absent), V the vocabulary size and
+/// lse = log Σ_v exp(z_v), a valid row's loss is
+///   (1 − α)·w_y·(lse − z_y) + (α/V)·Σ_v w_v·(lse − z_v) + z_loss·lse²
+/// (PyTorch's `label_smoothing` and `weight=`, PaLM's z-loss). Reduction mean divides the
+/// cross-entropy part by Σ_valid w_{y_i} (n_valid without weights) and the z-loss part by
+/// n_valid (as Liger-Kernel does); an all-ignored batch gives 0.
 struct loss_options {
   std::int64_t ignore_index = -100;  ///< rows whose target equals this contribute nothing
   lce::reduction reduction = lce::reduction::mean;
+  float label_smoothing = 0.0f;  ///< α in [0, 1]
+  float z_loss = 0.0f;           ///< scale s >= 0 of the z-loss s·lse² (Liger's lse_square_scale)
+  float softcap = 0.0f;          ///< c > 0: z ← c·tanh(z/c) (Gemma 2); 0: off; < 0 rejected
+  float temperature = 1.0f;      ///< τ > 0: z ← z/τ, applied before the softcap
+  /// Causal shift for a [B, T] batch flattened to n = B·T rows: 0 = off; T > 0: row b·T + t is
+  /// scored against targets[b·T + t + 1], and the last position of each sequence is ignored
+  /// (n must be a multiple of T). The caller passes the unshifted targets.
+  std::int64_t shift_seq_len = 0;
+  /// Gradients are added into dx, dw and db instead of overwriting them (accumulation over
+  /// micro-batches, fp32 main-grad buffers).
+  bool accumulate = false;
 };
 
 /// @brief How the backward pass is organised (docs/algorithm.md, "Strategies").

@@ -184,3 +184,67 @@ TEMPLATE_TEST_CASE("backward with no gradient requested enqueues nothing", "[con
   check_success(
       lce::backward(fake_workspace(), ample, args, lce::problem{7, 72, 3}, {}, {}, fake_handle()));
 }
+
+namespace {
+
+template <class Element, class Grad>
+void check_invalid_options() {
+  const lce::problem shape{300, 72, 127};
+  for (const bool weighted : {false, true}) {
+    lce::backward_args<Element, Grad> args = valid_backward_args<Element, Grad>();
+    if (weighted) args.class_weight = fake_pointer<const float>(10);
+    for (const lce_test::invalid_option& tc : lce_test::invalid_loss_options()) {
+      for (const lce::backward_strategy strategy : all_strategies) {
+        if (strategy == lce::backward_strategy::row_chunked && !std::is_same_v<Grad, float>)
+          continue;
+        CAPTURE(weighted, tc.argument, lce_test::describe(tc.options),
+                lce_test::strategy_name(strategy));
+        lce::backward_options bopt;
+        bopt.strategy = strategy;
+        std::size_t bytes = 0;
+        check_invalid(lce::backward(nullptr, bytes, args, shape, tc.options, bopt, fake_handle()),
+                      tc.argument);
+        std::size_t ample = lce_test::unlimited_bytes;
+        check_invalid(
+            lce::backward(fake_workspace(), ample, args, shape, tc.options, bopt, fake_handle()),
+            tc.argument);
+      }
+    }
+  }
+}
+
+template <class Element, class Grad>
+void check_valid_options() {
+  const lce::problem shape{300, 72, 127};
+  for (const bool weighted : {false, true}) {
+    lce::backward_args<Element, Grad> args = valid_backward_args<Element, Grad>();
+    if (weighted) args.class_weight = fake_pointer<const float>(10);
+    for (const lce::loss_options& options : lce_test::valid_loss_options()) {
+      for (const lce::backward_strategy strategy : all_strategies) {
+        if (strategy == lce::backward_strategy::row_chunked && !std::is_same_v<Grad, float>)
+          continue;
+        CAPTURE(weighted, lce_test::describe(options), lce_test::strategy_name(strategy));
+        lce::backward_options bopt;
+        bopt.strategy = strategy;
+        std::size_t bytes = 0;
+        check_success(lce::backward(nullptr, bytes, args, shape, options, bopt, fake_handle()));
+        CHECK(bytes > 0);
+        CHECK(bytes <= bopt.memory_budget);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("backward rejects invalid loss options by name",
+                   "[contract][backward][options]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_invalid_options<TestType, TestType>(); }
+  SECTION("Grad = float") { check_invalid_options<TestType, float>(); }
+}
+
+TEMPLATE_TEST_CASE("backward accepts valid loss options and class weights",
+                   "[contract][backward][options]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_valid_options<TestType, TestType>(); }
+  SECTION("Grad = float") { check_valid_options<TestType, float>(); }
+}

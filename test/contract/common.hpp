@@ -12,6 +12,7 @@
 #include <lce/lce.cuh>
 #include <limits>
 #include <string>
+#include <vector>
 
 namespace lce_test {
 
@@ -45,6 +46,97 @@ inline void check_success(cudaError_t status) {
   CAPTURE(message);
   CHECK(status == cudaSuccess);
   CHECK(message.empty());
+}
+
+/// @brief A loss_options value that must be rejected, and the option the message must name.
+/// The shape of the calls that use these has n = 300.
+struct invalid_option {
+  const char* argument;
+  lce::loss_options options;
+};
+
+inline std::vector<invalid_option> invalid_loss_options() {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<invalid_option> out;
+  auto add = [&](const char* argument, auto mutate) {
+    lce::loss_options o;
+    mutate(o);
+    out.push_back({argument, o});
+  };
+  for (const float alpha : {-0.1f, -1e-7f, 1.0001f, 2.0f, nan, inf, -inf}) {
+    add("options.label_smoothing", [=](lce::loss_options& o) { o.label_smoothing = alpha; });
+  }
+  for (const float s : {-1e-4f, -1.0f, nan, inf, -inf}) {
+    add("options.z_loss", [=](lce::loss_options& o) { o.z_loss = s; });
+  }
+  for (const float c : {-1.0f, -30.0f, -inf, nan}) {
+    add("options.softcap", [=](lce::loss_options& o) { o.softcap = c; });
+  }
+  for (const float tau : {0.0f, -0.0f, -1.0f, nan, inf, -inf}) {
+    add("options.temperature", [=](lce::loss_options& o) { o.temperature = tau; });
+  }
+  for (const std::int64_t seq_len : {std::int64_t{-1}, std::int64_t{-300}, std::int64_t{7},
+                                     std::int64_t{301}, std::int64_t{600}, std::int64_t{1} << 40}) {
+    add("options.shift_seq_len", [=](lce::loss_options& o) { o.shift_seq_len = seq_len; });
+  }
+  // With the other options valid and set: still the bad one is named.
+  add("options.temperature", [](lce::loss_options& o) {
+    o.label_smoothing = 0.1f;
+    o.z_loss = 1e-4f;
+    o.softcap = 30.0f;
+    o.temperature = 0.0f;
+  });
+  add("options.shift_seq_len", [](lce::loss_options& o) {
+    o.label_smoothing = 0.1f;
+    o.reduction = lce::reduction::sum;
+    o.shift_seq_len = 299;
+  });
+  return out;
+}
+
+/// @brief loss_options values that must be accepted for n = 300 (boundaries included).
+inline std::vector<lce::loss_options> valid_loss_options() {
+  std::vector<lce::loss_options> out;
+  auto add = [&](auto mutate) {
+    lce::loss_options o;
+    mutate(o);
+    out.push_back(o);
+  };
+  add([](lce::loss_options&) {});
+  for (const float alpha : {0.0f, 1e-6f, 0.1f, 1.0f}) {
+    add([=](lce::loss_options& o) { o.label_smoothing = alpha; });
+  }
+  for (const float s : {0.0f, 1e-4f, 10.0f}) add([=](lce::loss_options& o) { o.z_loss = s; });
+  for (const float c : {0.0f, 1e-3f, 30.0f}) add([=](lce::loss_options& o) { o.softcap = c; });
+  for (const float tau : {1e-3f, 0.5f, 1.0f, 100.0f}) {
+    add([=](lce::loss_options& o) { o.temperature = tau; });
+  }
+  for (const std::int64_t seq_len : {0, 1, 2, 3, 100, 150, 300}) {
+    add([=](lce::loss_options& o) { o.shift_seq_len = seq_len; });
+  }
+  add([](lce::loss_options& o) { o.accumulate = true; });
+  add([](lce::loss_options& o) {
+    o.label_smoothing = 0.1f;
+    o.z_loss = 1e-4f;
+    o.softcap = 30.0f;
+    o.temperature = 0.7f;
+    o.shift_seq_len = 50;
+    o.accumulate = true;
+    o.reduction = lce::reduction::none;
+    o.ignore_index = 3;
+  });
+  return out;
+}
+
+/// A short description of loss options for CAPTURE.
+inline std::string describe(const lce::loss_options& o) {
+  return "label_smoothing=" + std::to_string(o.label_smoothing) +
+         " z_loss=" + std::to_string(o.z_loss) + " softcap=" + std::to_string(o.softcap) +
+         " temperature=" + std::to_string(o.temperature) +
+         " shift_seq_len=" + std::to_string(o.shift_seq_len) +
+         " accumulate=" + std::to_string(o.accumulate) +
+         " reduction=" + std::to_string(static_cast<int>(o.reduction));
 }
 
 inline const char* strategy_name(lce::backward_strategy s) {

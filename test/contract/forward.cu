@@ -47,9 +47,10 @@ TEMPLATE_TEST_CASE("forward size query: launches nothing, matches forward_worksp
   check_success(lce::forward<TestType>(nullptr, bytes, args, shape, options));
   CHECK(bytes == lce::forward_workspace_size<TestType>(shape));
   if (red != lce::reduction::none) CHECK(bytes > 0);
-  // O(n · splits), never O(n · v): splits are at most 1024 (forward_workspace_size's doc).
+  // O(n · splits), never O(n · v): splits are at most 1024 (forward_workspace_size's doc), each
+  // holding one partial row state; plus a few per-row scalars.
   const auto n = static_cast<std::size_t>(shape.n);
-  CHECK(bytes <= 8 * n * 1024 + 16 * n + 4096);
+  CHECK(bytes <= sizeof(lce::thread::row_stats) * n * 1024 + 64 * n + 8192);
 
   SECTION("optional outputs do not change the size") {
     args.lse = nullptr;
@@ -166,5 +167,57 @@ TEMPLATE_TEST_CASE("forward: workspace pointer and error-message lifetime", "[co
     lce::loss_options options;
     options.ignore_index = 5;
     check_success(lce::forward<TestType>(nullptr, bytes, args, shape, options));
+  }
+}
+
+namespace {
+
+/// valid_forward_args plus every optional input and output of the loss options.
+template <class Element>
+lce::forward_args<Element> forward_args_with_options() {
+  lce::forward_args<Element> a = valid_forward_args<Element>();
+  a.class_weight = fake_pointer<const float>(8);
+  a.z_loss = fake_pointer<float>(9);
+  a.token_z_loss = fake_pointer<float>(10);
+  a.argmax = fake_pointer<std::int64_t>(11);
+  a.correct = fake_pointer<std::int64_t>(12);
+  a.entropy = fake_pointer<float>(13);
+  a.target_logprob = fake_pointer<float>(14);
+  return a;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward rejects invalid loss options by name", "[contract][forward][options]",
+                   float, __half, __nv_bfloat16) {
+  const lce::problem shape{300, 72, 127};
+  for (const bool with_outputs : {false, true}) {
+    const lce::forward_args<TestType> args =
+        with_outputs ? forward_args_with_options<TestType>() : valid_forward_args<TestType>();
+    for (const lce_test::invalid_option& tc : lce_test::invalid_loss_options()) {
+      CAPTURE(with_outputs, tc.argument, lce_test::describe(tc.options));
+      std::size_t bytes = 0;
+      check_invalid(lce::forward<TestType>(nullptr, bytes, args, shape, tc.options), tc.argument);
+      std::size_t ample = lce_test::unlimited_bytes;
+      check_invalid(lce::forward<TestType>(fake_workspace(), ample, args, shape, tc.options),
+                    tc.argument);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("forward accepts valid loss options and every optional output",
+                   "[contract][forward][options]", float, __half, __nv_bfloat16) {
+  const lce::problem shape{300, 72, 127};
+  for (const bool with_outputs : {false, true}) {
+    const lce::forward_args<TestType> args =
+        with_outputs ? forward_args_with_options<TestType>() : valid_forward_args<TestType>();
+    for (const lce::loss_options& options : lce_test::valid_loss_options()) {
+      CAPTURE(with_outputs, lce_test::describe(options));
+      std::size_t bytes = 0;
+      check_success(lce::forward<TestType>(nullptr, bytes, args, shape, options));
+      if (options.reduction != lce::reduction::none) CHECK(bytes > 0);
+      // Still O(n · splits), never O(n · v).
+      CHECK(bytes <= sizeof(lce::thread::row_stats) * 300 * 1024 + 64 * 300 + 8192);
+    }
   }
 }

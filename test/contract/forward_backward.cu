@@ -141,3 +141,85 @@ TEMPLATE_TEST_CASE("forward_backward: row_chunked with 16-bit dW is rejected",
                                       bopt, fake_handle()),
                 "strategy");
 }
+
+namespace {
+
+template <class Element, class Grad>
+lce::forward_backward_args<Element, Grad> forward_backward_args_with_options() {
+  auto a = valid_forward_backward_args<Element, Grad>();
+  a.class_weight = fake_pointer<const float>(11);
+  a.z_loss = fake_pointer<float>(12);
+  a.token_z_loss = fake_pointer<float>(13);
+  a.argmax = fake_pointer<std::int64_t>(14);
+  a.correct = fake_pointer<std::int64_t>(15);
+  a.entropy = fake_pointer<float>(16);
+  a.target_logprob = fake_pointer<float>(17);
+  return a;
+}
+
+const lce::backward_strategy fb_strategies[] = {lce::backward_strategy::automatic,
+                                                lce::backward_strategy::vocab_chunked,
+                                                lce::backward_strategy::row_chunked};
+
+template <class Element, class Grad>
+void check_invalid_options() {
+  const lce::problem shape{300, 72, 127};
+  for (const bool with_outputs : {false, true}) {
+    const auto args = with_outputs ? forward_backward_args_with_options<Element, Grad>()
+                                   : valid_forward_backward_args<Element, Grad>();
+    for (const lce_test::invalid_option& tc : lce_test::invalid_loss_options()) {
+      for (const lce::backward_strategy strategy : fb_strategies) {
+        if (strategy == lce::backward_strategy::row_chunked && !std::is_same_v<Grad, float>)
+          continue;
+        CAPTURE(with_outputs, tc.argument, lce_test::describe(tc.options),
+                lce_test::strategy_name(strategy));
+        lce::backward_options bopt;
+        bopt.strategy = strategy;
+        std::size_t bytes = 0;
+        check_invalid(
+            lce::forward_backward(nullptr, bytes, args, shape, tc.options, bopt, fake_handle()),
+            tc.argument);
+        std::size_t ample = lce_test::unlimited_bytes;
+        check_invalid(lce::forward_backward(fake_workspace(), ample, args, shape, tc.options, bopt,
+                                            fake_handle()),
+                      tc.argument);
+      }
+    }
+  }
+}
+
+template <class Element, class Grad>
+void check_valid_options() {
+  const lce::problem shape{300, 72, 127};
+  for (const bool with_outputs : {false, true}) {
+    const auto args = with_outputs ? forward_backward_args_with_options<Element, Grad>()
+                                   : valid_forward_backward_args<Element, Grad>();
+    for (const lce::loss_options& options : lce_test::valid_loss_options()) {
+      for (const lce::backward_strategy strategy : fb_strategies) {
+        if (strategy == lce::backward_strategy::row_chunked && !std::is_same_v<Grad, float>)
+          continue;
+        CAPTURE(with_outputs, lce_test::describe(options), lce_test::strategy_name(strategy));
+        lce::backward_options bopt;
+        bopt.strategy = strategy;
+        std::size_t bytes = 0;
+        check_success(
+            lce::forward_backward(nullptr, bytes, args, shape, options, bopt, fake_handle()));
+        CHECK(bytes > 0);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("forward_backward rejects invalid loss options by name",
+                   "[contract][forward_backward][options]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_invalid_options<TestType, TestType>(); }
+  SECTION("Grad = float") { check_invalid_options<TestType, float>(); }
+}
+
+TEMPLATE_TEST_CASE("forward_backward accepts valid loss options and every optional output",
+                   "[contract][forward_backward][options]", float, __half, __nv_bfloat16) {
+  SECTION("Grad = Element") { check_valid_options<TestType, TestType>(); }
+  SECTION("Grad = float") { check_valid_options<TestType, float>(); }
+}

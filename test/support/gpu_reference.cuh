@@ -110,44 +110,131 @@ struct sum_op {
   }
 };
 
-/// One block per row: adds the bias to Z in place, then lse_i and the per-token loss.
+struct min_op {
+  template <class T>
+  __device__ T operator()(T a, T b) const {
+    return a < b ? a : b;
+  }
+};
+
+/// Scalars of the loss options the row kernels need.
+struct row_params {
+  std::int64_t v = 0;
+  std::int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;
+  double temperature = 1.0;
+  double weight_total = 0.0;  ///< Σ_v w_v (v without class weights)
+};
+
+/// Per-row outputs of lse_rows_kernel (device pointers, [n] each).
+struct row_outputs {
+  double* lse;
+  double* token_loss;
+  double* token_z_loss;
+  double* entropy;
+  double* target_logprob;
+  double* max_logit;
+  std::int64_t* argmax;
+};
+
+/// One block per row: Z_i ← softcap((Z_i + b)/τ) in place, then lse, entropy, argmax and the
+/// loss terms of the row (`targets` are the effective ones, after any causal shift).
 template <class T>
 __global__ void __launch_bounds__(row_threads)
-    lse_rows_kernel(T* z, std::int64_t v, const T* bias, const std::int64_t* targets,
-                    std::int64_t ignore_index, T* lse, T* token_loss) {
+    lse_rows_kernel(T* z, const T* bias, const T* class_weight, const std::int64_t* targets,
+                    row_params prm, row_outputs out) {
   __shared__ T scratch[row_threads];
+  __shared__ std::int64_t index_scratch[row_threads];
   const std::int64_t i = blockIdx.x;
+  const std::int64_t v = prm.v;
   T* zi = z + i * v;
   T m = -INFINITY;
   for (std::int64_t j = threadIdx.x; j < v; j += row_threads) {
-    const T value = zi[j] + (bias != nullptr ? bias[j] : T(0));
+    T value = (zi[j] + (bias != nullptr ? bias[j] : T(0))) / T(prm.temperature);
+    if (prm.softcap > 0.0) value = T(prm.softcap) * tanh(value / T(prm.softcap));
     zi[j] = value;
     m = value > m ? value : m;
   }
   m = block_reduce(m, max_op{}, scratch);
   T s = 0;
-  for (std::int64_t j = threadIdx.x; j < v; j += row_threads) s += exp(zi[j] - m);
+  std::int64_t first = v;
+  for (std::int64_t j = threadIdx.x; j < v; j += row_threads) {
+    s += exp(zi[j] - m);
+    if (zi[j] == m && j < first) first = j;
+  }
   s = block_reduce(s, sum_op{}, scratch);
+  first = block_reduce(first, min_op{}, index_scratch);
+  const T l = m + log(s);
+  T entropy = 0;
+  T smooth = 0;  // Σ_v w_v·(lse − z_v)
+  for (std::int64_t j = threadIdx.x; j < v; j += row_threads) {
+    const T logp = zi[j] - l;
+    entropy -= exp(logp) * logp;
+    smooth += (class_weight != nullptr ? class_weight[j] : T(1)) * (l - zi[j]);
+  }
+  entropy = block_reduce(entropy, sum_op{}, scratch);
+  smooth = block_reduce(smooth, sum_op{}, scratch);
   if (threadIdx.x == 0) {
-    const T l = m + log(s);
-    lse[i] = l;
+    out.lse[i] = l;
+    out.entropy[i] = entropy;
+    out.max_logit[i] = m;
+    out.argmax[i] = first;
     const std::int64_t y = targets[i];
-    token_loss[i] = y == ignore_index ? T(0) : (y < 0 || y >= v) ? T(NAN) : l - zi[y];
+    T loss = 0;
+    T zl = 0;
+    T logprob = 0;
+    if (y != prm.ignore_index) {
+      if (y < 0 || y >= v) {
+        loss = zl = logprob = T(NAN);
+      } else {
+        const T w_y = class_weight != nullptr ? class_weight[y] : T(1);
+        const T alpha = prm.label_smoothing;
+        zl = T(prm.z_loss) * l * l;
+        loss = (T(1) - alpha) * w_y * (l - zi[y]) + alpha / T(v) * smooth + zl;
+        logprob = zi[y] - l;
+      }
+    }
+    out.token_loss[i] = loss;
+    out.token_z_loss[i] = zl;
+    out.target_logprob[i] = logprob;
   }
 }
 
-/// One block per row: Z_i ← g_i (exp(Z_i − lse_i) − onehot(y_i)), in place.
+/// One block per row: Z_i (the transformed logits) ← dL/draw_i, in place:
+/// [g_ce·((1 − α)·w_y·(p − onehot) + (α/V)·(Σw·p − w)) + g_z·2·s·lse·p] · dz/draw.
 template <class T>
 __global__ void __launch_bounds__(row_threads)
-    dz_rows_kernel(T* z, std::int64_t v, const std::int64_t* targets, const T* lse,
-                   const T* row_scale) {
+    dz_rows_kernel(T* z, const T* class_weight, const std::int64_t* targets, const T* lse,
+                   const T* scale_ce, const T* scale_z, row_params prm) {
   const std::int64_t i = blockIdx.x;
+  const std::int64_t v = prm.v;
   T* zi = z + i * v;
-  const T g = row_scale[i];
+  const T g_ce = scale_ce[i];
+  const T g_z = scale_z[i];
   const T l = lse[i];
   const std::int64_t y = targets[i];
+  const bool skip = g_ce == T(0) && g_z == T(0);
+  const T w_y = (skip || class_weight == nullptr) ? T(1) : class_weight[y];
+  const T alpha = prm.label_smoothing;
   for (std::int64_t j = threadIdx.x; j < v; j += row_threads) {
-    zi[j] = g == T(0) ? T(0) : g * (exp(zi[j] - l) - (j == y ? T(1) : T(0)));
+    if (skip) {
+      zi[j] = T(0);
+      continue;
+    }
+    const T zj = zi[j];
+    const T p = exp(zj - l);
+    const T w_j = class_weight != nullptr ? class_weight[j] : T(1);
+    const T d_ce = (T(1) - alpha) * w_y * (p - (j == y ? T(1) : T(0))) +
+                   alpha / T(v) * (T(prm.weight_total) * p - w_j);
+    const T d_z = T(2) * T(prm.z_loss) * l * p;
+    T deriv = T(1) / T(prm.temperature);
+    if (prm.softcap > 0.0) {
+      const T t = zj / T(prm.softcap);
+      deriv *= T(1) - t * t;
+    }
+    zi[j] = (g_ce * d_ce + g_z * d_z) * deriv;
   }
 }
 
@@ -209,67 +296,125 @@ device_buffer<double> gpu_to_dense_double(const S* src, std::int64_t rows, std::
   return dst;
 }
 
-/// @brief Outputs of the GPU reference, in device memory (fp64, dense), plus the reduced loss.
+/// @brief Outputs of the GPU reference, in device memory (fp64, dense), plus the reduced loss
+/// and the host copies the tests need.
 struct gpu_reference_output {
-  device_buffer<double> lse;         ///< [n]
-  device_buffer<double> token_loss;  ///< [n]
-  device_buffer<double> row_scale;   ///< [n] (with gradients)
-  device_buffer<double> dx;          ///< [n, d] (with gradients)
-  device_buffer<double> dw;          ///< [v, d] (with gradients)
-  device_buffer<double> db;          ///< [v] (with gradients)
+  device_buffer<double> lse;             ///< [n]
+  device_buffer<double> token_loss;      ///< [n] ce + z-loss (0 for ignored rows)
+  device_buffer<double> token_z_loss;    ///< [n]
+  device_buffer<double> entropy;         ///< [n]
+  device_buffer<double> target_logprob;  ///< [n]
+  device_buffer<double> row_scale;       ///< [n] dL/d(ce_i) (with gradients)
+  device_buffer<double> row_scale_z;     ///< [n] dL/d(zl_i) (with gradients)
+  device_buffer<double> dx;              ///< [n, d] (with gradients)
+  device_buffer<double> dw;              ///< [v, d] (with gradients)
+  device_buffer<double> db;              ///< [v] (with gradients)
+  std::vector<std::int64_t> targets;     ///< [n] effective targets (host)
+  std::vector<std::int64_t> argmax;      ///< [n] first maximum of z (host)
+  std::vector<double> max_logit;         ///< [n] max z (host)
   double loss = 0.0;
+  double z_loss = 0.0;
   std::int64_t n_valid = 0;
+  std::int64_t correct = 0;
 };
 
 /// @brief The reference of reference.hpp, on the GPU, from the device inputs of the library
-/// (any element type, leading dimensions from `shape`). `h_targets` is the host copy of
-/// `d_targets`; `upstream` follows reference(): empty (1), [1], or [n] for reduction none.
+/// (any element type, leading dimensions from `shape`). `h_targets` is the host copy of the
+/// caller's (unshifted) targets; `upstream` follows reference(): empty (1), [1], or [n] for
+/// reduction none; `options` and `class_weight` (host, [v] or empty) as in reference_input.
 template <class Element>
 gpu_reference_output gpu_reference(const Element* d_x, const Element* d_w, const Element* d_bias,
-                                   const std::int64_t* d_targets,
+                                   const std::int64_t* /*d_targets*/,
                                    const std::vector<std::int64_t>& h_targets,
                                    const lce::problem& shape, std::int64_t ignore_index,
                                    lce::reduction red, bool gradients,
-                                   const std::vector<double>& upstream = {}) {
+                                   const std::vector<double>& upstream = {},
+                                   const reference_options& options = {},
+                                   const std::vector<double>& class_weight = {}) {
   const std::int64_t n = shape.n;
   const std::int64_t d = shape.d;
   const std::int64_t v = shape.v;
   if (static_cast<std::int64_t>(h_targets.size()) != n) {
     throw std::invalid_argument("gpu_reference: h_targets size");
   }
+  if (!(class_weight.empty() || static_cast<std::int64_t>(class_weight.size()) == v)) {
+    throw std::invalid_argument("gpu_reference: class_weight size");
+  }
   const device_buffer<double> x = gpu_to_dense_double(d_x, n, d, shape.x_stride());
   const device_buffer<double> w = gpu_to_dense_double(d_w, v, d, shape.w_stride());
   device_buffer<double> bias;
   if (d_bias != nullptr) bias = gpu_to_dense_double(d_bias, 1, v, v);
+  device_buffer<double> weights;
+  if (!class_weight.empty()) weights = device_buffer<double>(class_weight);
 
   gpu_reference_output out;
-  out.lse = device_buffer<double>(static_cast<std::size_t>(n));
-  out.token_loss = device_buffer<double>(static_cast<std::size_t>(n));
+  out.targets = reference_effective_targets(h_targets, options.shift_seq_len, ignore_index);
+  const device_buffer<std::int64_t> targets(out.targets);
+  gpu_ref::row_params prm;
+  prm.v = v;
+  prm.ignore_index = ignore_index;
+  prm.label_smoothing = options.label_smoothing;
+  prm.z_loss = options.z_loss;
+  prm.softcap = options.softcap;
+  prm.temperature = options.temperature;
+  prm.weight_total = 0.0;
+  for (std::int64_t k = 0; k < v; ++k)
+    prm.weight_total += class_weight.empty() ? 1.0 : class_weight[static_cast<std::size_t>(k)];
+
+  const auto rows = static_cast<std::size_t>(n);
+  out.lse = device_buffer<double>(rows);
+  out.token_loss = device_buffer<double>(rows);
+  out.token_z_loss = device_buffer<double>(rows);
+  out.entropy = device_buffer<double>(rows);
+  out.target_logprob = device_buffer<double>(rows);
+  device_buffer<double> max_logit(rows);
+  device_buffer<std::int64_t> argmax(rows);
   device_buffer<double> z(static_cast<std::size_t>(n * v));  // Z, then dZ in place
 
   // Z = X · Wᵀ: A = X (i stride d, k stride 1), B(k, j) = W[j, k].
   gpu_dgemm(n, v, d, x.data(), d, 1, w.data(), 1, d, z.data(), v);
+  const gpu_ref::row_outputs row_out{out.lse.data(),     out.token_loss.data(),
+                                     out.token_z_loss.data(), out.entropy.data(),
+                                     out.target_logprob.data(), max_logit.data(),
+                                     argmax.data()};
   gpu_ref::lse_rows_kernel<double><<<static_cast<unsigned>(n), gpu_ref::row_threads>>>(
-      z.data(), v, bias.data(), d_targets, ignore_index, out.lse.data(), out.token_loss.data());
+      z.data(), bias.data(), weights.data(), targets.data(), prm, row_out);
   LCE_TEST_CUDA(cudaGetLastError());
   LCE_TEST_CUDA(cudaDeviceSynchronize());
 
+  out.argmax = argmax.download();
+  out.max_logit = max_logit.download();
   const std::vector<double> token_loss = out.token_loss.download();
-  double total = 0.0;
+  const std::vector<double> token_z_loss = out.token_z_loss.download();
+  double ce_total = 0.0;
+  double z_total = 0.0;
+  double ce_denom = 0.0;
   for (std::int64_t i = 0; i < n; ++i) {
-    if (h_targets[static_cast<std::size_t>(i)] == ignore_index) continue;
-    total += token_loss[static_cast<std::size_t>(i)];
+    const auto r = static_cast<std::size_t>(i);
+    const std::int64_t y = out.targets[r];
+    if (y == ignore_index) continue;
+    ce_total += token_loss[r] - token_z_loss[r];
+    z_total += token_z_loss[r];
+    ce_denom += class_weight.empty() || y < 0 || y >= v ? 1.0 : class_weight[static_cast<std::size_t>(y)];
+    out.correct += out.argmax[r] == y ? 1 : 0;
     ++out.n_valid;
   }
-  out.loss = red == lce::reduction::mean
-                 ? (out.n_valid > 0 ? total / static_cast<double>(out.n_valid) : 0.0)
-                 : total;
+  if (red == lce::reduction::mean) {
+    out.z_loss = out.n_valid > 0 ? z_total / static_cast<double>(out.n_valid) : 0.0;
+    out.loss = (ce_denom != 0.0 ? ce_total / ce_denom : 0.0) + out.z_loss;
+  } else {
+    out.z_loss = z_total;
+    out.loss = ce_total + z_total;
+  }
   if (!gradients) return out;
 
-  out.row_scale =
-      device_buffer<double>(reference_row_scale(h_targets, ignore_index, red, upstream));
+  const reference_scales scales =
+      reference_row_scales(out.targets, ignore_index, red, upstream, class_weight);
+  out.row_scale = device_buffer<double>(scales.ce);
+  out.row_scale_z = device_buffer<double>(scales.z);
   gpu_ref::dz_rows_kernel<double><<<static_cast<unsigned>(n), gpu_ref::row_threads>>>(
-      z.data(), v, d_targets, out.lse.data(), out.row_scale.data());
+      z.data(), weights.data(), targets.data(), out.lse.data(), out.row_scale.data(),
+      out.row_scale_z.data(), prm);
   LCE_TEST_CUDA(cudaGetLastError());
   out.db = device_buffer<double>(static_cast<std::size_t>(v));
   gpu_ref::column_sum_kernel<double>

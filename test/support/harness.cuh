@@ -269,8 +269,75 @@ struct case_spec {
   std::int64_t ignore_index = -100;
   std::int64_t x_pad = 0, w_pad = 0, dx_pad = 0, dw_pad = 0;
   double logit_scale = 2.0;  ///< std of the logits (X ~ N(0, 1), W ~ N(0, scale/√D))
+  // Loss options (the defaults give the plain loss).
+  float label_smoothing = 0.0f;
+  float z_loss = 0.0f;
+  float softcap = 0.0f;
+  float temperature = 1.0f;
+  std::int64_t shift_seq_len = 0;
+  bool class_weights = false;  ///< random class weights in [0.25, 2]
+  bool accumulate = false;
 
   case_spec(std::int64_t n_, std::int64_t d_, std::int64_t v_) : n(n_), d(d_), v(v_) {}
+  case_spec smoothing(float alpha) const {
+    auto c = *this;
+    c.label_smoothing = alpha;
+    return c;
+  }
+  case_spec with_z_loss(float scale) const {
+    auto c = *this;
+    c.z_loss = scale;
+    return c;
+  }
+  case_spec capped(float cap) const {
+    auto c = *this;
+    c.softcap = cap;
+    return c;
+  }
+  case_spec with_temperature(float tau) const {
+    auto c = *this;
+    c.temperature = tau;
+    return c;
+  }
+  case_spec shifted(std::int64_t seq_len) const {
+    auto c = *this;
+    c.shift_seq_len = seq_len;
+    return c;
+  }
+  case_spec weighted() const {
+    auto c = *this;
+    c.class_weights = true;
+    return c;
+  }
+  case_spec accumulating() const {
+    auto c = *this;
+    c.accumulate = true;
+    return c;
+  }
+  [[nodiscard]] bool has_options() const {
+    return label_smoothing != 0.0f || z_loss != 0.0f || softcap != 0.0f || temperature != 1.0f ||
+           shift_seq_len != 0 || class_weights || accumulate;
+  }
+  /// Short name of the options, e.g. "smoothing=0.1,weights,z_loss=0.01" ("plain" for none).
+  [[nodiscard]] std::string options_string() const {
+    std::ostringstream os;
+    const char* sep = "";
+    auto item = [&](const char* name, auto value, bool with_value = true) {
+      os << sep << name;
+      if (with_value) os << "=" << value;
+      sep = ",";
+    };
+    if (label_smoothing != 0.0f) item("smoothing", label_smoothing);
+    if (class_weights) item("weights", 0, false);
+    if (ignore_index != -100) item("ignore_index", ignore_index);
+    if (z_loss != 0.0f) item("z_loss", z_loss);
+    if (softcap != 0.0f) item("softcap", softcap);
+    if (temperature != 1.0f) item("temperature", temperature);
+    if (shift_seq_len != 0) item("shift", shift_seq_len);
+    if (accumulate) item("accumulate", 0, false);
+    const std::string out = os.str();
+    return out.empty() ? "plain" : out;
+  }
   case_spec no_bias() const {
     auto c = *this;
     c.bias = false;
@@ -329,6 +396,7 @@ struct case_spec {
     os << shape_string() << " bias=" << bias << " reduction=" << reduction_name(reduction)
        << " ignore=" << ignore_fraction << " ignore_index=" << ignore_index
        << " pads(x,w,dx,dw)=" << x_pad << "," << w_pad << "," << dx_pad << "," << dw_pad;
+    if (has_options()) os << " options=" << options_string();
     return os.str();
   }
 };
@@ -347,8 +415,11 @@ struct problem_data {
   device_buffer<Element> x;  // [n, ldx]
   device_buffer<Element> w;  // [v, ldw]
   device_buffer<Element> bias;
-  std::vector<std::int64_t> h_targets;
+  std::vector<std::int64_t> h_targets;  // the caller's (unshifted) targets
   device_buffer<std::int64_t> targets;
+  std::vector<std::int64_t> h_effective_targets;  // after the causal shift, if any
+  std::vector<float> h_class_weight;              // [v] or empty
+  device_buffer<float> class_weight;
   std::vector<double> upstream;  // what the reference uses: {} (= 1), [1] or [n]
   device_buffer<float> d_upstream;
 
@@ -357,10 +428,22 @@ struct problem_data {
   double ref_loss = 0.0;
   std::int64_t n_valid = 0;
   device_buffer<double> ref_lse, ref_token_loss, ref_dx, ref_dw, ref_db;
+  // Reference of the options' outputs.
+  double ref_z_loss = 0.0;
+  std::int64_t ref_correct = 0;
+  device_buffer<double> ref_token_z_loss, ref_entropy, ref_target_logprob;
+  std::vector<std::int64_t> ref_argmax;  // host
+  std::vector<double> ref_max_logit;     // host
 
   problem_data(const case_spec& s, std::uint64_t seed_) : spec(s), seed(seed_), shape(s.shape()) {
     options.ignore_index = s.ignore_index;
     options.reduction = s.reduction;
+    options.label_smoothing = s.label_smoothing;
+    options.z_loss = s.z_loss;
+    options.softcap = s.softcap;
+    options.temperature = s.temperature;
+    options.shift_seq_len = s.shift_seq_len;
+    options.accumulate = s.accumulate;
     random_source rng(seed);
     x = device_buffer<Element>(static_cast<std::size_t>(s.n * shape.x_stride()));
     w = device_buffer<Element>(static_cast<std::size_t>(s.v * shape.w_stride()));
@@ -373,7 +456,13 @@ struct problem_data {
     }
     h_targets = rng.targets(s.n, s.v, s.ignore_fraction, s.ignore_index);
     targets = device_buffer<std::int64_t>(h_targets);
-    for (std::int64_t y : h_targets) n_valid += y != s.ignore_index ? 1 : 0;
+    h_effective_targets = reference_effective_targets(h_targets, s.shift_seq_len, s.ignore_index);
+    for (std::int64_t y : h_effective_targets) n_valid += y != s.ignore_index ? 1 : 0;
+    if (s.class_weights) {
+      for (std::int64_t k = 0; k < s.v; ++k)
+        h_class_weight.push_back(static_cast<float>(rng.uniform(0.25, 2.0)));
+      class_weight = device_buffer<float>(h_class_weight);
+    }
     choose_upstream(rng);
   }
 
@@ -406,21 +495,34 @@ struct problem_data {
     return upstream.empty() ? nullptr : d_upstream.data();
   }
   [[nodiscard]] const Element* bias_pointer() const { return spec.bias ? bias.data() : nullptr; }
+  [[nodiscard]] const float* class_weight_pointer() const {
+    return spec.class_weights ? class_weight.data() : nullptr;
+  }
+  [[nodiscard]] std::vector<double> class_weight_double() const {
+    return std::vector<double>(h_class_weight.begin(), h_class_weight.end());
+  }
 
   /// Computes the reference, on the CPU when N·V·D ≤ cpu_reference_limit (or `force_cpu`),
   /// else on the GPU. Gradients only when asked.
   void compute_reference(bool gradients, bool force_gpu = false) {
     reference_on_gpu = force_gpu || spec.nvd() > cpu_reference_limit;
     if (reference_on_gpu) {
-      gpu_reference_output out =
-          gpu_reference(x.data(), w.data(), bias_pointer(), targets.data(), h_targets, shape,
-                        spec.ignore_index, spec.reduction, gradients, upstream);
+      gpu_reference_output out = gpu_reference(
+          x.data(), w.data(), bias_pointer(), targets.data(), h_targets, shape, spec.ignore_index,
+          spec.reduction, gradients, upstream, reference_options_of(options), class_weight_double());
       ref_loss = out.loss;
       ref_lse = std::move(out.lse);
       ref_token_loss = std::move(out.token_loss);
       ref_dx = std::move(out.dx);
       ref_dw = std::move(out.dw);
       ref_db = std::move(out.db);
+      ref_z_loss = out.z_loss;
+      ref_correct = out.correct;
+      ref_token_z_loss = std::move(out.token_z_loss);
+      ref_entropy = std::move(out.entropy);
+      ref_target_logprob = std::move(out.target_logprob);
+      ref_argmax = std::move(out.argmax);
+      ref_max_logit = std::move(out.max_logit);
       return;
     }
     reference_input in;
@@ -433,10 +535,19 @@ struct problem_data {
     in.targets = h_targets;
     in.ignore_index = spec.ignore_index;
     in.reduction = spec.reduction;
+    in.options = reference_options_of(options);
+    in.class_weight = class_weight_double();
     const reference_output out = reference(in, gradients, upstream);
     ref_loss = out.loss;
     ref_lse = device_buffer<double>(out.lse);
     ref_token_loss = device_buffer<double>(out.token_loss);
+    ref_z_loss = out.z_loss;
+    ref_correct = out.correct;
+    ref_token_z_loss = device_buffer<double>(out.token_z_loss);
+    ref_entropy = device_buffer<double>(out.entropy);
+    ref_target_logprob = device_buffer<double>(out.target_logprob);
+    ref_argmax = out.argmax;
+    ref_max_logit = out.max_logit;
     if (gradients) {
       ref_dx = device_buffer<double>(out.dx);
       ref_dw = device_buffer<double>(out.dw);

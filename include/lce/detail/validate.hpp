@@ -3,6 +3,7 @@
 #pragma once
 
 #include <climits>
+#include <cmath>
 #include <cstdint>
 
 #include "../options.hpp"
@@ -31,9 +32,20 @@ inline cudaError_t validate_problem(const problem& s) noexcept {
   return cudaSuccess;
 }
 
-inline cudaError_t validate_options(const loss_options& o) noexcept {
+inline cudaError_t validate_options(const loss_options& o, const problem& s) noexcept {
   const int r = static_cast<int>(o.reduction);
   if (r < 0 || r > 2) return invalid("options.reduction is not mean, sum or none");
+  if (!(o.label_smoothing >= 0.0f && o.label_smoothing <= 1.0f))
+    return invalid("options.label_smoothing must be in [0, 1]");
+  if (!(o.z_loss >= 0.0f && std::isfinite(o.z_loss)))
+    return invalid("options.z_loss must be finite and >= 0");
+  if (!(o.softcap >= 0.0f && std::isfinite(o.softcap)))
+    return invalid("options.softcap must be > 0 (or 0: no softcap)");
+  if (!(o.temperature > 0.0f && std::isfinite(o.temperature)))
+    return invalid("options.temperature must be finite and > 0");
+  if (o.shift_seq_len < 0) return invalid("options.shift_seq_len must be >= 0");
+  if (o.shift_seq_len > 0 && s.n % o.shift_seq_len != 0)
+    return invalid("options.shift_seq_len must divide shape.n (rows are [B, T] flattened)");
   return cudaSuccess;
 }
 

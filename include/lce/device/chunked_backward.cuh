@@ -19,6 +19,7 @@
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
 #include "../kernel/row_lse.cuh"
+#include "forward.cuh"
 #include "../options.hpp"
 
 LCE_NAMESPACE_BEGIN
@@ -46,7 +47,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
                                  detail::workspace_layout& layout) noexcept {
   constexpr bool fp32_grad = std::is_same_v<Grad, float>;
   backward_plan p;
-  p.scalars = layout.reserve<kernel::grad_scalars>(1);
+  p.scalars = layout.reserve<kernel::loss_scalars>(1);
   p.ones = layout.reserve<Element>(static_cast<std::size_t>(s.n));
   const std::size_t fixed = layout.bytes() + 2 * detail::workspace_layout::alignment;
   const std::size_t avail = b.memory_budget > fixed ? b.memory_budget - fixed : 0;
@@ -82,19 +83,16 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
   return p;
 }
 
-/// Outputs of the forward that a row_chunked forward_backward takes from its own chunks.
-struct row_forward_outputs {
-  float* lse;         ///< [n]; must be the backward_args' lse
-  float* token_loss;  ///< [n]
-};
 
 /// Enqueues the backward. Arguments are validated; the scope has set the handle's stream.
-/// With `fwd` (row_chunked only), each chunk's lse and token losses are computed from the
-/// recomputed rows before its dZ, so no separate forward is needed.
+/// With `fwd` (row_chunked only), each chunk's lse and every per-row forward output are
+/// computed from the recomputed rows before its dZ, so no separate forward is needed
+/// (fwd->lse must be a.lse).
+/// `o.accumulate`: the first write of dx, dw, db adds to what the caller's buffers hold.
 template <class Element, class Grad>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream, const row_forward_outputs* fwd = nullptr) noexcept {
+                         cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
@@ -103,7 +101,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
-  auto* scalars = detail::at<kernel::grad_scalars>(ws, plan.scalars);
+  auto* scalars = detail::at<kernel::loss_scalars>(ws, plan.scalars);
   // Every GEMM takes alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
   // GEMMs multiply the alpha-normalized dZ back by alpha.
   const float* one = &scalars->one;
@@ -114,10 +112,8 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   auto* dz = reinterpret_cast<const Element*>(logits);
   const std::int64_t ldz = plan.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
 
-  constexpr int scalar_threads = 512;
-  kernel::grad_scalars_kernel<scalar_threads><<<1, scalar_threads, 0, stream>>>(
-      a.targets, s.n, o.ignore_index, a.grad, o.reduction, scalars);
-  LCE_CHECK_LAUNCH("grad_scalars_kernel");
+  const float* first_beta = o.accumulate ? one : zero;  // beta of a gradient's first write
+  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, stream));
   if (a.db != nullptr) {
     kernel::fill_kernel<Element><<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(
         ones, s.n, 1.0f);
@@ -127,13 +123,17 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   kernel::logit_grad_params<Element> gp{};
   gp.logits = logits;
   gp.ld = plan.chunk_ld;
+  gp.v = s.v;
   gp.bias = a.bias;
-  gp.targets = a.targets;
+  gp.class_weight = a.class_weight;
+  gp.targets = make_target_view(a.targets, o);
+  gp.transform = make_transform(o);
+  gp.smoothing = o.label_smoothing;
+  gp.z_loss = o.z_loss;
   gp.lse = a.lse;
   gp.grad = a.grad;
   gp.grad_per_row = o.reduction == lce::reduction::none;
   gp.scalars = scalars;
-  gp.ignore_index = o.ignore_index;
   gp.reduction = o.reduction;
 
   if (plan.strategy == backward_strategy::vocab_chunked) {
@@ -160,20 +160,23 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
           <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
       LCE_CHECK_LAUNCH("logit_grad_kernel");
       if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, alpha, a.x, ldx, dz, ldz, zero,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, alpha, a.x, ldx, dz, ldz, first_beta,
                                  a.dw + v0 * lddw, lddw));
       if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
         LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, vc, 1, s.n, alpha, dz, ldz, ones, s.n, zero, a.db + v0, vc));
+            gemm(handle, N, N, vc, 1, s.n, alpha, dz, ldz, ones, s.n, first_beta, a.db + v0, vc));
       if (a.dx != nullptr) {  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
-        const float* beta = v0 == 0 ? zero : one;
+        // fp32 dX accumulates into the caller's buffer directly; the 16-bit path adds the
+        // caller's dX once, in the final conversion.
+        const float* beta = v0 > 0 ? one : (std::is_same_v<Element, float> ? first_beta : zero);
         LCE_RETURN_IF_ERROR(
             gemm(handle, N, N, s.d, s.n, vc, alpha, w_c, ldw, dz, ldz, beta, dx_acc, dx_ld));
       }
     }
     if (a.dx != nullptr && plan.dx_accumulator) {
       const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((s.n * s.d + 255) / 256, 4096));
-      kernel::convert_rows_kernel<Element><<<blocks, 256, 0, stream>>>(dx_acc, s.n, s.d, a.dx, lddx);
+      kernel::convert_rows_kernel<Element>
+          <<<blocks, 256, 0, stream>>>(dx_acc, s.n, s.d, a.dx, lddx, o.accumulate);
       LCE_CHECK_LAUNCH("convert_rows_kernel");
     }
     return cudaSuccess;
@@ -183,14 +186,15 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.chunk) {
       const std::int64_t nr = std::min(plan.chunk, s.n - r0);
       const Element* x_c = a.x + r0 * ldx;
-      const float* beta = r0 == 0 ? zero : one;
+      const float* beta = r0 == 0 ? first_beta : one;
       // Z_cᵀ [v, nr] = W · X_cᵀ
       LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, one, a.w, ldw, x_c, ldx, zero, logits,
                                plan.chunk_ld));
       if (fwd != nullptr) {
         constexpr int lse_threads = 512;
-        const kernel::row_lse_params<Element> lp{logits, plan.chunk_ld, s.v, r0, a.bias, a.targets,
-                                                 o.ignore_index, fwd->lse, fwd->token_loss};
+        const kernel::row_lse_params<Element> lp{
+            logits, plan.chunk_ld, r0, a.bias, make_transform(o),
+            make_row_loss_params(a.targets, s, o, a.class_weight, scalars), *fwd};
         kernel::row_lse_kernel<Element, lse_threads>
             <<<static_cast<unsigned>(nr), lse_threads, 0, stream>>>(lp);
         LCE_CHECK_LAUNCH("row_lse_kernel");
@@ -202,7 +206,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
           <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
       LCE_CHECK_LAUNCH("logit_grad_kernel");
       if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz, zero,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz, first_beta,
                                  a.dx + r0 * lddx, lddx));
       if (a.dw != nullptr)  // dWᵀ [d, v] += X_cᵀ · dZ_c
         LCE_RETURN_IF_ERROR(

@@ -8,6 +8,7 @@
 
 #include "../args.hpp"
 #include "../detail/workspace.hpp"
+#include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
 #include "../kernel/fused_forward.cuh"
 #include "../status.hpp"
@@ -23,7 +24,7 @@ inline constexpr std::int64_t forward_target_blocks = 1024;
 /// Grid and workspace regions of one forward.
 struct forward_plan {
   std::int64_t row_tiles = 0, vocab_tiles = 0, tiles_per_split = 0, splits = 0;
-  std::size_t partial = 0, target_logit = 0, token_loss = 0;
+  std::size_t scalars = 0, partial = 0, target_logit = 0, ce = 0, token_z_loss = 0, argmax = 0;
   std::size_t bytes = 0;
 };
 
@@ -36,30 +37,91 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, p.vocab_tiles);
   p.tiles_per_split = (p.vocab_tiles + splits - 1) / splits;
   p.splits = (p.vocab_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
-  p.partial = layout.reserve<thread::lse_state>(static_cast<std::size_t>(p.splits * s.n));
-  p.target_logit = layout.reserve<float>(static_cast<std::size_t>(s.n));
-  p.token_loss = layout.reserve<float>(static_cast<std::size_t>(s.n));
+  const auto n = static_cast<std::size_t>(s.n);
+  p.scalars = layout.reserve<kernel::loss_scalars>(1);
+  p.partial = layout.reserve<thread::row_stats>(static_cast<std::size_t>(p.splits) * n);
+  p.target_logit = layout.reserve<float>(n);
+  p.ce = layout.reserve<float>(n);
+  p.token_z_loss = layout.reserve<float>(n);
+  p.argmax = layout.reserve<std::int64_t>(n);
   p.bytes = layout.bytes();
   return p;
 }
 
-/// Enqueues the deterministic mean/sum of the token losses into `loss`.
-inline cudaError_t run_reduce_loss(const float* token_loss, const std::int64_t* targets,
-                                   const problem& s, const loss_options& o, float* loss,
+inline thread::target_view make_target_view(const std::int64_t* targets,
+                                            const loss_options& o) noexcept {
+  return {targets, o.shift_seq_len, o.ignore_index};
+}
+
+inline thread::logit_transform make_transform(const loss_options& o) noexcept {
+  return {1.0f / o.temperature, o.softcap};
+}
+
+/// Per-row outputs: the caller's buffers, the workspace's where the reduction needs them.
+template <class Element>
+kernel::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
+                                     const forward_args<Element>& a) noexcept {
+  return {a.lse,
+          a.token_loss,
+          a.token_z_loss ? a.token_z_loss : detail::at<float>(ws, plan.token_z_loss),
+          a.argmax ? a.argmax : detail::at<std::int64_t>(ws, plan.argmax),
+          a.entropy,
+          a.target_logprob,
+          detail::at<float>(ws, plan.ce)};
+}
+
+inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets, const problem& s,
+                                                    const loss_options& o,
+                                                    const float* class_weight,
+                                                    const kernel::loss_scalars* scalars) noexcept {
+  return {make_target_view(targets, o), s.v, class_weight, o.label_smoothing, o.z_loss, scalars};
+}
+
+/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer).
+inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* class_weight,
+                                    const float* grad, const problem& s, const loss_options& o,
+                                    kernel::loss_scalars* out, cudaStream_t stream) noexcept {
+  constexpr int threads = 512;
+  const kernel::loss_scalars_params p{make_target_view(targets, o), s.n, s.v, class_weight, grad,
+                                      o.reduction, out};
+  kernel::loss_scalars_kernel<threads><<<1, threads, 0, stream>>>(p);
+  LCE_CHECK_LAUNCH("loss_scalars_kernel");
+  return cudaSuccess;
+}
+
+/// Enqueues the deterministic reduction: loss, z_loss (mean/sum only) and correct.
+inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::int64_t* targets,
+                                   const problem& s, const loss_options& o,
+                                   const kernel::loss_scalars* scalars, float* loss,
+                                   float* z_loss, std::int64_t* correct,
                                    cudaStream_t stream) noexcept {
-  constexpr int reduce_threads = 512;
-  const kernel::reduce_params rp{token_loss, targets, s.n, o.ignore_index, o.reduction, loss};
-  kernel::reduce_loss_kernel<reduce_threads><<<1, reduce_threads, 0, stream>>>(rp);
+  const bool reduced = o.reduction != lce::reduction::none;
+  if (!(reduced && (loss || z_loss)) && correct == nullptr) return cudaSuccess;
+  constexpr int threads = 512;
+  const kernel::reduce_params rp{rows.ce,
+                                 rows.token_z_loss,
+                                 rows.argmax,
+                                 make_target_view(targets, o),
+                                 s.n,
+                                 o.reduction,
+                                 scalars,
+                                 reduced ? loss : nullptr,
+                                 reduced ? z_loss : nullptr,
+                                 correct};
+  kernel::reduce_loss_kernel<threads><<<1, threads, 0, stream>>>(rp);
   LCE_CHECK_LAUNCH("reduce_loss_kernel");
   return cudaSuccess;
 }
 
-/// Enqueues the forward. Arguments are already validated; `lse` may be null.
+/// Enqueues the forward. Arguments are already validated.
 template <class Element, class Config>
 cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
                         const forward_args<Element>& a, const problem& s,
                         const loss_options& o, cudaStream_t stream) noexcept {
   using fused = kernel::fused_forward<Element, Config>;
+  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
+  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+
   auto aligned = [](const Element* p, std::int64_t ld) {
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;
   };
@@ -67,8 +129,10 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   fp.op = {a.x, a.w, s.x_stride(), s.w_stride(), s.n, s.v, s.d, aligned(a.x, s.x_stride()),
            aligned(a.w, s.w_stride())};
   fp.bias = a.bias;
-  fp.targets = a.targets;
-  fp.partial = detail::at<thread::lse_state>(d_workspace, plan.partial);
+  fp.class_weight = a.class_weight;
+  fp.transform = make_transform(o);
+  fp.targets = make_target_view(a.targets, o);
+  fp.partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   fp.target_logit = detail::at<float>(d_workspace, plan.target_logit);
   fp.tiles_per_split = plan.tiles_per_split;
   const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits));
@@ -82,16 +146,14 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   LCE_CHECK_LAUNCH("fused_forward_kernel");
 
   constexpr int combine_threads = 256;
-  float* token_loss = a.token_loss ? a.token_loss : detail::at<float>(d_workspace, plan.token_loss);
-  const kernel::combine_params cp{fp.partial, fp.target_logit, a.targets, s.n, s.v,
-                                  plan.splits, o.ignore_index, a.lse, token_loss};
+  const kernel::combine_params cp{fp.partial, fp.target_logit, s.n, plan.splits,
+                                  make_row_loss_params(a.targets, s, o, a.class_weight, scalars),
+                                  make_row_outputs(d_workspace, plan, a)};
   const auto combine_blocks = static_cast<unsigned>((s.n + combine_threads - 1) / combine_threads);
   kernel::combine_rows_kernel<combine_threads><<<combine_blocks, combine_threads, 0, stream>>>(cp);
   LCE_CHECK_LAUNCH("combine_rows_kernel");
 
-  if (o.reduction != lce::reduction::none && a.loss != nullptr)
-    return run_reduce_loss(token_loss, a.targets, s, o, a.loss, stream);
-  return cudaSuccess;
+  return run_reduce_loss(cp.out, a.targets, s, o, scalars, a.loss, a.z_loss, a.correct, stream);
 }
 
 }  // namespace device

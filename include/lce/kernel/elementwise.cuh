@@ -1,62 +1,96 @@
 /// @file elementwise.cuh
-/// @brief Small helper kernels of the backward: counting valid rows, filling a vector,
-/// converting the fp32 dX accumulator to the element type.
+/// @brief Small helper kernels: the scalars of a loss (valid rows, weight sums, the gradient
+/// normalizer), filling a vector, converting the fp32 dX accumulator to the element type.
 #pragma once
-
-#include <cstdint>
 
 #include <cub/block/block_reduce.cuh>
 
+#include <cstdint>
+
 #include "../block/reduce.cuh"
-#include "../thread/online_lse.cuh"
+#include "../options.hpp"
 #include "../thread/cross_entropy.cuh"
+#include "../thread/online_lse.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-/// Scalars of the backward, computed on the device so that nothing is read back.
-struct grad_scalars {
-  long long n_valid;  ///< rows whose target is not ignore_index
-  /// alpha = max over valid rows of |g_i| (mean: upstream/n_valid, sum: upstream, none:
-  /// max |grad_i|); dZ is stored as g_i/alpha·(p − onehot) and the GEMMs multiply by alpha, so
-  /// 16-bit dZ keeps its precision even when g_i is tiny (fp16 with a mean over many rows).
+/// Scalars of a loss, computed on the device so that nothing is read back.
+struct loss_scalars {
+  long long n_valid;   ///< rows whose (shifted) target is not ignore_index
+  float weight_valid;  ///< Σ over valid rows of w_{y_i} (n_valid without class weights)
+  float weight_sum;    ///< Σ_v w_v (v without class weights)
+  /// The gradient normalizer: the largest |row scale| over valid rows. dZ is stored divided
+  /// by alpha and the gradient GEMMs multiply it back, so 16-bit dZ keeps its precision even
+  /// when the scales are tiny (fp16 with a mean over many rows).
   float alpha;
   float zero;  ///< 0, the beta of an overwriting GEMM (cuBLAS device pointer mode)
   float one;   ///< 1, the beta of an accumulating GEMM
+};
+
+struct loss_scalars_params {
+  thread::target_view targets;
+  std::int64_t n, v;
+  const float* class_weight;  ///< [v] or null
+  const float* grad;          ///< upstream gradient ([1] or [n]) or null (= 1)
+  lce::reduction reduction;
+  loss_scalars* out;
 };
 
 struct nan_max_op {
   __device__ float operator()(float a, float b) const noexcept { return thread::nan_max(a, b); }
 };
 
-/// One block: fills grad_scalars from the targets and the upstream gradient.
+/// One block, fixed reduction order (deterministic).
 template <int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
-    grad_scalars_kernel(const std::int64_t* targets, std::int64_t n, std::int64_t ignore_index,
-                        const float* grad, lce::reduction reduction, grad_scalars* out) {
+    loss_scalars_kernel(const loss_scalars_params p) {
   using sum_i = block::sum_reduce<long long, Threads>;
+  using sum_f = block::sum_reduce<float, Threads>;
   using max_f = cub::BlockReduce<float, Threads>;
   __shared__ union {
     typename sum_i::temp_storage i;
-    typename max_f::TempStorage f;
+    typename sum_f::temp_storage f;
+    typename max_f::TempStorage m;
   } storage;
   long long count = 0;
-  float largest = 0.0f;
-  for (std::int64_t i = threadIdx.x; i < n; i += Threads) {
-    const bool valid = thread::is_valid_target(targets[i], ignore_index);
-    count += valid ? 1 : 0;
-    if (valid && reduction == lce::reduction::none)
-      largest = thread::nan_max(largest, grad != nullptr ? fabsf(grad[i]) : 1.0f);
+  float weight = 0.0f;
+  float largest_grad = 0.0f;
+  for (std::int64_t i = threadIdx.x; i < p.n; i += Threads) {
+    const std::int64_t y = p.targets(i);
+    if (!thread::is_valid_target(y, p.targets.ignore_index)) continue;
+    ++count;
+    if (p.class_weight != nullptr && thread::in_vocabulary(y, p.v)) weight += p.class_weight[y];
+    if (p.reduction == lce::reduction::none)
+      largest_grad = thread::nan_max(largest_grad, p.grad != nullptr ? fabsf(p.grad[i]) : 1.0f);
   }
+  float vocab_weight = 0.0f;
+  if (p.class_weight != nullptr)
+    for (std::int64_t v = threadIdx.x; v < p.v; v += Threads) vocab_weight += p.class_weight[v];
+
   const long long n_valid = sum_i::sum(storage.i, count);
-  __syncthreads();  // the temp storage is reused
-  const float max_grad = max_f(storage.f).Reduce(largest, nan_max_op{});
+  __syncthreads();
+  const float weight_valid = sum_f::sum(storage.f, weight);
+  __syncthreads();
+  const float weight_sum = sum_f::sum(storage.f, vocab_weight);
+  __syncthreads();
+  const float max_grad = max_f(storage.m).Reduce(largest_grad, nan_max_op{});
   if (threadIdx.x == 0) {
-    const float upstream = grad != nullptr ? grad[0] : 1.0f;
-    float alpha = max_grad;
-    if (reduction != lce::reduction::none)
-      alpha = thread::row_grad_scale(upstream, n_valid > 0, n_valid, reduction);
-    *out = {n_valid, alpha, 0.0f, 1.0f};
+    loss_scalars s{};
+    s.n_valid = n_valid;
+    s.weight_valid = p.class_weight != nullptr ? weight_valid : static_cast<float>(n_valid);
+    s.weight_sum = p.class_weight != nullptr ? weight_sum : static_cast<float>(p.v);
+    const float upstream = p.grad != nullptr ? p.grad[0] : 1.0f;
+    if (p.reduction == lce::reduction::none) {
+      s.alpha = max_grad;
+    } else {
+      const thread::row_scales g = thread::row_grad_scales(
+          upstream, n_valid > 0, s.weight_valid, static_cast<float>(n_valid), p.reduction);
+      s.alpha = fabsf(g.ce) >= fabsf(g.z) ? g.ce : g.z;
+    }
+    s.zero = 0.0f;
+    s.one = 1.0f;
+    *p.out = s;
   }
 }
 
@@ -67,16 +101,17 @@ __global__ void LCE_KERNEL_VISIBILITY fill_kernel(T* out, std::int64_t count, fl
     out[i] = static_cast<T>(value);
 }
 
-/// out[r, c] = in[r, c] for a (rows, cols) matrix; `in` dense fp32, `out` with row stride ld.
+/// out[r, c] (+)= in[r, c] for a (rows, cols) matrix; `in` dense fp32, `out` with row stride ld.
 template <class Element>
 __global__ void LCE_KERNEL_VISIBILITY convert_rows_kernel(const float* in, std::int64_t rows,
                                                           std::int64_t cols, Element* out,
-                                                          std::int64_t ld) {
+                                                          std::int64_t ld, bool accumulate) {
   const std::int64_t total = rows * cols;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t r = i / cols;
-    out[r * ld + (i - r * cols)] = static_cast<Element>(in[i]);
+    Element& o = out[r * ld + (i - r * cols)];
+    o = static_cast<Element>(in[i] + (accumulate ? static_cast<float>(o) : 0.0f));
   }
 }
 

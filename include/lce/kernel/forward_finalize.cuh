@@ -1,7 +1,8 @@
 /// @file forward_finalize.cuh
-/// @brief After the fused forward: merge the partial lse states of each row into its lse and
-/// loss, then reduce the per-token losses to the mean or sum in one block (fixed order, so
-/// the result is deterministic).
+/// @brief From the per-row statistics to every forward output: `finish_row` (shared by the
+/// fused forward's combine and the row_chunked one-pass forward_backward), the combine kernel
+/// that merges the vocabulary splits, and the single-block reduction of the loss (fixed order,
+/// so the result is deterministic).
 #pragma once
 
 #include <cstdint>
@@ -9,46 +10,101 @@
 #include "../block/reduce.cuh"
 #include "../options.hpp"
 #include "../thread/cross_entropy.cuh"
-#include "../thread/online_lse.cuh"
+#include "../thread/row_stats.cuh"
+#include "elementwise.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-struct combine_params {
-  const thread::lse_state* partial;  ///< [splits, n]
-  const float* target_logit;         ///< [n]
-  const std::int64_t* targets;       ///< [n]
-  std::int64_t n, v, splits, ignore_index;
-  float* lse;         ///< [n] or null
-  float* token_loss;  ///< [n] (the caller's or the workspace's)
+/// Where the per-row outputs go. lse, token_loss, entropy, target_logprob may be null;
+/// token_z_loss, argmax and ce are always written (the caller's buffers or the workspace's),
+/// since the reduction reads them.
+struct row_outputs {
+  float* lse;
+  float* token_loss;
+  float* token_z_loss;
+  std::int64_t* argmax;
+  float* entropy;
+  float* target_logprob;
+  float* ce;  ///< cross-entropy part of each token's loss (workspace)
 };
 
-/// One thread per row. (Kernels are templates so that every translation unit may include
-/// them: a non-template __global__ function would be defined once per unit.)
+/// What turns statistics into losses.
+struct row_loss_params {
+  thread::target_view targets;
+  std::int64_t v;
+  const float* class_weight;  ///< [v] or null
+  float smoothing;
+  float z_loss;
+  const loss_scalars* scalars;  ///< weight_sum (computed before the forward's rows finish)
+};
+
+/// Writes every output of row `row`. `target_logit` is only read when the target is valid and
+/// inside the vocabulary (otherwise nothing wrote it).
+__device__ inline void finish_row(std::int64_t row, const thread::row_stats& st,
+                                  const float* target_logit, const row_loss_params& lp,
+                                  const row_outputs& out) {
+  const float lse = thread::row_lse(st);
+  const std::int64_t y = lp.targets(row);
+  const bool valid = thread::is_valid_target(y, lp.targets.ignore_index);
+  const bool readable = valid && thread::in_vocabulary(y, lp.v);
+  if (out.lse != nullptr) out.lse[row] = lse;
+  if (out.entropy != nullptr) out.entropy[row] = thread::row_entropy(st, lse);
+  out.argmax[row] = st.argmax;
+  float ce = 0.0f, z = 0.0f, logprob = 0.0f;
+  if (readable) {
+    const float z_y = *target_logit;
+    const float w_y = lp.class_weight != nullptr ? lp.class_weight[y] : 1.0f;
+    const thread::loss_terms t = thread::row_loss(lse, z_y, st.sum_wz, w_y, lp.scalars->weight_sum,
+                                                  lp.v, lp.smoothing, lp.z_loss);
+    ce = t.ce;
+    z = t.z_loss;
+    logprob = z_y - lse;
+  } else if (valid) {  // a target outside [0, v): loud, never plausible
+    ce = z = logprob = NAN;
+  }
+  out.ce[row] = ce;
+  out.token_z_loss[row] = z;
+  if (out.token_loss != nullptr) out.token_loss[row] = ce + z;
+  if (out.target_logprob != nullptr) out.target_logprob[row] = logprob;
+}
+
+struct combine_params {
+  const thread::row_stats* partial;  ///< [splits, n]
+  const float* target_logit;         ///< [n]
+  std::int64_t n, splits;
+  row_loss_params loss;
+  row_outputs out;
+};
+
+/// One thread per row: merges the vocabulary splits in order, then finish_row. (Kernels are
+/// templates so that every translation unit may include them: a non-template __global__
+/// function would be defined once per unit.)
 template <int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     combine_rows_kernel(const combine_params p) {
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x;
   if (row >= p.n) return;
-  thread::lse_state state = thread::lse_identity();
-  for (std::int64_t s = 0; s < p.splits; ++s) state = thread::lse_merge(state, p.partial[s * p.n + row]);
-  const float lse = thread::lse_value(state);
-  const std::int64_t y = p.targets[row];
-  const bool readable = thread::is_valid_target(y, p.ignore_index) && thread::in_vocabulary(y, p.v);
-  const float z_target = readable ? p.target_logit[row] : 0.0f;
-  if (p.lse != nullptr) p.lse[row] = lse;
-  p.token_loss[row] = thread::token_loss(lse, z_target, y, p.v, p.ignore_index);
+  thread::row_stats st = thread::row_stats_identity();
+  for (std::int64_t s = 0; s < p.splits; ++s) st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
+  finish_row(row, st, p.target_logit + row, p.loss, p.out);
 }
 
 struct reduce_params {
-  const float* token_loss;      ///< [n]
-  const std::int64_t* targets;  ///< [n]
-  std::int64_t n, ignore_index;
+  const float* ce;                  ///< [n]
+  const float* token_z_loss;        ///< [n]
+  const std::int64_t* argmax;       ///< [n]
+  thread::target_view targets;
+  std::int64_t n;
   lce::reduction reduction;
-  float* loss;  ///< [1]
+  const loss_scalars* scalars;      ///< n_valid and Σ_valid w_y
+  float* loss;                      ///< [1] or null
+  float* z_loss;                    ///< [1] or null
+  std::int64_t* correct;            ///< [1] or null
 };
 
-/// A single block: mean (over valid rows; 0 when none is valid) or sum of the token losses.
+/// A single block: loss = Σ ce / Σ_valid w_y + Σ z / n_valid (mean; 0 when no row is valid) or
+/// the plain sums; the z-loss part alone; the count of correct predictions.
 template <int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     reduce_loss_kernel(const reduce_params p) {
@@ -58,21 +114,29 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     typename sum_f::temp_storage f;
     typename sum_i::temp_storage i;
   } storage;
-  float partial = 0.0f;
-  long long valid = 0;
+  float ce = 0.0f, z = 0.0f;
+  long long hits = 0;
   for (std::int64_t row = threadIdx.x; row < p.n; row += Threads) {
-    partial += p.token_loss[row];
-    valid += thread::is_valid_target(p.targets[row], p.ignore_index) ? 1 : 0;
+    ce += p.ce[row];
+    z += p.token_z_loss[row];
+    const std::int64_t y = p.targets(row);
+    hits += (thread::is_valid_target(y, p.targets.ignore_index) && p.argmax[row] == y) ? 1 : 0;
   }
-  const float total = sum_f::sum(storage.f, partial);
+  const float ce_total = sum_f::sum(storage.f, ce);
   __syncthreads();  // the temp storage is reused
-  const long long n_valid = sum_i::sum(storage.i, valid);
+  const float z_total = sum_f::sum(storage.f, z);
+  __syncthreads();
+  const long long correct = sum_i::sum(storage.i, hits);
   if (threadIdx.x == 0) {
+    float ce_part = ce_total, z_part = z_total;
     if (p.reduction == lce::reduction::mean) {
-      *p.loss = n_valid > 0 ? total / static_cast<float>(n_valid) : 0.0f;
-    } else {
-      *p.loss = total;
+      const loss_scalars s = *p.scalars;
+      ce_part = s.weight_valid != 0.0f ? ce_total / s.weight_valid : 0.0f;
+      z_part = s.n_valid > 0 ? z_total / static_cast<float>(s.n_valid) : 0.0f;
     }
+    if (p.loss != nullptr) *p.loss = ce_part + z_part;
+    if (p.z_loss != nullptr) *p.z_loss = z_part;
+    if (p.correct != nullptr) *p.correct = correct;
   }
 }
 

@@ -1,7 +1,8 @@
 /// @file logit_grad.cuh
 /// @brief Turns a chunk of recomputed logits (fp32, row-major) into the logit gradient
 /// dZ = g·(softmax(Z) − onehot(y)) *in place*, stored in the element type over the same bytes,
-/// divided by the scalar alpha that the following GEMMs multiply back in.
+/// divided by the scalar alpha that the following GEMMs multiply back in. With the options:
+/// dZ_raw = (a·p − b·[v = y] − c·w_v)·dz/draw (thread::row_grad_coeffs, logit_transform).
 ///
 /// Aliasing: row r of the fp32 chunk starts at byte r·ld·4; its dZ row is written from the same
 /// byte as `Element` values. For 16-bit elements, dZ element c overwrites fp32 element c/2, so a
@@ -20,18 +21,22 @@ namespace kernel {
 
 template <class Element>
 struct logit_grad_params {
-  float* logits;               ///< [rows, ld] fp32 chunk; overwritten by dZ as Element
+  float* logits;               ///< [rows, ld] fp32 raw logits X·Wᵀ; overwritten by dZ as Element
   std::int64_t ld;             ///< row stride of the chunk in fp32 elements
   std::int64_t cols;           ///< valid columns of the chunk
   std::int64_t row0;           ///< global row of chunk row 0
   std::int64_t vocab0;         ///< global vocabulary id of chunk column 0
+  std::int64_t v;              ///< vocabulary size
   const Element* bias;         ///< [v] or null
-  const std::int64_t* targets; ///< [n]
+  const float* class_weight;   ///< [v] or null
+  thread::target_view targets;
+  thread::logit_transform transform;
+  float smoothing;
+  float z_loss;
   const float* lse;            ///< [n]
   const float* grad;           ///< upstream gradient, [1] or [n] (per_row), or null (= 1)
   bool grad_per_row;
-  const grad_scalars* scalars; ///< n_valid and alpha; dZ is stored divided by alpha
-  std::int64_t ignore_index;
+  const loss_scalars* scalars; ///< denominators, Σ w and alpha; dZ is stored divided by alpha
   lce::reduction reduction;
 };
 
@@ -41,13 +46,19 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     logit_grad_kernel(const logit_grad_params<Element> p) {
   const std::int64_t r = blockIdx.x;
   const std::int64_t row = p.row0 + r;
-  const std::int64_t y = p.targets[row];
-  const bool valid = thread::is_valid_target(y, p.ignore_index);
+  const std::int64_t y = p.targets(row);
+  const bool valid = thread::is_valid_target(y, p.targets.ignore_index);
+  const loss_scalars sc = *p.scalars;
   const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
-  const grad_scalars scalars = *p.scalars;
-  const float g_abs = thread::row_grad_scale(upstream, valid, scalars.n_valid, p.reduction);
-  const float g = scalars.alpha != 0.0f ? g_abs / scalars.alpha : 0.0f;
+  thread::row_scales g = thread::row_grad_scales(upstream, valid, sc.weight_valid,
+                                                 static_cast<float>(sc.n_valid), p.reduction);
+  const float inv_alpha = sc.alpha != 0.0f ? 1.0f / sc.alpha : 0.0f;
+  g = {g.ce * inv_alpha, g.z * inv_alpha};
+  const bool active = g.ce != 0.0f || g.z != 0.0f;
   const float lse = p.lse[row];
+  const float w_y = (p.class_weight != nullptr && thread::in_vocabulary(y, p.v)) ? p.class_weight[y] : 1.0f;
+  const thread::grad_coeffs coeffs =
+      thread::row_grad_coeffs(g, lse, w_y, sc.weight_sum, p.v, p.smoothing, p.z_loss);
   const float* in = p.logits + r * p.ld;
   Element* out = reinterpret_cast<Element*>(p.logits + r * p.ld);
 
@@ -58,10 +69,11 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     for (int e = 0; e < PerThread; ++e) {
       const std::int64_t c = base + threadIdx.x + e * Threads;
       dz[e] = 0.0f;
-      if (c < p.cols && g != 0.0f) {
+      if (c < p.cols && active) {
         const std::int64_t v = p.vocab0 + c;
-        const float z = in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f);
-        dz[e] = thread::logit_grad(z, lse, v == y, g);
+        const float z = p.transform(in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f));
+        const float w_v = p.class_weight != nullptr ? p.class_weight[v] : 1.0f;
+        dz[e] = thread::logit_grad(coeffs, z, lse, v == y, w_v) * p.transform.derivative(z);
       }
     }
     __syncthreads();  // every fp32 value of this segment is read before any dZ overwrites it

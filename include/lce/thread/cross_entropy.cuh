@@ -23,9 +23,45 @@ __host__ __device__ constexpr bool in_vocabulary(std::int64_t y, std::int64_t v)
   return y >= 0 && y < v;
 }
 
-/// @brief Loss of one token: lse − z_y, from the same fp32 values that built the lse (so it
-/// is ≥ 0 up to rounding). Ignored rows give 0; a target outside [0, v) gives NaN, so a bad
-/// label never turns into a plausible number.
+/// @brief The per-element logit transform z = softcap(raw / τ) and its derivative.
+struct logit_transform {
+  float inv_temperature = 1.0f;  ///< 1/τ
+  float softcap = 0.0f;          ///< c > 0, or 0 for no cap
+
+  __host__ __device__ float operator()(float raw) const noexcept {
+    const float z = raw * inv_temperature;
+    return softcap > 0.0f ? softcap * tanhf(z / softcap) : z;
+  }
+  /// dz/draw, from the transformed value z.
+  __host__ __device__ float derivative(float z) const noexcept {
+    if (softcap <= 0.0f) return inv_temperature;
+    const float t = z / softcap;
+    return inv_temperature * (1.0f - t * t);
+  }
+};
+
+/// @brief The two loss terms of one valid row.
+struct loss_terms {
+  float ce;      ///< (1 − α)·w_y·(lse − z_y) + (α/V)·(w_sum·lse − Σ_v w_v z_v)
+  float z_loss;  ///< s·lse²
+};
+
+/// @param lse     log Σ exp(z)
+/// @param z_y     the target's (transformed) logit
+/// @param sum_wz  Σ_v w_v·z_v (Σ_v z_v without class weights)
+/// @param w_y     the target's class weight (1 without weights)
+/// @param w_sum   Σ_v w_v (V without weights)
+__host__ __device__ inline loss_terms row_loss(float lse, float z_y, float sum_wz, float w_y,
+                                               float w_sum, std::int64_t v, float smoothing,
+                                               float z_loss_scale) noexcept {
+  float ce = (1.0f - smoothing) * w_y * (lse - z_y);
+  if (smoothing != 0.0f) ce += smoothing / static_cast<float>(v) * (w_sum * lse - sum_wz);
+  return {ce, z_loss_scale * lse * lse};
+}
+
+/// @brief Loss of one token without options: lse − z_y from the same fp32 values that built
+/// the lse (so it is ≥ 0 up to rounding). Ignored rows give 0; a target outside [0, v) gives
+/// NaN, so a bad label never turns into a plausible number.
 __host__ __device__ inline float token_loss(float lse, float target_logit, std::int64_t y,
                                             std::int64_t v, std::int64_t ignore_index) noexcept {
   if (!is_valid_target(y, ignore_index)) return 0.0f;
@@ -33,23 +69,81 @@ __host__ __device__ inline float token_loss(float lse, float target_logit, std::
   return lse - target_logit;
 }
 
-/// @brief Scale g_i of row i in dZ_i = g_i·(p_i − onehot(y_i)).
-/// @param upstream   the upstream gradient of this row (a scalar for mean/sum, the row's own
-///                   value for reduction::none)
-/// @param n_valid    number of rows that are not ignored
-/// @param red        reduction of the forward
-/// @return 0 for an ignored row; upstream/n_valid for mean; upstream otherwise.
-__host__ __device__ inline float row_grad_scale(float upstream, bool valid, std::int64_t n_valid,
-                                                lce::reduction red) noexcept {
-  if (!valid) return 0.0f;
-  if (red == lce::reduction::mean) return n_valid > 0 ? upstream / static_cast<float>(n_valid) : 0.0f;
-  return upstream;
+/// @brief Upstream scales of a row's two terms: dL/d(ce_i) and dL/d(zloss_i).
+struct row_scales {
+  float ce;
+  float z;
+};
+
+/// @param upstream     the row's upstream gradient (the scalar one for mean/sum)
+/// @param ce_denom     mean: Σ_valid w_{y_i} (n_valid without weights)
+/// @param z_denom      mean: n_valid
+/// @return zeros for an ignored row or a zero denominator.
+__host__ __device__ inline row_scales row_grad_scales(float upstream, bool valid, float ce_denom,
+                                                      float z_denom, lce::reduction red) noexcept {
+  if (!valid) return {0.0f, 0.0f};
+  if (red != lce::reduction::mean) return {upstream, upstream};
+  return {ce_denom != 0.0f ? upstream / ce_denom : 0.0f, z_denom != 0.0f ? upstream / z_denom : 0.0f};
 }
 
-/// @brief One element of the logit gradient: g·(exp(z − lse) − [is_target]).
+/// @brief Scale g_i of row i without options (ce_denom = z_denom = n_valid).
+__host__ __device__ inline float row_grad_scale(float upstream, bool valid, std::int64_t n_valid,
+                                                lce::reduction red) noexcept {
+  const float n = static_cast<float>(n_valid);
+  return row_grad_scales(upstream, valid, n, n, red).ce;
+}
+
+/// @brief dL/dz_v = a·p_v − b·[v = y] − c·w_v for one row: the coefficients.
+struct grad_coeffs {
+  float p;       ///< of p_v
+  float target;  ///< of [v = y]
+  float weight;  ///< of w_v (label smoothing)
+};
+
+/// @brief Coefficients of a row's logit gradient, from its scales, lse and options:
+/// a = ce·((1 − α)·w_y + α·w_sum/V) + z·2·s·lse, b = ce·(1 − α)·w_y, c = ce·α/V.
+__host__ __device__ inline grad_coeffs row_grad_coeffs(row_scales g, float lse, float w_y,
+                                                       float w_sum, std::int64_t v,
+                                                       float smoothing,
+                                                       float z_loss_scale) noexcept {
+  const float per_class = smoothing / static_cast<float>(v);
+  const float target = g.ce * (1.0f - smoothing) * w_y;
+  return {target + g.ce * per_class * w_sum + g.z * 2.0f * z_loss_scale * lse, target,
+          g.ce * per_class};
+}
+
+/// @brief One element of the gradient w.r.t. the transformed logit z.
+__host__ __device__ inline float logit_grad(const grad_coeffs& c, float z, float lse,
+                                            bool is_target, float w_v) noexcept {
+  return c.p * expf(z - lse) - (is_target ? c.target : 0.0f) - c.weight * w_v;
+}
+
+/// @brief One element of the logit gradient without options: g·(exp(z − lse) − [is_target]).
 __host__ __device__ inline float logit_grad(float z, float lse, bool is_target,
                                             float g) noexcept {
   return g * (expf(z - lse) - (is_target ? 1.0f : 0.0f));
+}
+
+/// @brief Targets as the kernels see them: ignore_index and the causal shift applied.
+struct target_view {
+  const std::int64_t* targets;
+  std::int64_t seq_len;       ///< causal shift T, 0 = off
+  std::int64_t ignore_index;
+
+  __host__ __device__ std::int64_t operator()(std::int64_t row) const noexcept;
+};
+
+/// @brief The target of row `row` under the causal shift (shift_seq_len = T > 0): the next
+/// position's target, or ignore_index for the last position of a sequence.
+__host__ __device__ inline std::int64_t shifted_target(const std::int64_t* targets,
+                                                       std::int64_t row, std::int64_t seq_len,
+                                                       std::int64_t ignore_index) noexcept {
+  if (seq_len <= 0) return targets[row];
+  return (row % seq_len == seq_len - 1) ? ignore_index : targets[row + 1];
+}
+
+__host__ __device__ inline std::int64_t target_view::operator()(std::int64_t row) const noexcept {
+  return shifted_target(targets, row, seq_len, ignore_index);
 }
 
 }  // namespace thread

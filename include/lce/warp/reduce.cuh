@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../thread/online_lse.cuh"
+#include "../thread/row_stats.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace warp {
@@ -29,6 +30,22 @@ __device__ inline thread::lse_state allreduce_lse(thread::lse_state s) noexcept 
   const float m = allreduce_max(s.max);
   const float scaled = (m == -INFINITY) ? 0.0f : s.sum * expf(s.max - m);
   return {m, allreduce_sum(scaled)};
+}
+
+/// @brief Merge of one row_stats per lane into the statistics of the whole warp (butterfly:
+/// every lane gets the same result, in a fixed order).
+__device__ inline thread::row_stats allreduce_row_stats(thread::row_stats s) noexcept {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    thread::row_stats other;
+    other.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+    other.sum = __shfl_xor_sync(0xffffffffu, s.sum, offset);
+    other.sum_pz = __shfl_xor_sync(0xffffffffu, s.sum_pz, offset);
+    other.sum_wz = __shfl_xor_sync(0xffffffffu, s.sum_wz, offset);
+    other.argmax = __shfl_xor_sync(0xffffffffu, s.argmax, offset);
+    s = thread::row_stats_merge(s, other);
+  }
+  return s;
 }
 
 }  // namespace warp
