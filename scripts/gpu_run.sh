@@ -69,7 +69,11 @@ fi
 
 if [[ " $steps " == *" pytorch "* && -d examples/pytorch/tests ]]; then
   start=$SECONDS
-  PYTHONUNBUFFERED=1 python3 -m pytest -q examples/pytorch/tests >"$out/pytest.log" 2>&1
+  (cd examples/pytorch && MAX_JOBS=16 timeout "${PYTORCH_BUILD_S:-200}" python3 setup.py \
+    build_ext --inplace) >"$out/pytest.log" 2>&1
+  summary+=("PyTorch binding build: rc=$? ($((SECONDS - start)) s)")
+  PYTHONUNBUFFERED=1 timeout "${PYTORCH_TEST_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider \
+    examples/pytorch/tests >>"$out/pytest.log" 2>&1
   summary+=("pytest (PyTorch binding): rc=$?, $(tail -1 "$out/pytest.log") ($((SECONDS - start)) s)")
   tail -15 "$out/pytest.log"
 fi
