@@ -1,0 +1,518 @@
+// lce_torch.cpp: the PyTorch operators over lce (namespace torch.ops.lce_torch), their argument
+// checks, and a small Python module (lce_torch._C) with the library's size queries.
+//
+// Operators (all CUDA; the Python package registers their fake implementations for
+// torch.compile and wraps them in a torch.autograd.Function):
+//   forward               -> loss, token_loss, lse, z_loss, token_z_loss, argmax, correct,
+//                            entropy, target_logprob   (an output not asked for is empty, [0])
+//   backward              -> dx, dw, db               (from the forward's lse)
+//   forward_backward      -> the forward's nine outputs, then dx, dw, db (upstream gradient 1)
+//   backward_into         writes dx, dw, db (accumulate: adds into them)
+//   forward_backward_into the forward's nine outputs; writes dx, dw, db (accumulate: adds)
+// x is [n, d] and weight [v, d], both with unit column stride and any row stride >= d (others
+// are copied to a dense layout); targets [n] int64 (int32 is converted); bias [v] in x's
+// dtype; class_weight [v] (converted to fp32). Errors are ValueError (bad argument) or
+// RuntimeError, with lce's own message.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <lce/version.hpp>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "lce_torch.h"
+
+namespace lce_torch {
+namespace {
+
+/// Bits of the `outputs` argument: the optional forward outputs to compute.
+enum output_bit : std::int64_t {
+  want_token_loss = 1,
+  want_lse = 2,
+  want_z_loss = 4,
+  want_token_z_loss = 8,
+  want_argmax = 16,
+  want_correct = 32,
+  want_entropy = 64,
+  want_target_logprob = 128,
+};
+
+using forward_result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using gradient_result = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using forward_backward_result =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+bool supported(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+/// A [rows, cols] matrix lce can read with a row stride: unit column stride and rows that do
+/// not overlap. Anything else (a transposed view, a broadcast) is copied to a dense layout.
+at::Tensor row_major(const at::Tensor& t) {
+  const bool unit_columns = t.size(1) <= 1 || t.stride(1) == 1;
+  const bool disjoint_rows = t.size(0) <= 1 || t.stride(0) >= t.size(1);
+  return unit_columns && disjoint_rows ? t : t.contiguous();
+}
+
+std::int64_t row_stride(const at::Tensor& t) {
+  return t.size(0) > 1 ? t.stride(0) : t.size(1);
+}
+
+lce::loss_options make_options(std::int64_t ignore_index, std::int64_t reduction,
+                               double label_smoothing, double z_loss, double softcap,
+                               double temperature, std::int64_t shift_seq_len) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
+                    "lce_torch: reduction must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
+  lce::loss_options o;
+  o.ignore_index = ignore_index;
+  o.reduction = static_cast<lce::reduction>(reduction);
+  o.label_smoothing = static_cast<float>(label_smoothing);
+  o.z_loss = static_cast<float>(z_loss);
+  o.softcap = static_cast<float>(softcap);
+  o.temperature = static_cast<float>(temperature);
+  o.shift_seq_len = shift_seq_len;
+  return o;  // lce validates the values (ranges, shift dividing n) and names the bad one
+}
+
+lce::backward_options make_backward_options(std::int64_t strategy, std::int64_t memory_budget) {
+  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2,
+                    "lce_torch: strategy must be 0 (auto), 1 (vocab_chunked) or 2 "
+                    "(row_chunked), got ",
+                    strategy);
+  lce::backward_options b;
+  b.strategy = static_cast<lce::backward_strategy>(strategy);
+  if (memory_budget >= 0) b.memory_budget = static_cast<std::size_t>(memory_budget);
+  return b;
+}
+
+/// Checks and normalizes the inputs shared by every operator.
+call make_call(const at::Tensor& x_in, const at::Tensor& weight_in,
+               const std::optional<at::Tensor>& bias, const at::Tensor& target,
+               const std::optional<at::Tensor>& class_weight, const lce::loss_options& options) {
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "lce_torch: x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "lce_torch: x must be [n, d], got ", x_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.dim() == 2, "lce_torch: weight must be [v, d], got ",
+                    weight_in.sizes());
+  TORCH_CHECK_VALUE(supported(x_in.scalar_type()),
+                    "lce_torch: x must be float32, float16 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(weight_in.scalar_type() == x_in.scalar_type(),
+                    "lce_torch: weight must have x's dtype (", x_in.scalar_type(), "), got ",
+                    weight_in.scalar_type());
+  TORCH_CHECK_VALUE(weight_in.device() == x_in.device(), "lce_torch: weight is on ",
+                    weight_in.device(), ", x on ", x_in.device());
+  TORCH_CHECK_VALUE(weight_in.size(1) == x_in.size(1), "lce_torch: x is ", x_in.sizes(),
+                    " and weight ", weight_in.sizes(), ": their last dimensions differ");
+  call c;
+  c.x = row_major(x_in);
+  c.weight = row_major(weight_in);
+  const std::int64_t n = c.x.size(0), v = c.weight.size(0);
+  c.shape.n = n;
+  c.shape.d = c.x.size(1);
+  c.shape.v = v;
+  c.shape.ldx = row_stride(c.x);
+  c.shape.ldw = row_stride(c.weight);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == v, "lce_torch: bias must be [", v,
+                      "], got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == x_in.scalar_type(),
+                      "lce_torch: bias must have x's dtype (", x_in.scalar_type(), "), got ",
+                      bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x_in.device(), "lce_torch: bias is on ", bias->device(),
+                      ", x on ", x_in.device());
+    c.bias = bias->contiguous();
+  }
+  TORCH_CHECK_VALUE(target.numel() == n, "lce_torch: target must have ", n,
+                    " elements (one per row of x), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                    "lce_torch: target must be int64 (or int32), got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ",
+                    target.device(), ", x on ", x_in.device());
+  c.targets = target.reshape({n}).to(at::kLong).contiguous();
+  if (class_weight.has_value() && class_weight->defined()) {
+    TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == v,
+                      "lce_torch: class_weight must be [", v, "], got ", class_weight->sizes());
+    TORCH_CHECK_VALUE(class_weight->device() == x_in.device(), "lce_torch: class_weight is on ",
+                      class_weight->device(), ", x on ", x_in.device());
+    c.class_weight = class_weight->to(at::kFloat).contiguous();
+  }
+  c.options = options;
+  return c;
+}
+
+at::Tensor optional_output(bool wanted, at::IntArrayRef sizes, const at::TensorOptions& o) {
+  return wanted ? at::empty(sizes, o) : at::Tensor();
+}
+
+forward_outputs make_forward_outputs(const call& c, std::int64_t outputs) {
+  const auto f32 = c.x.options().dtype(at::kFloat);
+  const auto i64 = c.x.options().dtype(at::kLong);
+  const std::int64_t n = c.shape.n;
+  const bool reduced = c.options.reduction != lce::reduction::none;
+  forward_outputs o;
+  o.loss = optional_output(reduced, {}, f32);
+  o.token_loss = optional_output(!reduced || (outputs & want_token_loss), {n}, f32);
+  o.lse = optional_output(outputs & want_lse, {n}, f32);
+  o.z_loss = optional_output(reduced && (outputs & want_z_loss), {}, f32);
+  o.token_z_loss = optional_output(outputs & want_token_z_loss, {n}, f32);
+  o.argmax = optional_output(outputs & want_argmax, {n}, i64);
+  o.correct = optional_output(outputs & want_correct, {}, i64);
+  o.entropy = optional_output(outputs & want_entropy, {n}, f32);
+  o.target_logprob = optional_output(outputs & want_target_logprob, {n}, f32);
+  return o;
+}
+
+/// The operator schema returns tensors, never None: an output not computed is empty ([0]).
+at::Tensor or_empty(const at::Tensor& t, const call& c, at::ScalarType dtype) {
+  return t.defined() ? t : at::empty({0}, c.x.options().dtype(dtype));
+}
+
+forward_result to_result(const call& c, const forward_outputs& o) {
+  return {or_empty(o.loss, c, at::kFloat),         or_empty(o.token_loss, c, at::kFloat),
+          or_empty(o.lse, c, at::kFloat),          or_empty(o.z_loss, c, at::kFloat),
+          or_empty(o.token_z_loss, c, at::kFloat), or_empty(o.argmax, c, at::kLong),
+          or_empty(o.correct, c, at::kLong),       or_empty(o.entropy, c, at::kFloat),
+          or_empty(o.target_logprob, c, at::kFloat)};
+}
+
+void dispatch_forward(const call& c, const forward_outputs& o) {
+  switch (c.x.scalar_type()) {
+    case at::kFloat:
+      return forward_fp32(c, o);
+    case at::kHalf:
+      return forward_fp16(c, o);
+    default:
+      return forward_bf16(c, o);
+  }
+}
+
+void dispatch_backward(const call& c, const gradients& g) {
+  switch (c.x.scalar_type()) {
+    case at::kFloat:
+      return backward_fp32(c, g);
+    case at::kHalf:
+      return backward_fp16(c, g);
+    default:
+      return backward_bf16(c, g);
+  }
+}
+
+void dispatch_forward_backward(const call& c, const forward_outputs& o, const gradients& g) {
+  switch (c.x.scalar_type()) {
+    case at::kFloat:
+      return forward_backward_fp32(c, o, g);
+    case at::kHalf:
+      return forward_backward_fp16(c, o, g);
+    default:
+      return forward_backward_bf16(c, o, g);
+  }
+}
+
+/// The upstream gradient as lce reads it: fp32, dense, [1] (mean/sum) or [n] (none).
+at::Tensor upstream(const std::optional<at::Tensor>& grad, const call& c) {
+  if (!grad.has_value() || !grad->defined()) return at::Tensor();
+  const std::int64_t expected = c.options.reduction == lce::reduction::none ? c.shape.n : 1;
+  TORCH_CHECK_VALUE(grad->numel() == expected, "lce_torch: grad must have ", expected,
+                    " element(s) for this reduction, got ", grad->sizes());
+  TORCH_CHECK_VALUE(grad->device() == c.x.device(), "lce_torch: grad is on ", grad->device(),
+                    ", x on ", c.x.device());
+  return grad->reshape({expected}).to(at::kFloat).contiguous();
+}
+
+at::Tensor checked_lse(const at::Tensor& lse, const call& c) {
+  TORCH_CHECK_VALUE(lse.numel() == c.shape.n && lse.scalar_type() == at::kFloat,
+                    "lce_torch: lse must be the forward's float32 [", c.shape.n, "], got ",
+                    lse.scalar_type(), " ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.device() == c.x.device(), "lce_torch: lse is on ", lse.device(),
+                    ", x on ", c.x.device());
+  return lse.reshape({c.shape.n}).contiguous();
+}
+
+/// New gradient buffers (overwritten by lce): dx in x's dtype, dw/db in fp32 or weight's dtype.
+gradients make_gradients(call& c, bool need_dx, bool need_dw, bool need_db, bool fp32_grad) {
+  c.fp32_grad = fp32_grad || c.x.scalar_type() == at::kFloat;
+  const auto grad_options = c.x.options().dtype(c.fp32_grad ? at::kFloat : c.x.scalar_type());
+  gradients g;
+  g.dx = optional_output(need_dx, {c.shape.n, c.shape.d}, c.x.options());
+  g.dw = optional_output(need_dw, {c.shape.v, c.shape.d}, grad_options);
+  g.db = optional_output(need_db, {c.shape.v}, grad_options);
+  return g;
+}
+
+gradient_result to_result(const call& c, const gradients& g) {
+  return {or_empty(g.dx, c, c.x.scalar_type()), or_empty(g.dw, c, c.x.scalar_type()),
+          or_empty(g.db, c, c.x.scalar_type())};
+}
+
+/// Caller-owned gradient buffers of the *_into operators: checked, never copied (lce writes
+/// them in place, so a layout lce cannot write is an error, not a silent copy).
+gradients take_gradients(call& c, const std::optional<at::Tensor>& dx,
+                         const std::optional<at::Tensor>& dw, const std::optional<at::Tensor>& db,
+                         bool accumulate) {
+  gradients g;
+  const at::ScalarType element = c.x.scalar_type();
+  if (dx.has_value() && dx->defined()) {
+    TORCH_CHECK_VALUE(dx->scalar_type() == element, "lce_torch: dx must have x's dtype (",
+                      element, "), got ", dx->scalar_type());
+    TORCH_CHECK_VALUE(dx->dim() == 2 && dx->size(0) == c.shape.n && dx->size(1) == c.shape.d,
+                      "lce_torch: dx must be [", c.shape.n, ", ", c.shape.d, "], got ",
+                      dx->sizes());
+    TORCH_CHECK_VALUE(row_major(*dx).is_same(*dx),
+                      "lce_torch: dx must have unit column stride and non-overlapping rows, got "
+                      "strides ",
+                      dx->strides());
+    g.dx = *dx;
+    c.shape.lddx = row_stride(g.dx);
+  }
+  std::optional<at::ScalarType> grad_type;
+  if (dw.has_value() && dw->defined()) {
+    TORCH_CHECK_VALUE(dw->dim() == 2 && dw->size(0) == c.shape.v && dw->size(1) == c.shape.d,
+                      "lce_torch: dw must be [", c.shape.v, ", ", c.shape.d, "], got ",
+                      dw->sizes());
+    TORCH_CHECK_VALUE(row_major(*dw).is_same(*dw),
+                      "lce_torch: dw must have unit column stride and non-overlapping rows, got "
+                      "strides ",
+                      dw->strides());
+    grad_type = dw->scalar_type();
+    g.dw = *dw;
+    c.shape.lddw = row_stride(g.dw);
+  }
+  if (db.has_value() && db->defined()) {
+    TORCH_CHECK_VALUE(db->dim() == 1 && db->size(0) == c.shape.v && db->is_contiguous(),
+                      "lce_torch: db must be a contiguous [", c.shape.v, "], got ", db->sizes());
+    TORCH_CHECK_VALUE(!grad_type || *grad_type == db->scalar_type(),
+                      "lce_torch: dw and db must have the same dtype, got ", *grad_type, " and ",
+                      db->scalar_type());
+    grad_type = db->scalar_type();
+    g.db = *db;
+  }
+  if (grad_type) {
+    TORCH_CHECK_VALUE(*grad_type == element || *grad_type == at::kFloat,
+                      "lce_torch: dw and db must be float32 or x's dtype (", element, "), got ",
+                      *grad_type);
+    c.fp32_grad = *grad_type == at::kFloat;
+  }
+  for (const at::Tensor* t : {&g.dx, &g.dw, &g.db}) {
+    if (t->defined())
+      TORCH_CHECK_VALUE(t->device() == c.x.device(), "lce_torch: gradient buffers must be on ",
+                        c.x.device(), ", got ", t->device());
+  }
+  c.options.accumulate = accumulate;
+  return g;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Operators
+
+forward_result forward_op(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                          const std::optional<at::Tensor>& class_weight, std::int64_t ignore_index,
+                          std::int64_t reduction, double label_smoothing, double z_loss,
+                          double softcap, double temperature, std::int64_t shift_seq_len,
+                          std::int64_t outputs) {
+  const call c = make_call(x, weight, bias, target, class_weight,
+                           make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                        temperature, shift_seq_len));
+  const forward_outputs o = make_forward_outputs(c, outputs);
+  dispatch_forward(c, o);
+  return to_result(c, o);
+}
+
+gradient_result backward_op(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                            const at::Tensor& lse, const std::optional<at::Tensor>& grad,
+                            const std::optional<at::Tensor>& class_weight,
+                            std::int64_t ignore_index, std::int64_t reduction,
+                            double label_smoothing, double z_loss, double softcap,
+                            double temperature, std::int64_t shift_seq_len,
+                            std::int64_t strategy, std::int64_t memory_budget, bool need_dx,
+                            bool need_dw, bool need_db, bool fp32_weight_grad) {
+  call c = make_call(x, weight, bias, target, class_weight,
+                     make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  temperature, shift_seq_len));
+  c.bopt = make_backward_options(strategy, memory_budget);
+  gradients g = make_gradients(c, need_dx, need_dw, need_db, fp32_weight_grad);
+  g.lse = checked_lse(lse, c);
+  g.grad = upstream(grad, c);
+  dispatch_backward(c, g);
+  return to_result(c, g);
+}
+
+forward_backward_result forward_backward_op(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+    std::int64_t ignore_index, std::int64_t reduction, double label_smoothing, double z_loss,
+    double softcap, double temperature, std::int64_t shift_seq_len, std::int64_t outputs,
+    std::int64_t strategy, std::int64_t memory_budget, bool need_dx, bool need_dw, bool need_db,
+    bool fp32_weight_grad) {
+  call c = make_call(x, weight, bias, target, class_weight,
+                     make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  temperature, shift_seq_len));
+  c.bopt = make_backward_options(strategy, memory_budget);
+  const forward_outputs o = make_forward_outputs(c, outputs);
+  const gradients g = make_gradients(c, need_dx, need_dw, need_db, fp32_weight_grad);
+  dispatch_forward_backward(c, o, g);
+  return std::tuple_cat(to_result(c, o), to_result(c, g));
+}
+
+void backward_into_op(const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                      const at::Tensor& lse, const std::optional<at::Tensor>& grad,
+                      const std::optional<at::Tensor>& class_weight, std::int64_t ignore_index,
+                      std::int64_t reduction, double label_smoothing, double z_loss,
+                      double softcap, double temperature, std::int64_t shift_seq_len,
+                      std::int64_t strategy, std::int64_t memory_budget, bool accumulate,
+                      const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dw,
+                      const std::optional<at::Tensor>& db) {
+  call c = make_call(x, weight, bias, target, class_weight,
+                     make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  temperature, shift_seq_len));
+  c.bopt = make_backward_options(strategy, memory_budget);
+  gradients g = take_gradients(c, dx, dw, db, accumulate);
+  g.lse = checked_lse(lse, c);
+  g.grad = upstream(grad, c);
+  dispatch_backward(c, g);
+}
+
+forward_result forward_backward_into_op(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
+    std::int64_t ignore_index, std::int64_t reduction, double label_smoothing, double z_loss,
+    double softcap, double temperature, std::int64_t shift_seq_len, std::int64_t outputs,
+    std::int64_t strategy, std::int64_t memory_budget, bool accumulate,
+    const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dw,
+    const std::optional<at::Tensor>& db) {
+  call c = make_call(x, weight, bias, target, class_weight,
+                     make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                  temperature, shift_seq_len));
+  c.bopt = make_backward_options(strategy, memory_budget);
+  const gradients g = take_gradients(c, dx, dw, db, accumulate);
+  const forward_outputs o = make_forward_outputs(c, outputs);
+  dispatch_forward_backward(c, o, g);
+  return to_result(c, o);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Size queries (Python module functions)
+
+lce::problem query_shape(std::int64_t n, std::int64_t d, std::int64_t v) {
+  TORCH_CHECK_VALUE(n > 0 && d > 0 && v > 0, "lce_torch: n, d and v must be positive");
+  lce::problem s;
+  s.n = n;
+  s.d = d;
+  s.v = v;
+  return s;
+}
+
+at::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "float") return at::kFloat;
+  if (name == "float16" || name == "half") return at::kHalf;
+  TORCH_CHECK_VALUE(name == "bfloat16",
+                    "lce_torch: dtype must be float32, float16 or bfloat16, got ", name);
+  return at::kBFloat16;
+}
+
+const char* strategy_name(std::int64_t s) {
+  switch (s) {
+    case 1:
+      return "vocab_chunked";
+    case 2:
+      return "row_chunked";
+    default:
+      return "auto";
+  }
+}
+
+pybind11::dict choose_backward_py(std::int64_t n, std::int64_t d, std::int64_t v,
+                                  const std::string& dtype, bool fp32_weight_grad,
+                                  std::int64_t strategy, std::int64_t memory_budget) {
+  const lce::problem s = query_shape(n, d, v);
+  const lce::backward_options b = make_backward_options(strategy, memory_budget);
+  backward_plan_info info;
+  switch (parse_dtype(dtype)) {
+    case at::kFloat:
+      info = choose_backward_fp32(s, b, true);
+      break;
+    case at::kHalf:
+      info = choose_backward_fp16(s, b, fp32_weight_grad);
+      break;
+    default:
+      info = choose_backward_bf16(s, b, fp32_weight_grad);
+      break;
+  }
+  pybind11::dict out;
+  out["strategy"] = strategy_name(info.strategy);
+  out["chunk"] = info.chunk;
+  out["workspace_bytes"] = info.workspace_bytes;
+  return out;
+}
+
+std::int64_t forward_workspace_py(std::int64_t n, std::int64_t d, std::int64_t v,
+                                  const std::string& dtype) {
+  const lce::problem s = query_shape(n, d, v);
+  switch (parse_dtype(dtype)) {
+    case at::kFloat:
+      return forward_workspace_fp32(s);
+    case at::kHalf:
+      return forward_workspace_fp16(s);
+    default:
+      return forward_workspace_bf16(s);
+  }
+}
+
+}  // namespace
+}  // namespace lce_torch
+
+#define LCE_TORCH_LOSS_ARGS                                                                      \
+  "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "       \
+  "float temperature, int shift_seq_len"
+#define LCE_TORCH_FORWARD_RETURNS                                                                \
+  "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, "            \
+  "Tensor argmax, Tensor correct, Tensor entropy, Tensor target_logprob"
+
+TORCH_LIBRARY(lce_torch, m) {
+  m.def("forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
+        LCE_TORCH_LOSS_ARGS ", int outputs) -> (" LCE_TORCH_FORWARD_RETURNS ")");
+  m.def("backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+        "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+        ", int strategy, int memory_budget, bool need_dx, bool need_dw, bool need_db, "
+        "bool fp32_weight_grad) -> (Tensor dx, Tensor dw, Tensor db)");
+  m.def("forward_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+        ", int outputs, int strategy, int memory_budget, bool need_dx, bool need_dw, "
+        "bool need_db, bool fp32_weight_grad) -> (" LCE_TORCH_FORWARD_RETURNS
+        ", Tensor dx, Tensor dw, Tensor db)");
+  m.def("backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+        "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+        ", int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, Tensor(b!)? dw, "
+        "Tensor(c!)? db) -> ()");
+  m.def("forward_backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+        ", int outputs, int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, "
+        "Tensor(b!)? dw, Tensor(c!)? db) -> (" LCE_TORCH_FORWARD_RETURNS ")");
+}
+
+TORCH_LIBRARY_IMPL(lce_torch, CUDA, m) {
+  m.impl("forward", &lce_torch::forward_op);
+  m.impl("backward", &lce_torch::backward_op);
+  m.impl("forward_backward", &lce_torch::forward_backward_op);
+  m.impl("backward_into", &lce_torch::backward_into_op);
+  m.impl("forward_backward_into", &lce_torch::forward_backward_into_op);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lce_torch: PyTorch operators over lce (torch.ops.lce_torch) and its size queries";
+  m.attr("lce_version") = LCE_VERSION_STRING;
+  m.def("choose_backward", &lce_torch::choose_backward_py, pybind11::arg("n"), pybind11::arg("d"),
+        pybind11::arg("v"), pybind11::arg("dtype"), pybind11::arg("fp32_weight_grad") = false,
+        pybind11::arg("strategy") = 0, pybind11::arg("memory_budget") = -1,
+        "lce::choose_backward: the strategy 'auto' resolves to, the chunk extent and the "
+        "backward's workspace in bytes (dtype: 'float32', 'float16' or 'bfloat16')");
+  m.def("forward_workspace_size", &lce_torch::forward_workspace_py, pybind11::arg("n"),
+        pybind11::arg("d"), pybind11::arg("v"), pybind11::arg("dtype"),
+        "lce::forward_workspace_size in bytes");
+}

@@ -1,0 +1,638 @@
+"""GPU tests of lce_torch against PyTorch's own F.cross_entropy on upcast (fp64) inputs.
+
+Run from the repository root (the extension is built in place or JIT-compiled on first import):
+
+    python -m pytest examples/pytorch/tests -q -rs
+
+Every comparison is a relative Frobenius error against an fp64 reference computed by PyTorch
+(F.cross_entropy and autograd in float64, on the GPU) from the very same rounded inputs. The
+tolerances are the library's (DESIGN.md §4): float32 1e-5 for the loss and the gradients;
+float16/bfloat16 1e-4 for the loss, 1e-2 for the gradients. PyTorch computing in the input
+dtype is measured against the same reference and reported beside lce (conftest.py prints the
+largest errors at the end). Data are fresh random draws every run; the seed is in every
+failure message (LCE_TEST_SEED=<n> replays one).
+"""
+
+import math
+import os
+import pathlib
+import random
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("lce_torch needs a CUDA device; none is available", allow_module_level=True)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # examples/pytorch
+import lce_torch  # noqa: E402
+
+from conftest import ERRORS  # noqa: E402
+
+DEVICE = torch.device("cuda")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def loss_tolerance(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-4
+
+
+def grad_tolerance(dtype):
+    return 1e-5 if dtype == torch.float32 else 1e-2
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """No TF32 anywhere (the fp32 baseline and the references must be exact fp32/fp64)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture
+def seed():
+    value = int(os.environ.get("LCE_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(value)
+    return value
+
+
+# ------------------------------------------------------------------------------------------
+# Data and reference
+
+
+def make_problem(lead, d, v, dtype, *, bias=False, logit_std=1.0, ignore_fraction=0.0,
+                 ignore_index=-100):
+    """x [*lead, d], weight [v, d], bias [v] in `dtype`, targets [*lead]; logits with standard
+    deviation about `logit_std`; a fraction of targets set to ignore_index."""
+    scale = math.sqrt(logit_std) * d ** -0.25
+    x = (torch.randn(*lead, d, device=DEVICE) * scale).to(dtype)
+    w = (torch.randn(v, d, device=DEVICE) * scale).to(dtype)
+    b = (torch.randn(v, device=DEVICE) * 0.5).to(dtype) if bias else None
+    y = torch.randint(0, v, tuple(lead), device=DEVICE)
+    if ignore_fraction > 0:
+        y[torch.rand(tuple(lead), device=DEVICE) < ignore_fraction] = ignore_index
+    return x, w, b, y
+
+
+def shifted_targets(y, ignore_index):
+    """The causal shift, done the usual way (what lce does without copying): position t of a
+    sequence is scored against target t + 1; the last position is ignored."""
+    pad = torch.full_like(y[..., :1], ignore_index)
+    return torch.cat([y[..., 1:], pad], dim=-1)
+
+
+def torch_loss(x, w, b, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+               z_loss=0.0, softcap=None, temperature=1.0, class_weight=None, shift=False,
+               dtype=None):
+    """What lce computes, written with PyTorch ops on the full logits, in `dtype` (the inputs'
+    own by default; float64 for the reference). Returns the loss (per token for 'none')."""
+    dtype = dtype or x.dtype
+    d = x.shape[-1]
+    z = x.to(dtype).reshape(-1, d) @ w.to(dtype).T
+    if b is not None:
+        z = z + b.to(dtype)
+    z = z / temperature
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    t = (shifted_targets(y, ignore_index) if shift else y).reshape(-1)
+    cw = class_weight.to(dtype) if class_weight is not None else None
+    loss = F.cross_entropy(z, t, weight=cw, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss:
+        valid = t != ignore_index
+        term = z_loss * torch.logsumexp(z.to(torch.float64 if dtype == torch.float64
+                                             else torch.float32), dim=-1) ** 2 * valid
+        if reduction == "mean":
+            term = term.sum() / valid.sum().clamp(min=1)
+        elif reduction == "sum":
+            term = term.sum()
+        loss = loss + term.to(loss.dtype)
+    return loss.reshape(y.shape) if reduction == "none" else loss
+
+
+def run(fn, x, w, b, upstream):
+    """Loss and gradients (dx, dw, db) of fn(x, w, b) with the given upstream gradient."""
+    xs = x.detach().clone().requires_grad_()
+    ws = w.detach().clone().requires_grad_()
+    bs = b.detach().clone().requires_grad_() if b is not None else None
+    loss = fn(xs, ws, bs)
+    loss.backward(upstream.to(loss.dtype))
+    return loss.detach(), xs.grad, ws.grad, (bs.grad if bs is not None else None)
+
+
+def rel(value, ref):
+    """Relative Frobenius error of value against the float64 reference."""
+    value = value.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    assert value.shape == ref.shape, f"shape {tuple(value.shape)} != {tuple(ref.shape)}"
+    denom = ref.norm().item()
+    diff = (value - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def record(check, dtype, quantity, lce_error, torch_error=None):
+    ERRORS.append((check, DTYPE_NAMES[dtype], quantity, lce_error, torch_error))
+
+
+def compare(check, x, w, b, y, *, seed, options=None, lce_options=None, upstream_scale=0.37,
+            compare_torch=True):
+    """Runs lce and PyTorch (in x's dtype and in float64) with the same options; checks lce's
+    loss and gradients against the fp64 reference and records both errors."""
+    options = dict(options or {})
+    lce_options = dict(lce_options or {})
+    dtype = x.dtype
+    reduction = options.get("reduction", "mean")
+    shape = y.shape if reduction == "none" else ()
+    upstream = torch.randn(shape, device=DEVICE, dtype=torch.float64) if reduction == "none" \
+        else torch.tensor(upstream_scale, device=DEVICE, dtype=torch.float64)
+
+    ref = run(lambda a, c, e: torch_loss(a, c, e, y, dtype=torch.float64, **options),
+              x.double(), w.double(), b.double() if b is not None else None, upstream)
+    got = run(lambda a, c, e: lce_torch.linear_cross_entropy(a, c, y, e, **options,
+                                                             **lce_options), x, w, b, upstream)
+    low = run(lambda a, c, e: torch_loss(a, c, e, y, **options), x, w, b, upstream) \
+        if compare_torch else (None,) * 4
+
+    context = f"[{check}, {DTYPE_NAMES[dtype]}, seed {seed}, options {options} {lce_options}]"
+    assert got[0].dtype == torch.float32, context
+    names = ("loss", "dx", "dw", "db")
+    for name, g, r, t in zip(names, got, ref, low):
+        if r is None:
+            assert g is None, f"{name} should be None {context}"
+            continue
+        assert g is not None, f"{name} missing {context}"
+        assert g.dtype == (torch.float32 if name == "loss" else dtype), f"{name} dtype {context}"
+        assert torch.isfinite(g).all(), f"{name} is not finite {context}"
+        error = rel(g, r)
+        torch_error = rel(t, r) if t is not None else None
+        record(check, dtype, name, error, torch_error)
+        tolerance = loss_tolerance(dtype) if name == "loss" else grad_tolerance(dtype)
+        assert error <= tolerance, (
+            f"{name}: relative error {error:.3e} > {tolerance:.0e} {context}"
+            + (f" (torch in {DTYPE_NAMES[dtype]}: {torch_error:.3e})" if torch_error else "")
+        )
+    return got, ref
+
+
+# ------------------------------------------------------------------------------------------
+# Loss and gradients, plain and with every option
+
+
+SHAPES = [  # (leading shape, d, v)
+    ((1,), 72, 3),  # N = 1, V = 3 (below every tile), D = 72
+    ((257,), 136, 1000),  # nothing a multiple of a tile
+    ((4, 64), 256, 4099),  # [B, T, D], V prime
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("lead,d,v", SHAPES, ids=lambda s: str(s))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_plain(dtype, lead, d, v, reduction, bias, seed):
+    x, w, b, y = make_problem(lead, d, v, dtype, bias=bias)
+    compare("plain", x, w, b, y, seed=seed, options={"reduction": reduction})
+
+
+OPTION_SETS = {
+    "ignore_index": {"ignore_index": -100},
+    "ignore_index_in_vocab": {"ignore_index": 5},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "class_weight": {"class_weight": "random"},
+    "class_weight_smoothing": {"class_weight": "random", "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 5.0},
+    "temperature": {"temperature": 0.7},
+    "shift": {"shift": True},
+    "everything": {"ignore_index": -100, "label_smoothing": 0.1, "class_weight": "random",
+                   "z_loss": 1e-3, "softcap": 5.0, "temperature": 1.3, "shift": True},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("name", list(OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_option(dtype, name, reduction, seed):
+    options = dict(OPTION_SETS[name], reduction=reduction)
+    lead, d, v = (3, 77), 136, 1000
+    ignore_index = options.get("ignore_index", -100)
+    logit_std = 4.0 if "softcap" in options else 1.0  # so that the cap bites
+    x, w, b, y = make_problem(lead, d, v, dtype, bias=True, logit_std=logit_std,
+                              ignore_fraction=0.2 if "ignore_index" in options else 0.0,
+                              ignore_index=ignore_index)
+    if ignore_index == 5:
+        y[0, :10] = 5  # a real class id used as ignore_index
+    if options.get("class_weight") == "random":
+        options["class_weight"] = torch.rand(v, device=DEVICE) * 1.5 + 0.5
+    compare(name, x, w, b, y, seed=seed, options=options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("strategy,fp32_weight_grad,grad_in_forward,budget", [
+    ("auto", False, False, None),
+    ("vocab_chunked", False, False, 1),  # the smallest chunk: 128 columns
+    ("vocab_chunked", True, False, 1 << 20),
+    ("row_chunked", True, False, None),
+    ("row_chunked", True, False, 1),  # one row per chunk
+    ("auto", True, True, None),
+    ("vocab_chunked", False, True, 1 << 20),
+    ("row_chunked", True, True, 1 << 20),
+])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_strategy(dtype, strategy, fp32_weight_grad, grad_in_forward, budget, reduction, seed):
+    x, w, b, y = make_problem((300,), 200, 3001, dtype, bias=True, ignore_fraction=0.1)
+    compare(f"strategy:{strategy}", x, w, b, y, seed=seed,
+            options={"reduction": reduction, "label_smoothing": 0.05, "z_loss": 1e-4},
+            lce_options={"strategy": strategy, "fp32_weight_grad": fp32_weight_grad,
+                         "grad_in_forward": grad_in_forward, "memory_budget": budget},
+            compare_torch=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+def test_outputs(dtype, seed):
+    """lse, z-loss, token loss, argmax, accuracy, entropy and target log-probability."""
+    lead, d, v = (2, 50), 96, 777
+    x, w, b, y = make_problem(lead, d, v, dtype, bias=True, logit_std=3.0, ignore_fraction=0.2)
+    options = {"z_loss": 1e-3, "softcap": 8.0, "temperature": 0.9}
+    out = lce_torch.linear_cross_entropy(
+        x, w, y, b, **options, return_lse=True, return_z_loss=True, return_token_loss=True,
+        return_argmax=True, return_accuracy=True, return_entropy=True,
+        return_target_logprob=True)
+    z = (x.double().reshape(-1, d) @ w.double().T + b.double()) / options["temperature"]
+    z = options["softcap"] * torch.tanh(z / options["softcap"])
+    t = y.reshape(-1)
+    valid = t != -100
+    lse = torch.logsumexp(z, -1)
+    logp = z - lse[:, None]
+    token_z = options["z_loss"] * lse**2 * valid
+    token = F.cross_entropy(z, t, reduction="none") + token_z
+    logprob = torch.where(valid, logp.gather(1, t.clamp(min=0)[:, None])[:, 0], 0.0)
+    entropy = -(logp.exp() * logp).sum(-1)
+    context = f"[{DTYPE_NAMES[dtype]}, seed {seed}]"
+    tol = loss_tolerance(dtype)
+    for name, value, ref in [("lse", out.lse, lse), ("token_loss", out.token_loss, token),
+                             ("entropy", out.entropy, entropy),
+                             ("target_logprob", out.target_logprob, logprob),
+                             ("z_loss", out.z_loss, token_z.sum() / valid.sum())]:
+        assert value.shape == (ref.shape if name == "z_loss" else lead), f"{name} {context}"
+        error = rel(value, ref.reshape(value.shape))
+        record("outputs", dtype, name, error)
+        # entropy sums p·log p over the vocabulary: fp32 rounding of each term adds up
+        assert error <= (10 * tol if name == "entropy" else tol), f"{name}: {error:.3e} {context}"
+    # argmax: exact wherever the top two logits are apart by more than the rounding
+    top2 = z.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4 * top2[:, 0].abs().clamp(min=1)
+    argmax = out.argmax.reshape(-1)
+    assert out.argmax.dtype == torch.int64
+    assert torch.equal(argmax[clear], z.argmax(-1)[clear]), f"argmax {context}"
+    correct = ((z.argmax(-1) == t) & valid)
+    assert abs(out.correct.item() - correct.sum().item()) <= (~clear).sum().item(), context
+    assert math.isclose(out.accuracy.item(), out.correct.item() / valid.sum().item(),
+                        rel_tol=1e-6), context
+    assert torch.allclose(out.loss, (token.sum() / valid.sum()).float(), rtol=tol), context
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(dtype, reduction):
+    """A batch where every row is ignored: loss 0 and zero gradients, never NaN."""
+    x, w, b, y = make_problem((33,), 64, 100, dtype, bias=True)
+    y.fill_(-100)
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    loss = lce_torch.linear_cross_entropy(xs, ws, y, bs, reduction=reduction, z_loss=1e-3)
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    for grad in (xs.grad, ws.grad, bs.grad):
+        assert torch.all(grad == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes, layouts, dtypes and errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("layout", ["x_row_stride", "x_transposed_batch", "w_row_stride",
+                                    "w_transposed", "w_vocab_slice", "target_int32"])
+def test_layouts(dtype, layout, seed):
+    """Inputs that are views of larger or differently ordered tensors: read with their row
+    stride, or copied when lce cannot; the gradients reach the viewed elements only."""
+    b_, t_, d, v = 3, 40, 128, 515
+    x, w, b, y = make_problem((b_, t_), d, v, dtype, bias=True)
+    x_base, w_base = x, w  # the leaves; x_view/w_view give what lce is called with
+
+    def x_view(t):
+        return t
+
+    def w_view(t):
+        return t
+
+    if layout == "x_row_stride":  # [B, T, D] slice of a wider activation
+        x_base = torch.randn(b_, t_, d + 24, device=DEVICE).to(dtype)
+        x_base[..., :d] = x
+
+        def x_view(t):
+            return t[..., :d]
+    elif layout == "x_transposed_batch":  # [T, B, D] memory seen as [B, T, D]
+        x_base = x.transpose(0, 1).contiguous()
+
+        def x_view(t):
+            return t.transpose(0, 1)
+    elif layout == "w_row_stride":
+        w_base = torch.randn(v, d + 8, device=DEVICE).to(dtype)
+        w_base[:, :d] = w
+
+        def w_view(t):
+            return t[:, :d]
+    elif layout == "w_transposed":  # the weight kept as [D, V]
+        w_base = w.T.contiguous()
+
+        def w_view(t):
+            return t.T
+    elif layout == "w_vocab_slice":  # the used rows of a padded vocabulary
+        w_base = torch.randn(v + 61, d, device=DEVICE).to(dtype)
+        w_base[:v] = w
+
+        def w_view(t):
+            return t[:v]
+    elif layout == "target_int32":
+        y = y.int()
+
+    xs, ws = x_base.clone().requires_grad_(), w_base.clone().requires_grad_()
+    loss = lce_torch.linear_cross_entropy(x_view(xs), w_view(ws), y, b, label_smoothing=0.1)
+    upstream = torch.tensor(0.5, device=DEVICE)
+    loss.backward(upstream)
+    _, rdx, rdw, _ = run(lambda a, c, e: torch_loss(a, c, e, y.long(), label_smoothing=0.1,
+                                                    dtype=torch.float64),
+                         x.double(), w.double(), b.double(), upstream.double())
+    context = f"[{layout}, {DTYPE_NAMES[dtype]}, seed {seed}]"
+    error = rel(loss, torch_loss(x, w, b, y.long(), label_smoothing=0.1, dtype=torch.float64))
+    assert error <= loss_tolerance(dtype), context
+    for name, grad, view, ref in (("dx", xs.grad, x_view, rdx), ("dw", ws.grad, w_view, rdw)):
+        error = rel(view(grad), ref)
+        record(f"layout:{layout}", dtype, name, error)
+        assert error <= grad_tolerance(dtype), f"{name}: {error:.3e} {context}"
+        # nothing outside the view: its elements sum to the whole gradient's
+        assert torch.allclose(view(grad).double().abs().sum(), grad.double().abs().sum()), context
+
+
+def test_view_gradients_keep_shape(seed):
+    x, w, b, y = make_problem((2, 3, 5), 64, 50, torch.float32, bias=True)
+    xs = x.clone().requires_grad_()
+    loss = lce_torch.linear_cross_entropy(xs, w, y, reduction="none")
+    assert loss.shape == (2, 3, 5)
+    loss.sum().backward()  # an expanded (stride-0) upstream gradient
+    assert xs.grad.shape == xs.shape
+
+
+def test_requires_grad_subsets(seed):
+    """Only the gradients asked for are computed; a frozen head gets none."""
+    x, w, b, y = make_problem((64,), 96, 300, torch.float32, bias=True)
+    xs = x.clone().requires_grad_()
+    lce_torch.linear_cross_entropy(xs, w, y, b).backward()
+    assert xs.grad is not None
+    ws = w.clone().requires_grad_()
+    lce_torch.linear_cross_entropy(x, ws, y, b).backward()
+    assert ws.grad is not None
+    with torch.no_grad():
+        loss = lce_torch.linear_cross_entropy(x, w, y, b)
+    assert loss.grad_fn is None and torch.isfinite(loss)
+
+
+def test_autocast(seed):
+    """Under autocast, fp32 parameters are cast to bf16 (as F.linear would) and get fp32
+    gradients from autograd."""
+    x, w, b, y = make_problem((128,), 128, 1000, torch.float32, bias=True)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = lce_torch.linear_cross_entropy(xs, ws, y)
+    loss.backward()
+    assert ws.grad.dtype == torch.float32 and xs.grad.dtype == torch.float32
+    ref = torch_loss(x.bfloat16(), w.bfloat16(), None, y, dtype=torch.float64)
+    assert rel(loss, ref) <= 1e-4
+
+
+def test_deterministic(seed):
+    x, w, b, y = make_problem((200,), 128, 2000, torch.bfloat16, bias=True)
+    results = [run(lambda a, c, e: lce_torch.linear_cross_entropy(a, c, y, e), x, w, b,
+                   torch.tensor(1.0, device=DEVICE)) for _ in range(2)]
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_errors():
+    x, w, b, y = make_problem((16,), 32, 40, torch.float32, bias=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        lce_torch.linear_cross_entropy(x.cpu(), w.cpu(), y.cpu())
+    with pytest.raises(TypeError, match="dtype"):
+        lce_torch.linear_cross_entropy(x, w.half(), y)
+    with pytest.raises(ValueError, match="hidden sizes"):
+        lce_torch.linear_cross_entropy(x, w[:, :31], y)
+    with pytest.raises(ValueError, match="target"):
+        lce_torch.linear_cross_entropy(x, w, y[:15])
+    with pytest.raises(ValueError, match="reduction"):
+        lce_torch.linear_cross_entropy(x, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="strategy"):
+        lce_torch.linear_cross_entropy(x, w, y, strategy="fast")
+    with pytest.raises(ValueError, match="shift"):
+        lce_torch.linear_cross_entropy(x, w, y, shift=5)
+    # Values the library itself rejects: its message comes through
+    with pytest.raises(ValueError, match="lce: options.label_smoothing"):
+        lce_torch.linear_cross_entropy(x, w, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="lce: options.softcap"):
+        lce_torch.linear_cross_entropy(x, w, y, softcap=-1.0)
+    with pytest.raises(ValueError, match="lce: options.temperature"):
+        lce_torch.linear_cross_entropy(x, w, y, temperature=0.0)
+    with pytest.raises(ValueError, match="lce: options.z_loss"):
+        lce_torch.linear_cross_entropy(x, w, y, z_loss=-1.0)
+    # The failed calls left nothing behind: a good call still works
+    assert torch.isfinite(lce_torch.linear_cross_entropy(x, w, y))
+
+
+def test_module(seed):
+    x, w, b, y = make_problem((4, 30), 64, 500, torch.float32, bias=True)
+    cw = torch.rand(500, device=DEVICE) + 0.5
+    module = lce_torch.LinearCrossEntropy(label_smoothing=0.1, class_weight=cw, shift=True)
+    got = module(x, w, y, b)
+    ref = torch_loss(x, w, b, y, label_smoothing=0.1, class_weight=cw, shift=True,
+                     dtype=torch.float64)
+    assert rel(got, ref) <= 1e-5
+    assert "label_smoothing=0.1" in repr(module)
+
+
+# ------------------------------------------------------------------------------------------
+# Gradients into caller-owned buffers (accumulation)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("strategy", ["vocab_chunked", "row_chunked"])
+def test_forward_backward_into_accumulates(dtype, strategy, seed):
+    """Two micro-batches accumulated into fp32 main-grad buffers equal the sum of their
+    gradients."""
+    d, v = 128, 700
+    batches = [make_problem((96,), d, v, dtype, bias=True) for _ in range(2)]
+    w, b = batches[0][1], batches[0][2]
+    dw = torch.full((v, d), 0.25, device=DEVICE)  # a running fp32 main grad
+    db = torch.full((v,), -0.5, device=DEVICE)
+    expected_dw, expected_db = dw.double().clone(), db.double().clone()
+    for x, _, _, y in batches:
+        dx = torch.full_like(x, 0.125)  # accumulate adds into dx too
+        loss = lce_torch.linear_cross_entropy_forward_backward_into(
+            x, w, y, b, dx=dx, dw=dw, db=db, accumulate=True, strategy=strategy)
+        _, rdx, rdw, rdb = run(lambda a, c, e: torch_loss(a, c, e, y, dtype=torch.float64),
+                               x.double(), w.double(), b.double(),
+                               torch.tensor(1.0, device=DEVICE, dtype=torch.float64))
+        expected_dw += rdw
+        expected_db += rdb
+        assert rel(loss, torch_loss(x, w, b, y, dtype=torch.float64)) <= loss_tolerance(dtype)
+        assert rel(dx, rdx + 0.125) <= grad_tolerance(dtype)
+    assert rel(dw, expected_dw) <= grad_tolerance(dtype)
+    assert rel(db, expected_db) <= grad_tolerance(dtype)
+
+
+def test_backward_into(seed):
+    x, w, b, y = make_problem((2, 50), 64, 300, torch.bfloat16, bias=True)
+    out = lce_torch.linear_cross_entropy(x, w, y, b, reduction="none", return_lse=True)
+    grad = torch.randn(2, 50, device=DEVICE)
+    dx = torch.zeros_like(x)
+    dw = torch.zeros(300, 64, device=DEVICE)
+    db = torch.zeros(300, device=DEVICE)
+    lce_torch.linear_cross_entropy_backward_into(x, w, y, out.lse, b, grad=grad, dx=dx, dw=dw,
+                                                 db=db, reduction="none")
+    _, rdx, rdw, rdb = run(lambda a, c, e: torch_loss(a, c, e, y, reduction="none",
+                                                      dtype=torch.float64),
+                           x.double(), w.double(), b.double(), grad.double())
+    for value, ref in ((dx, rdx), (dw, rdw), (db, rdb)):
+        assert rel(value, ref) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA graphs and torch.compile
+
+
+@pytest.mark.parametrize("lce_options", [
+    {},
+    {"strategy": "row_chunked", "grad_in_forward": True},
+], ids=["default", "row_chunked_in_forward"])
+def test_cuda_graph_capture(lce_options, seed):
+    """Forward and backward captured in one CUDA graph, replayed on new data, equal eager."""
+    d, v = 128, 1000
+    x, w, b, y = make_problem((2, 64), d, v, torch.bfloat16, bias=True)
+    sx, sw, sb = (t.clone().requires_grad_() for t in (x, w, b))
+    sy = y.clone()
+
+    def step():
+        loss = lce_torch.linear_cross_entropy(sx, sw, sy, sb, shift=True, z_loss=1e-4,
+                                              **lce_options)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph, as torch.cuda.graphs asks
+        for _ in range(3):
+            for t in (sx, sw, sb):
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for t in (sx, sw, sb):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+
+    for _ in range(2):  # new data into the static inputs, replay, compare with eager
+        nx, nw, nb, ny = make_problem((2, 64), d, v, torch.bfloat16, bias=True)
+        with torch.no_grad():
+            sx.copy_(nx), sw.copy_(nw), sb.copy_(nb), sy.copy_(ny)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = run(lambda a, c, e: lce_torch.linear_cross_entropy(
+            a, c, ny, e, shift=True, z_loss=1e-4, **lce_options), nx, nw, nb,
+            torch.tensor(1.0, device=DEVICE))
+        # Same kernels and GEMMs on the same data: equal (bitwise, unless cuBLAS picks another
+        # algorithm inside the graph)
+        for name, value, ref in zip(("loss", "dx", "dw", "db"),
+                                    (static_loss, sx.grad, sw.grad, sb.grad), eager):
+            assert rel(value, ref) <= (1e-6 if name == "loss" else 1e-3), f"{name} [seed {seed}]"
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile(fullgraph, seed):
+    """The op inside a compiled function (with PyTorch ops around it) gives eager's results."""
+    torch._dynamo.reset()
+    x, w, b, y = make_problem((4, 32), 128, 1000, torch.bfloat16, bias=True)
+
+    def step(x, w, b, y):
+        h = torch.nn.functional.gelu(x) * 1.5
+        loss = lce_torch.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, shift=True)
+        return loss * 2.0
+
+    compiled = torch.compile(step, fullgraph=fullgraph)
+    upstream = torch.tensor(1.0, device=DEVICE)
+    eager = run(lambda a, c, e: step(a, c, e, y), x, w, b, upstream)
+    for _ in range(2):
+        got = run(lambda a, c, e: compiled(a, c, e, y), x, w, b, upstream)
+    for value, ref in zip(got, eager):
+        # gelu may be fused differently by inductor: equal up to the rounding of h
+        assert rel(value, ref) <= 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# A short training run
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, vocab, hidden):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.mix = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def hidden(self, tokens):
+        return torch.tanh(self.mix(self.embed(tokens)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_training_matches_pytorch(dtype, seed):
+    """20 AdamW steps of a tiny LM (embedding, mixer, LM head) on next-token prediction: the
+    loss curve of lce follows F.cross_entropy's step for step; both go down."""
+    vocab, hidden, batch, seq = 503, 64, 8, 33
+    reference = TinyLM(vocab, hidden).to(DEVICE)
+    model = TinyLM(vocab, hidden).to(DEVICE)
+    model.load_state_dict(reference.state_dict())
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, vocab, (20, batch, seq), device=DEVICE)
+    data[:, :, ::7] = data[:, :, 1::7][:, :, : data[:, :, ::7].shape[2]]  # something to learn
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype != torch.float32)
+    curve_ref, curve = [], []
+    for tokens in data:
+        with autocast:
+            h = reference.hidden(tokens)
+            logits = h @ reference.head.weight.T
+            loss_ref = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(),
+                                       tokens[:, 1:].reshape(-1))
+        opt_ref.zero_grad()
+        loss_ref.backward()
+        opt_ref.step()
+        with autocast:
+            loss = lce_torch.linear_cross_entropy(model.hidden(tokens), model.head.weight,
+                                                  tokens, shift=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        curve_ref.append(loss_ref.item())
+        curve.append(loss.item())
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for step, (a, r) in enumerate(zip(curve, curve_ref)):
+        assert abs(a - r) <= tolerance * abs(r), (
+            f"step {step}: lce {a:.6f} vs torch {r:.6f} [seed {seed}]\n"
+            f"lce   {curve}\ntorch {curve_ref}")
+    assert curve[-1] < curve[0] and curve_ref[-1] < curve_ref[0]
+    record("training", dtype, "loss_curve",
+           max(abs(a - r) / abs(r) for a, r in zip(curve, curve_ref)))
