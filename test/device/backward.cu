@@ -79,8 +79,7 @@ measured check_gradients(const problem_data<Element>& data, outputs<Element, Gra
   if (want.dw)
     m.dw = check_output("dw", out.dw.data(), s.v, s.d, s.dw_stride(), data.ref_dw.data(), tol);
   if (want.db)
-    m.db = check_output("db", out.db.data(), 1, s.v, s.v, data.ref_db.data(),
-                        db_tolerance<Element>());
+    m.db = check_output("db", out.db.data(), 1, s.v, s.v, data.ref_db.data(), db_tolerance(data));
   return m;
 }
 

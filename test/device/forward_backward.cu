@@ -80,7 +80,7 @@ measured check_all(const problem_data<Element>& data,
   }
   m.dx = check_output("dx", args.dx, s.n, s.d, s.dx_stride(), data.ref_dx.data(), grad_tol);
   m.dw = check_output("dw", args.dw, s.v, s.d, s.dw_stride(), data.ref_dw.data(), grad_tol);
-  m.db = check_output("db", args.db, 1, s.v, s.v, data.ref_db.data(), db_tolerance<Element>());
+  m.db = check_output("db", args.db, 1, s.v, s.v, data.ref_db.data(), db_tolerance(data));
   return m;
 }
 

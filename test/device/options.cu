@@ -361,12 +361,12 @@ void check_gradients(const problem_data<Element>& data, option_outputs<Element, 
     m.dw = check_accumulated("dw", out.dw.data(), s.v, s.d, s.dw_stride(), base->dw,
                              data.ref_dw.data(), tol);
     m.db = check_accumulated("db", out.db.data(), 1, s.v, s.v, base->db, data.ref_db.data(),
-                             db_tolerance<Element>());
+                             db_tolerance(data));
     return;
   }
   m.dx = check_output("dx", out.dx.data(), s.n, s.d, s.dx_stride(), data.ref_dx.data(), tol);
   m.dw = check_output("dw", out.dw.data(), s.v, s.d, s.dw_stride(), data.ref_dw.data(), tol);
-  m.db = check_output("db", out.db.data(), 1, s.v, s.v, data.ref_db.data(), db_tolerance<Element>());
+  m.db = check_output("db", out.db.data(), 1, s.v, s.v, data.ref_db.data(), db_tolerance(data));
 }
 
 // ---------------------------------------------------------------------------------------------

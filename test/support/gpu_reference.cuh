@@ -238,13 +238,17 @@ __global__ void __launch_bounds__(row_threads)
   }
 }
 
-/// db_j = Σ_i dZ_ij, one thread per column (coalesced across the warp).
-template <class T>
+/// db_j = Σ_i dZ_ij (or Σ_i |dZ_ij| with Abs), one thread per column (coalesced across the
+/// warp).
+template <class T, bool Abs = false>
 __global__ void column_sum_kernel(const T* dz, std::int64_t n, std::int64_t v, T* db) {
   const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= v) return;
   T acc = 0;
-  for (std::int64_t i = 0; i < n; ++i) acc += dz[i * v + j];
+  for (std::int64_t i = 0; i < n; ++i) {
+    const T x = dz[i * v + j];
+    acc += Abs ? (x < 0 ? -x : x) : x;
+  }
   db[j] = acc;
 }
 
@@ -309,6 +313,7 @@ struct gpu_reference_output {
   device_buffer<double> dx;              ///< [n, d] (with gradients)
   device_buffer<double> dw;              ///< [v, d] (with gradients)
   device_buffer<double> db;              ///< [v] (with gradients)
+  device_buffer<double> db_abs;          ///< [v] Σ_i |dZ_iv| (with gradients)
   std::vector<std::int64_t> targets;     ///< [n] effective targets (host)
   std::vector<std::int64_t> argmax;      ///< [n] first maximum of z (host)
   std::vector<double> max_logit;         ///< [n] max z (host)
@@ -419,6 +424,10 @@ gpu_reference_output gpu_reference(const Element* d_x, const Element* d_w, const
   out.db = device_buffer<double>(static_cast<std::size_t>(v));
   gpu_ref::column_sum_kernel<double>
       <<<static_cast<unsigned>((v + 255) / 256), 256>>>(z.data(), n, v, out.db.data());
+  LCE_TEST_CUDA(cudaGetLastError());
+  out.db_abs = device_buffer<double>(static_cast<std::size_t>(v));
+  gpu_ref::column_sum_kernel<double, true>
+      <<<static_cast<unsigned>((v + 255) / 256), 256>>>(z.data(), n, v, out.db_abs.data());
   LCE_TEST_CUDA(cudaGetLastError());
   LCE_TEST_CUDA(cudaDeviceSynchronize());
 

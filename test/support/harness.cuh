@@ -428,6 +428,7 @@ struct problem_data {
   double ref_loss = 0.0;
   std::int64_t n_valid = 0;
   device_buffer<double> ref_lse, ref_token_loss, ref_dx, ref_dw, ref_db;
+  device_buffer<double> ref_db_abs;  ///< Σ_i |dZ_iv| of the reference (db_tolerance)
   // Reference of the options' outputs.
   double ref_z_loss = 0.0;
   std::int64_t ref_correct = 0;
@@ -516,6 +517,7 @@ struct problem_data {
       ref_dx = std::move(out.dx);
       ref_dw = std::move(out.dw);
       ref_db = std::move(out.db);
+      ref_db_abs = std::move(out.db_abs);
       ref_z_loss = out.z_loss;
       ref_correct = out.correct;
       ref_token_z_loss = std::move(out.token_z_loss);
@@ -552,6 +554,7 @@ struct problem_data {
       ref_dx = device_buffer<double>(out.dx);
       ref_dw = device_buffer<double>(out.dw);
       ref_db = device_buffer<double>(out.db);
+      ref_db_abs = device_buffer<double>(out.db_abs);
     }
   }
 
@@ -576,6 +579,13 @@ struct problem_data {
     return out;
   }
 };
+
+/// db's tolerance for this problem (tolerance.hpp: db_tolerance), from the reference's
+/// column sums and summed magnitudes.
+template <class Element>
+double db_tolerance(const problem_data<Element>& data) {
+  return db_tolerance<Element>(data.ref_db.download(), data.ref_db_abs.download());
+}
 
 /// @brief Outputs of a forward/backward under test, poisoned before every run.
 template <class Element, class Grad>

@@ -73,6 +73,7 @@ struct reference_output {
   std::vector<double> dx;           ///< [n, d]
   std::vector<double> dw;           ///< [v, d]
   std::vector<double> db;           ///< [v]
+  std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv|: the magnitude db's sum cancels
 };
 
 namespace detail {
@@ -309,6 +310,7 @@ inline reference_output reference(const reference_input& in, bool gradients,
   out.dx.assign(n * d, 0.0);
   out.dw.assign(v * d, 0.0);
   out.db.assign(v, 0.0);
+  out.db_abs.assign(v, 0.0);
   std::vector<double> raw(v);
   for (std::size_t i = 0; i < n; ++i) {
     const double g_ce = scales.ce[i];
@@ -336,6 +338,7 @@ inline reference_output reference(const reference_input& in, bool gradients,
         dwk[j] += dz * xi[j];
       }
       out.db[k] += dz;
+      out.db_abs[k] += std::fabs(dz);
     }
   }
   return out;
