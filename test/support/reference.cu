@@ -193,6 +193,25 @@ TEST_CASE("reference: large logits stay finite", "[reference]") {
   for (double value : out.token_loss) CHECK(value >= 0.0);
 }
 
+TEST_CASE("reference: db_abs bounds db and sums |dZ| column by column", "[reference]") {
+  const std::uint64_t seed = lce_test::fresh_seed();
+  CAPTURE(seed);
+  lce_test::random_source rng(seed);
+  const reduction red = GENERATE(reduction::mean, reduction::sum, reduction::none);
+  CAPTURE(name(red));
+  // A tiny vocabulary, where db's column sums cancel.
+  const reference_input in = random_input(rng, 64, 16, 3, true, 0.2, red);
+  const auto out = lce_test::reference(in, true, upstream_for(rng, red, in.n));
+  REQUIRE(out.db_abs.size() == out.db.size());
+  double ref = 0.0, mass = 0.0;
+  for (std::size_t k = 0; k < out.db.size(); ++k) {
+    CHECK(out.db_abs[k] >= std::fabs(out.db[k]));
+    ref += out.db[k] * out.db[k];
+    mass += out.db_abs[k] * out.db_abs[k];
+  }
+  CHECK(mass >= ref);
+}
+
 TEST_CASE("reference agrees with the library's thread formulas in fp32", "[reference]") {
   const std::uint64_t seed = lce_test::fresh_seed();
   CAPTURE(seed);
