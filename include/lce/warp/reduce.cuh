@@ -25,13 +25,6 @@ __device__ inline float allreduce_sum(float x) noexcept {
   return x;
 }
 
-/// @brief Merge of one online-lse state per lane into the state of the whole warp.
-__device__ inline thread::lse_state allreduce_lse(thread::lse_state s) noexcept {
-  const float m = allreduce_max(s.max);
-  const float scaled = (m == -INFINITY) ? 0.0f : s.sum * expf(s.max - m);
-  return {m, allreduce_sum(scaled)};
-}
-
 /// @brief Merge of one row_stats per lane into the statistics of the whole warp (butterfly:
 /// every lane gets the same result, in a fixed order).
 __device__ inline thread::row_stats allreduce_row_stats(thread::row_stats s) noexcept {
