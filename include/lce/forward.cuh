@@ -36,7 +36,7 @@ inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept 
 
 /// @brief Workspace bytes lce::forward needs for `shape`: a pure function of the shape,
 /// O(n·splits): 24 B of row statistics per row and vocabulary split (splits ≈ 1024 /
-/// ceil(n / BlockM), at most 1024) plus 24 B per row, never O(n·v).
+/// ceil(n / BlockM), at most 1024) plus 20 B per row and a 256 B record, never O(n·v).
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] std::size_t forward_workspace_size(const problem& shape) noexcept {
   detail::workspace_layout layout;
