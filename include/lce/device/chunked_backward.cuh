@@ -19,8 +19,8 @@
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
 #include "../kernel/row_lse.cuh"
-#include "forward.cuh"
 #include "../options.hpp"
+#include "forward.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace device {
