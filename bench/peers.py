@@ -489,6 +489,21 @@ def main(argv=None):
             methods[name] = reason
     rows = []
     timer = Timer(args.iters, args.warmup)
+    writer = None
+    if args.csv:  # written row by row: a run cut short still leaves what it measured
+        path = pathlib.Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        csv_file = path.open("w", newline="")
+        writer = csv.DictWriter(csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+
+    def emit(r):
+        rows.append(r)
+        print_row(r)
+        if writer is not None:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+            csv_file.flush()
+
     for n, d, v in shapes:
         shape = f"{n}x{d}x{v}"
         common = {"shape": shape, "n": n, "d": d, "v": v, "dtype": args.dtype}
@@ -505,8 +520,7 @@ def main(argv=None):
             floor_row = dict(common, family=family, method="cublas_floor", status="ok",
                              fwd_ms=floor[0], fwdbwd_ms=floor[1], fwd_ratio=1.0,
                              fwdbwd_ratio=1.0, note="torch.matmul: 1 GEMM / 3 GEMMs")
-            rows.append(floor_row)
-            print_row(floor_row)
+            emit(floor_row)
             for name, fn in methods.items():
                 if isinstance(fn, str):
                     row = dict(common, family=family, method=name, status="not importable",
@@ -528,21 +542,14 @@ def main(argv=None):
                                    note=reason)
                 gc.collect()
                 torch.cuda.empty_cache()
-                rows.append(row)
-                print_row(row)
+                emit(row)
             del x, w, y, ref
             gc.collect()
             torch.cuda.empty_cache()
 
-    if args.csv:
-        path = pathlib.Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-        print(f"\npeers.py: wrote {len(rows)} rows to {path}")
+    if writer is not None:
+        csv_file.close()
+        print(f"\npeers.py: wrote {len(rows)} rows to {args.csv}")
     return 0
 
 
