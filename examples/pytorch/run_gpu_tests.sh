@@ -41,6 +41,10 @@ if [[ -d $stash ]]; then
   if compgen -G "$stash/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site "$stash"/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    # pip --target does not run .pth files; nvidia-cutlass-dsl's one puts its packages on the path
+    if [[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]]; then
+      export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+    fi
   fi
 fi
 
