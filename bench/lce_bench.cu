@@ -23,9 +23,21 @@
 #include "common/data.cuh"
 #include "common/naive.cuh"
 
+/// Forward tile configurations besides the default: the mma.sync kernel everywhere (no sm_90a
+/// kernel), and the sm_90a kernel with 256-wide vocabulary tiles (the default has 128). Outside
+/// the anonymous namespace: kernels on them have hidden visibility, which needs linkage.
+namespace lce_bench_configs {
+struct mma_sync_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+struct sm90_wide_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<256, 4>;
+};
+}  // namespace lce_bench_configs
+
 namespace {
 
 using namespace lce_example;
+using lce_bench_configs::mma_sync_config;
+using lce_bench_configs::sm90_wide_config;
 using bf16 = __nv_bfloat16;
 
 constexpr int warmup_runs = 3;
@@ -231,6 +243,7 @@ void bm_floor_forward_backward(benchmark::State& state, lce::problem s) {
   });
 }
 
+template <class Config = lce::default_config<bf16>>
 void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f) {
   guarded(state, [&] {
     const floor_times& floor = floor_of(s);
@@ -243,12 +256,15 @@ void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f) {
     args.targets = data.targets.data();
     args.loss = loss.data();
     std::size_t bytes = 0;
-    LCE_EXAMPLE_CHECK(lce::forward(nullptr, bytes, args, s));
+    LCE_EXAMPLE_CHECK((lce::forward<bf16, Config>(nullptr, bytes, args, s)));
     require_memory(bytes);
     device_buffer<unsigned char> workspace(bytes);
     measure(
         state,
-        [&] { LCE_EXAMPLE_CHECK(lce::forward(workspace.data(), bytes, args, s, {}, ctx.stream)); },
+        [&] {
+          LCE_EXAMPLE_CHECK(
+              (lce::forward<bf16, Config>(workspace.data(), bytes, args, s, {}, ctx.stream)));
+        },
         2 * ndv(s), floor.forward_ms, bytes);
     report_loss(state, loss);
   });
@@ -394,7 +410,11 @@ void register_benchmarks() {
     add("fwdbwd/cublas" + shape, bm_floor_forward_backward, s);
     for (data_family f : {data_family::flat, data_family::peaked, data_family::lm}) {
       const std::string rows = shape + "/" + to_string(f);
-      add("fwd/lce" + rows, bm_lce_forward, s, f);
+      add("fwd/lce" + rows, bm_lce_forward<>, s, f);
+      if (f == data_family::lm) {
+        add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f);
+        add("fwd/lce_sm90_256" + rows, bm_lce_forward<sm90_wide_config>, s, f);
+      }
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};
       // row_chunked re-reads and re-writes the fp32 dW once per row chunk: with the default

@@ -37,9 +37,31 @@ if has test; then
   [[ $rc -ne 0 ]] && grep -E "FAILED|failed|REQUIRE|with expansion" -A3 "$out/ctest-gpu.log" | head -60
 fi
 
+if [[ " $steps " == *" focus "* ]]; then
+  # One test executable (FOCUS_TEST, default device_forward) with a Catch2 filter, time-boxed:
+  # the quick check of a new kernel before the whole suite.
+  exe=$(find "$build" -type f -name "${FOCUS_TEST:-device_forward}" -perm -u+x | head -1)
+  start=$SECONDS
+  timeout "${FOCUS_TIMEOUT_S:-180}" "$exe" "${FOCUS_FILTER:-*}" >"$out/focus.log" 2>&1
+  rc=$?
+  summary+=("focus ${FOCUS_TEST:-device_forward} '${FOCUS_FILTER:-*}': rc=$rc, $(grep -E 'test cases' "$out/focus.log" | tail -1) ($((SECONDS - start)) s)")
+  grep -h '^RESULT' "$out/focus.log" >>"$out/results.txt" 2>/dev/null || true
+  [[ $rc -ne 0 ]] && grep -E "FAILED|REQUIRE|with expansion|Timeout|error" -A3 "$out/focus.log" | head -60
+fi
+
+if [[ " $steps " == *" sass "* ]]; then
+  # Instruction mix of the fused forward kernels (HGMMA = wgmma, HMMA = mma.sync, spills).
+  exe=$(find "$build" -type f -name device_forward -perm -u+x | head -1)
+  cuobjdump -sass "$exe" >"$out/sass.tmp" 2>/dev/null
+  awk '/Function :/ {f=$3} /HGMMA|HMMA|LDL|STL|MUFU.EX2|SYNCS|UTMALDG/ {split($2,a,"."); c[f" "a[1]]++}
+       END {for (k in c) print c[k], k}' "$out/sass.tmp" | grep fused_forward | sort -k2 >"$out/sass.txt"
+  rm -f "$out/sass.tmp"
+  summary+=("sass: $(wc -l <"$out/sass.txt") kernel/opcode counts in sass.txt")
+fi
+
 if has sanitize; then
   for tool in memcheck racecheck initcheck; do
-    for t in $(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}'); do
+    for t in ${SANITIZE_TESTS:-$(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}')}; do
       exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
       log="$out/sanitize-$tool-$t.tmp"
       compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "${SANITIZE_FILTER:-*optional*,*all-ignored*}" \

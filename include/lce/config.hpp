@@ -30,13 +30,45 @@ struct tile_config {
   static_assert(Stages >= 2, "the pipeline needs at least two stages");
 };
 
+/// @brief Tile configuration of the sm_90a fused forward (TMA + wgmma, warp-specialized): a
+/// producer warpgroup streams (128, 64) tiles of X and (BlockV, 64) tiles of W into a
+/// Stages-deep mbarrier pipeline; two consumer warpgroups each compute 64 rows × BlockV with
+/// wgmma and fold them into the row statistics in registers.
+/// @tparam BlockV  vocabulary rows per tile: 128 or 256
+/// @tparam Stages  shared-memory stages ((128 + BlockV)·128 bytes each)
+template <int BlockV, int Stages>
+struct sm90_tile_config {
+  static constexpr int block_m = 128;
+  static constexpr int block_v = BlockV;
+  static constexpr int block_k = 64;
+  static constexpr int stages = Stages;
+  static constexpr int threads = 384;
+  static_assert(BlockV == 128 || BlockV == 256, "BlockV must be 128 or 256");
+  static_assert(Stages >= 2 && (128 + BlockV) * 128 * Stages <= 220 * 1024,
+                "the stages must fit in shared memory");
+};
+
 /// @brief Default configuration per element type. 16-bit types: tensor cores (mma.sync
 /// through WMMA), 128×128 tiles, warp tiles of 64×32, a 4-stage cp.async pipeline (80 KiB of
-/// shared memory, two blocks per SM). float: exact FFMA (never TF32), 64×128 tiles.
+/// shared memory, two blocks per SM); on sm_90a devices the forward runs the `sm90`
+/// configuration instead (a Config without an `sm90` member keeps the mma.sync kernel
+/// everywhere). float: exact FFMA (never TF32), 64×128 tiles.
 template <class Element>
-struct default_config : tile_config<128, 128, 32, 2, 4, 4> {};
+struct default_config : tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = sm90_tile_config<128, 6>;
+};
 template <>
 struct default_config<float> : tile_config<64, 128, 16, 2, 4, 2> {};
+
+/// @brief The sm_90a configuration a Config carries (its `sm90` member), or void.
+template <class Config, class = void>
+struct sm90_config_of {
+  using type = void;
+};
+template <class Config>
+struct sm90_config_of<Config, std::void_t<typename Config::sm90>> {
+  using type = typename Config::sm90;
+};
 
 /// @brief Whether `Element` is one of the supported element types.
 template <class Element>

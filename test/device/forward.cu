@@ -258,38 +258,74 @@ TEMPLATE_TEST_CASE("forward: a size query or a rejected call enqueues nothing",
   CHECK(cudaGetLastError() == cudaSuccess);
 }
 
+namespace {
+
+/// Runs lce::forward<Element, Config> on a fresh problem and checks loss, lse and token loss.
+template <class Element, class Config>
+void check_forward_config(const case_spec& spec, const char* label) {
+  problem_data<Element> data(spec, fresh_seed());
+  data.compute_reference(false);
+  INFO(data.describe() << " config " << label);
+  gpu_context ctx;
+  outputs<Element, Element> out(data.shape, false);
+  const bool reduced = spec.reduction != lce::reduction::none;
+  lce::forward_args<Element> args{data.x.data(),
+                                  data.w.data(),
+                                  data.bias_pointer(),
+                                  data.targets.data(),
+                                  reduced ? out.loss.data() : nullptr,
+                                  out.token_loss.data(),
+                                  out.lse.data()};
+  std::size_t bytes = 0;
+  LCE_TEST_REQUIRE_OK(
+      (lce::forward<Element, Config>(nullptr, bytes, args, data.shape, data.options)));
+  REQUIRE(bytes == (lce::forward_workspace_size<Element, Config>(data.shape)));
+  out.poison();
+  LCE_TEST_REQUIRE_OK((lce::forward<Element, Config>(ctx.workspace(bytes), bytes, args,
+                                                     data.shape, data.options, ctx.stream())));
+  ctx.synchronize();
+  LCE_TEST_CUDA(cudaGetLastError());
+  const double tol = loss_tolerance<Element>();
+  measured m;
+  if (reduced) m.loss = check_loss(out.loss.data(), data.ref_loss, tol);
+  m.lse = check_output("lse", out.lse.data(), spec.n, 1, 1, data.ref_lse.data(), tol);
+  m.token_loss = check_output("token_loss", out.token_loss.data(), spec.n, 1, 1,
+                              data.ref_token_loss.data(), tol);
+  print_result<Element>("forward", spec, "-", m, label);
+}
+
+}  // namespace
+
+// The 16-bit tile configurations without an sm_90a kernel (mma.sync on every device) and with
+// the wide sm_90a tiles (256 vocabulary rows; the default has 128). Named namespace: kernels
+// instantiated on them have hidden visibility, which needs external linkage.
+namespace lce_test_configs {
+struct mma_sync_only : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+struct sm90_wide : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<256, 4>;
+};
+}  // namespace lce_test_configs
+using lce_test_configs::mma_sync_only;
+using lce_test_configs::sm90_wide;
+
 TEMPLATE_TEST_CASE("forward with a caller-chosen tile configuration", "[gpu][forward][config]",
                    float, __half, __nv_bfloat16) {
   // Smaller tiles than the default (and another warp grid): the Config parameter is public.
   using small_tiles = lce::tile_config<32, 64, 16, 1, 2>;
   const case_spec spec = GENERATE(case_spec{300, 72, 1000}.padded(8, 3, 0, 0),
                                   case_spec{7, 1000, 4097}.sum(), case_spec{33, 16, 3}.none());
-  problem_data<TestType> data(spec, fresh_seed());
-  data.compute_reference(false);
-  INFO(data.describe());
-  gpu_context ctx;
-  outputs<TestType, TestType> out(data.shape, false);
-  const bool reduced = spec.reduction != lce::reduction::none;
-  lce::forward_args<TestType> args{data.x.data(),
-                                   data.w.data(),
-                                   data.bias_pointer(),
-                                   data.targets.data(),
-                                   reduced ? out.loss.data() : nullptr,
-                                   out.token_loss.data(),
-                                   out.lse.data()};
-  std::size_t bytes = 0;
-  LCE_TEST_REQUIRE_OK(
-      (lce::forward<TestType, small_tiles>(nullptr, bytes, args, data.shape, data.options)));
-  REQUIRE(bytes == (lce::forward_workspace_size<TestType, small_tiles>(data.shape)));
-  out.poison();
-  LCE_TEST_REQUIRE_OK((lce::forward<TestType, small_tiles>(
-      ctx.workspace(bytes), bytes, args, data.shape, data.options, ctx.stream())));
-  ctx.synchronize();
-  const double tol = loss_tolerance<TestType>();
-  measured m;
-  if (reduced) m.loss = check_loss(out.loss.data(), data.ref_loss, tol);
-  m.lse = check_output("lse", out.lse.data(), spec.n, 1, 1, data.ref_lse.data(), tol);
-  m.token_loss = check_output("token_loss", out.token_loss.data(), spec.n, 1, 1,
-                              data.ref_token_loss.data(), tol);
-  print_result<TestType>("forward", spec, "-", m, "config=32x64x16/1x2");
+  check_forward_config<TestType, small_tiles>(spec, "config=32x64x16/1x2");
+}
+
+TEMPLATE_TEST_CASE("forward: the mma.sync and the sm_90a kernels (both tile widths) agree with "
+                   "the reference", "[gpu][forward][config]", __half, __nv_bfloat16) {
+  // On an sm_90a device the default Config runs the wgmma kernel; mma_sync_only keeps the
+  // mma.sync kernel there too, so both are checked on the same machine.
+  const case_spec spec = GENERATE(case_spec{1, 16, 1}, case_spec{129, 72, 257}.sum(),
+                                  case_spec{300, 1000, 4097}, case_spec{255, 2304, 50257}.none(),
+                                  case_spec{4097, 64, 1000}.no_bias(),
+                                  case_spec{300, 136, 3000}.padded(8, 8, 0, 0));
+  check_forward_config<TestType, lce::default_config<TestType>>(spec, "config=default");
+  check_forward_config<TestType, mma_sync_only>(spec, "config=mma.sync");
+  check_forward_config<TestType, sm90_wide>(spec, "config=sm90-256");
 }

@@ -5,12 +5,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../args.hpp"
+#include "../config.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
+#include "../detail/tensor_map.hpp"
 #include "../kernel/fused_forward.cuh"
+#include "../kernel/fused_forward_sm90.cuh"
 #include "../status.hpp"
 
 LCE_NAMESPACE_BEGIN
@@ -21,9 +25,27 @@ namespace device {
 /// workspace size a pure function of the shape.
 inline constexpr std::int64_t forward_target_blocks = 1024;
 
-/// Grid and workspace regions of one forward.
-struct forward_plan {
+/// Grid of one fused forward kernel: (row tiles, vocabulary splits of tiles_per_split tiles).
+struct forward_grid {
   std::int64_t row_tiles = 0, vocab_tiles = 0, tiles_per_split = 0, splits = 0;
+};
+
+inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v) noexcept {
+  forward_grid g;
+  g.row_tiles = (s.n + block_m - 1) / block_m;
+  g.vocab_tiles = (s.v + block_v - 1) / block_v;
+  const std::int64_t wanted = (forward_target_blocks + g.row_tiles - 1) / g.row_tiles;
+  const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, g.vocab_tiles);
+  g.tiles_per_split = (g.vocab_tiles + splits - 1) / splits;
+  g.splits = (g.vocab_tiles + g.tiles_per_split - 1) / g.tiles_per_split;
+  return g;
+}
+
+/// Grids and workspace regions of one forward. `sm90` is the grid of the sm_90a kernel when
+/// the Config has one (else all zero); the partial statistics are sized for either kernel, so
+/// the workspace size does not depend on the device.
+struct forward_plan {
+  forward_grid grid, sm90;
   std::size_t scalars = 0, partial = 0, target_logit = 0, ce = 0, token_z_loss = 0, argmax = 0;
   std::size_t bytes = 0;
 };
@@ -31,15 +53,15 @@ struct forward_plan {
 template <class Config>
 forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layout) noexcept {
   forward_plan p;
-  p.row_tiles = (s.n + Config::block_m - 1) / Config::block_m;
-  p.vocab_tiles = (s.v + Config::block_v - 1) / Config::block_v;
-  const std::int64_t wanted = (forward_target_blocks + p.row_tiles - 1) / p.row_tiles;
-  const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, p.vocab_tiles);
-  p.tiles_per_split = (p.vocab_tiles + splits - 1) / splits;
-  p.splits = (p.vocab_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
+  p.grid = make_forward_grid(s, Config::block_m, Config::block_v);
+  using sm90_config = typename sm90_config_of<Config>::type;
+  if constexpr (!std::is_void_v<sm90_config>) {
+    p.sm90 = make_forward_grid(s, sm90_config::block_m, sm90_config::block_v);
+  }
   const auto n = static_cast<std::size_t>(s.n);
+  const auto splits = static_cast<std::size_t>(std::max(p.grid.splits, p.sm90.splits));
   p.scalars = layout.reserve<kernel::loss_scalars>(1);
-  p.partial = layout.reserve<thread::row_stats>(static_cast<std::size_t>(p.splits) * n);
+  p.partial = layout.reserve<thread::row_stats>(splits * n);
   p.target_logit = layout.reserve<float>(n);
   p.ce = layout.reserve<float>(n);
   p.token_z_loss = layout.reserve<float>(n);
@@ -113,15 +135,72 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
   return cudaSuccess;
 }
 
-/// Enqueues the forward. Arguments are already validated.
-template <class Element, class Config>
-cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
-                        const forward_args<Element>& a, const problem& s,
-                        const loss_options& o, cudaStream_t stream) noexcept {
-  using fused = kernel::fused_forward<Element, Config>;
-  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
-  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+/// Whether the sm_90a kernel of `SM90Config` runs this forward: a 16-bit Element, a device of
+/// compute capability 9.0 with the kernel's sm_90a code loaded, and operands the copy engine
+/// can read (then `fp` holds their tensor maps).
+template <class Element, class SM90Config>
+bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Config>::params& fp,
+                          const forward_args<Element>& a, const problem& s) noexcept {
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (major != 9 || minor != 0) return false;
+  cudaFuncAttributes attributes{};
+  if (cudaFuncGetAttributes(&attributes, kernel::fused_forward_sm90_kernel<Element, SM90Config>) !=
+          cudaSuccess ||
+      attributes.binaryVersion != 90) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
+                                 SM90Config::block_k) &&
+         detail::encode_tile_map(&fp.w_map, a.w, s.v, s.d, s.w_stride(), SM90Config::block_v,
+                                 SM90Config::block_k);
+}
 
+/// Enqueues the fused kernel: the sm_90a one where it applies, else the mma.sync / FFMA one.
+/// Sets `splits` to the number of vocabulary splits it wrote.
+template <class Element, class Config>
+cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
+                              const forward_args<Element>& a, const problem& s,
+                              const loss_options& o, std::int64_t& splits,
+                              cudaStream_t stream) noexcept {
+  auto* partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
+  auto* target_logit = detail::at<float>(d_workspace, plan.target_logit);
+
+  using sm90_config = typename sm90_config_of<Config>::type;
+  if constexpr (!std::is_void_v<sm90_config> && sizeof(Element) == 2) {
+    using fused = kernel::fused_forward_sm90<Element, sm90_config>;
+    typename fused::params fp{};
+    if (prepare_sm90_forward<Element, sm90_config>(fp, a, s)) {
+      fp.n = s.n;
+      fp.v = s.v;
+      fp.d = s.d;
+      fp.bias = a.bias;
+      fp.class_weight = a.class_weight;
+      fp.transform = make_transform(o);
+      fp.targets = make_target_view(a.targets, o);
+      fp.partial = partial;
+      fp.target_logit = target_logit;
+      fp.tiles_per_split = plan.sm90.tiles_per_split;
+      LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_sm90_kernel<Element, sm90_config>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               fused::smem_bytes));
+      const dim3 grid(static_cast<unsigned>(plan.sm90.row_tiles),
+                      static_cast<unsigned>(plan.sm90.splits));
+      kernel::fused_forward_sm90_kernel<Element, sm90_config>
+          <<<grid, fused::threads, fused::smem_bytes, stream>>>(fp);
+      LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
+      splits = plan.sm90.splits;
+      return cudaSuccess;
+    }
+  }
+
+  using fused = kernel::fused_forward<Element, Config>;
   auto aligned = [](const Element* p, std::int64_t ld) {
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;
   };
@@ -132,10 +211,11 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   fp.class_weight = a.class_weight;
   fp.transform = make_transform(o);
   fp.targets = make_target_view(a.targets, o);
-  fp.partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
-  fp.target_logit = detail::at<float>(d_workspace, plan.target_logit);
-  fp.tiles_per_split = plan.tiles_per_split;
-  const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(plan.splits));
+  fp.partial = partial;
+  fp.target_logit = target_logit;
+  fp.tiles_per_split = plan.grid.tiles_per_split;
+  const dim3 grid(static_cast<unsigned>(plan.grid.row_tiles),
+                  static_cast<unsigned>(plan.grid.splits));
   constexpr int smem_bytes = static_cast<int>(sizeof(typename fused::shared_storage));
   if constexpr (smem_bytes > 48 * 1024) {
     LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_kernel<Element, Config>,
@@ -144,9 +224,27 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   }
   kernel::fused_forward_kernel<Element, Config><<<grid, Config::threads, smem_bytes, stream>>>(fp);
   LCE_CHECK_LAUNCH("fused_forward_kernel");
+  splits = plan.grid.splits;
+  return cudaSuccess;
+}
+
+/// Enqueues the forward. Arguments are already validated.
+template <class Element, class Config>
+cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
+                        const forward_args<Element>& a, const problem& s,
+                        const loss_options& o, cudaStream_t stream) noexcept {
+  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
+  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+
+  std::int64_t splits = 0;
+  LCE_RETURN_IF_ERROR(
+      (run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, splits, stream)));
 
   constexpr int combine_threads = 256;
-  const kernel::combine_params cp{fp.partial, fp.target_logit, s.n, plan.splits,
+  const kernel::combine_params cp{detail::at<thread::row_stats>(d_workspace, plan.partial),
+                                  detail::at<float>(d_workspace, plan.target_logit),
+                                  s.n,
+                                  splits,
                                   make_row_loss_params(a.targets, s, o, a.class_weight, scalars),
                                   make_row_outputs(d_workspace, plan, a)};
   const auto combine_blocks = static_cast<unsigned>((s.n + combine_threads - 1) / combine_threads);
