@@ -244,7 +244,8 @@ void bm_floor_forward_backward(benchmark::State& state, lce::problem s) {
 }
 
 template <class Config = lce::default_config<bf16>>
-void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f) {
+void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f,
+                    lce::loss_options options = {}) {
   guarded(state, [&] {
     const floor_times& floor = floor_of(s);
     const dataset& data = dataset::get(s, f);
@@ -256,14 +257,14 @@ void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f) {
     args.targets = data.targets.data();
     args.loss = loss.data();
     std::size_t bytes = 0;
-    LCE_EXAMPLE_CHECK((lce::forward<bf16, Config>(nullptr, bytes, args, s)));
+    LCE_EXAMPLE_CHECK((lce::forward<bf16, Config>(nullptr, bytes, args, s, options)));
     require_memory(bytes);
     device_buffer<unsigned char> workspace(bytes);
     measure(
         state,
         [&] {
           LCE_EXAMPLE_CHECK(
-              (lce::forward<bf16, Config>(workspace.data(), bytes, args, s, {}, ctx.stream)));
+              (lce::forward<bf16, Config>(workspace.data(), bytes, args, s, options, ctx.stream)));
         },
         2 * ndv(s), floor.forward_ms, bytes);
     report_loss(state, loss);
@@ -410,10 +411,17 @@ void register_benchmarks() {
     add("fwdbwd/cublas" + shape, bm_floor_forward_backward, s);
     for (data_family f : {data_family::flat, data_family::peaked, data_family::lm}) {
       const std::string rows = shape + "/" + to_string(f);
-      add("fwd/lce" + rows, bm_lce_forward<>, s, f);
+      add("fwd/lce" + rows, bm_lce_forward<>, s, f, lce::loss_options{});
       if (f == data_family::lm) {
-        add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f);
-        add("fwd/lce_sm90_256" + rows, bm_lce_forward<sm90_wide_config>, s, f);
+        add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f,
+            lce::loss_options{});
+        add("fwd/lce_sm90_256" + rows, bm_lce_forward<sm90_wide_config>, s, f,
+            lce::loss_options{});
+        // Gemma 2's final-logit softcap (30): the general epilogue (tanh per logit)
+        lce::loss_options softcap;
+        softcap.softcap = 30.0f;
+        add("fwd/lce_softcap30" + rows, bm_lce_forward<>, s, f, softcap);
+        add("fwd/lce_sm90_256_softcap30" + rows, bm_lce_forward<sm90_wide_config>, s, f, softcap);
       }
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};

@@ -50,12 +50,16 @@ struct sm90_tile_config {
 
 /// @brief Default configuration per element type. 16-bit types: tensor cores (mma.sync
 /// through WMMA), 128×128 tiles, warp tiles of 64×32, a 4-stage cp.async pipeline (80 KiB of
-/// shared memory, two blocks per SM); on sm_90a devices the forward runs the `sm90`
-/// configuration instead (a Config without an `sm90` member keeps the mma.sync kernel
-/// everywhere). float: exact FFMA (never TF32), 64×128 tiles.
+/// shared memory, two blocks per SM); on sm_90a devices the forward runs the `sm90` (or, with a
+/// bias or class weights, `sm90_general`) configuration instead; a Config without an `sm90`
+/// member keeps the mma.sync kernel everywhere. float: exact FFMA (never TF32), 64×128 tiles.
 template <class Element>
 struct default_config : tile_config<128, 128, 32, 2, 4, 4> {
-  using sm90 = sm90_tile_config<128, 6>;
+  /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles.
+  using sm90 = sm90_tile_config<256, 4>;
+  /// With a bias or class weights: their per-column loads need the registers of a narrower
+  /// tile.
+  using sm90_general = sm90_tile_config<128, 6>;
 };
 template <>
 struct default_config<float> : tile_config<64, 128, 16, 2, 4, 2> {};
@@ -68,6 +72,17 @@ struct sm90_config_of {
 template <class Config>
 struct sm90_config_of<Config, std::void_t<typename Config::sm90>> {
   using type = typename Config::sm90;
+};
+
+/// @brief The sm_90a configuration for a forward with bias or class weights: the Config's
+/// `sm90_general` member, else its `sm90` one (void if neither).
+template <class Config, class = void>
+struct sm90_general_config_of {
+  using type = typename sm90_config_of<Config>::type;
+};
+template <class Config>
+struct sm90_general_config_of<Config, std::void_t<typename Config::sm90_general>> {
+  using type = typename Config::sm90_general;
 };
 
 /// @brief Whether `Element` is one of the supported element types.

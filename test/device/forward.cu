@@ -276,6 +276,7 @@ void check_forward_config(const case_spec& spec, const char* label) {
                                   reduced ? out.loss.data() : nullptr,
                                   out.token_loss.data(),
                                   out.lse.data()};
+  args.class_weight = data.class_weight_pointer();
   std::size_t bytes = 0;
   LCE_TEST_REQUIRE_OK(
       (lce::forward<Element, Config>(nullptr, bytes, args, data.shape, data.options)));
@@ -324,7 +325,14 @@ TEMPLATE_TEST_CASE("forward: the mma.sync and the sm_90a kernels (both tile widt
   const case_spec spec = GENERATE(case_spec{1, 16, 1}, case_spec{129, 72, 257}.sum(),
                                   case_spec{300, 1000, 4097}, case_spec{255, 2304, 50257}.none(),
                                   case_spec{4097, 64, 1000}.no_bias(),
-                                  case_spec{300, 136, 3000}.padded(8, 8, 0, 0));
+                                  case_spec{300, 136, 3000}.padded(8, 8, 0, 0),
+                                  // the lean epilogue with softcap and temperature (no bias)
+                                  case_spec{300, 1000, 4097}.no_bias().capped(30.0f),
+                                  case_spec{129, 72, 512}.no_bias().capped(5.0f).with_temperature(0.7f)
+                                      .scaled(6.0),
+                                  case_spec{257, 2304, 1024}.no_bias().with_temperature(1.7f),
+                                  // the general epilogue: class weights and smoothing
+                                  case_spec{200, 520, 3001}.no_bias().weighted().smoothing(0.1f));
   check_forward_config<TestType, lce::default_config<TestType>>(spec, "config=default");
   check_forward_config<TestType, mma_sync_only>(spec, "config=mma.sync");
   check_forward_config<TestType, sm90_wide>(spec, "config=sm90-256");

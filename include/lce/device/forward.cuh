@@ -45,7 +45,7 @@ inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v
 /// the Config has one (else all zero); the partial statistics are sized for either kernel, so
 /// the workspace size does not depend on the device.
 struct forward_plan {
-  forward_grid grid, sm90;
+  forward_grid grid, sm90, sm90_general;
   std::size_t scalars = 0, partial = 0, target_logit = 0, ce = 0, token_z_loss = 0, argmax = 0;
   std::size_t bytes = 0;
 };
@@ -55,11 +55,15 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   forward_plan p;
   p.grid = make_forward_grid(s, Config::block_m, Config::block_v);
   using sm90_config = typename sm90_config_of<Config>::type;
+  using sm90_general_config = typename sm90_general_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config>) {
     p.sm90 = make_forward_grid(s, sm90_config::block_m, sm90_config::block_v);
+    p.sm90_general =
+        make_forward_grid(s, sm90_general_config::block_m, sm90_general_config::block_v);
   }
   const auto n = static_cast<std::size_t>(s.n);
-  const auto splits = static_cast<std::size_t>(std::max(p.grid.splits, p.sm90.splits));
+  const auto splits = static_cast<std::size_t>(
+      std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
   p.scalars = layout.reserve<kernel::loss_scalars>(1);
   p.partial = layout.reserve<thread::row_stats>(splits * n);
   p.target_logit = layout.reserve<float>(n);
@@ -162,8 +166,43 @@ bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Confi
                                  SM90Config::block_k);
 }
 
-/// Enqueues the fused kernel: the sm_90a one where it applies, else the mma.sync / FFMA one.
-/// Sets `splits` to the number of vocabulary splits it wrote.
+/// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
+/// `launched` and `splits`.
+template <class Element, class SM90Config>
+cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
+                                   const problem& s, const loss_options& o,
+                                   thread::row_stats* partial, float* target_logit,
+                                   bool& launched, std::int64_t& splits,
+                                   cudaStream_t stream) noexcept {
+  using fused = kernel::fused_forward_sm90<Element, SM90Config>;
+  typename fused::params fp{};
+  launched = false;
+  if (!prepare_sm90_forward<Element, SM90Config>(fp, a, s)) return cudaSuccess;
+  fp.n = s.n;
+  fp.v = s.v;
+  fp.d = s.d;
+  fp.bias = a.bias;
+  fp.class_weight = a.class_weight;
+  fp.transform = make_transform(o);
+  fp.targets = make_target_view(a.targets, o);
+  fp.partial = partial;
+  fp.target_logit = target_logit;
+  fp.tiles_per_split = grid.tiles_per_split;
+  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_sm90_kernel<Element, SM90Config>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           fused::smem_bytes));
+  const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
+  kernel::fused_forward_sm90_kernel<Element, SM90Config>
+      <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
+  LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
+  launched = true;
+  splits = grid.splits;
+  return cudaSuccess;
+}
+
+/// Enqueues the fused kernel: the sm_90a one where it applies (Config::sm90 without bias and
+/// class weights, Config::sm90_general with them), else the mma.sync / FFMA one. Sets `splits`
+/// to the number of vocabulary splits it wrote.
 template <class Element, class Config>
 cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
                               const forward_args<Element>& a, const problem& s,
@@ -174,30 +213,16 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
 
   using sm90_config = typename sm90_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config> && sizeof(Element) == 2) {
-    using fused = kernel::fused_forward_sm90<Element, sm90_config>;
-    typename fused::params fp{};
-    if (prepare_sm90_forward<Element, sm90_config>(fp, a, s)) {
-      fp.n = s.n;
-      fp.v = s.v;
-      fp.d = s.d;
-      fp.bias = a.bias;
-      fp.class_weight = a.class_weight;
-      fp.transform = make_transform(o);
-      fp.targets = make_target_view(a.targets, o);
-      fp.partial = partial;
-      fp.target_logit = target_logit;
-      fp.tiles_per_split = plan.sm90.tiles_per_split;
-      LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_sm90_kernel<Element, sm90_config>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               fused::smem_bytes));
-      const dim3 grid(static_cast<unsigned>(plan.sm90.row_tiles),
-                      static_cast<unsigned>(plan.sm90.splits));
-      kernel::fused_forward_sm90_kernel<Element, sm90_config>
-          <<<grid, fused::threads, fused::smem_bytes, stream>>>(fp);
-      LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
-      splits = plan.sm90.splits;
-      return cudaSuccess;
+    bool launched = false;
+    if (a.bias == nullptr && a.class_weight == nullptr) {
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config>(
+          plan.sm90, a, s, o, partial, target_logit, launched, splits, stream)));
+    } else {
+      using general = typename sm90_general_config_of<Config>::type;
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, general>(
+          plan.sm90_general, a, s, o, partial, target_logit, launched, splits, stream)));
     }
+    if (launched) return cudaSuccess;
   }
 
   using fused = kernel::fused_forward<Element, Config>;

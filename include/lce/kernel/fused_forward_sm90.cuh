@@ -64,6 +64,11 @@ struct fused_forward_sm90 {
     std::int64_t tiles_per_split;
   };
 
+  /// Whether full tiles take the lean epilogue (no bias, no class weights; softcap allowed).
+  __host__ __device__ static bool lean_epilogue(const params& p) noexcept {
+    return p.bias == nullptr && p.class_weight == nullptr;
+  }
+
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
     const int warpgroup = static_cast<int>(threadIdx.x) / 128;
     const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
@@ -127,6 +132,7 @@ struct fused_forward_sm90 {
       stats[h] = thread::row_stats_identity();
     }
 
+    const bool plain = lean_epilogue(p);
     float acc[frag];
     unsigned it = 0;
     const int a_offset = half * 64 * 128;  // this warpgroup's 64 rows of 128 bytes
@@ -154,12 +160,16 @@ struct fused_forward_sm90 {
 #pragma unroll
       for (int i = 0; i < frag; ++i) detail::sm90::register_fence(acc[i]);
       detail::sm90::barrier_arrive(&s.empty[previous]);
-      // The plain case (no bias, no class weights, no softcap) gets its own copy of the
-      // epilogue: without per-column loads and tanh it fits the registers beside the tile.
-      if (p.bias == nullptr && p.class_weight == nullptr && p.transform.softcap <= 0.0f) {
-        fold_tile<false>(p, acc, tile * block_v, quad, rows, target, stats);
+      // Full tiles of the plain case (no bias, no class weights, no softcap) take the lean
+      // epilogue: no masks, no per-column loads, no tanh; it fits the registers beside the tile.
+      if (plain && tile * block_v + block_v <= p.v) {
+        if (p.transform.softcap > 0.0f) {
+          fold_plain_tile<true>(p, acc, tile * block_v, quad, rows, target, stats);
+        } else {
+          fold_plain_tile<false>(p, acc, tile * block_v, quad, rows, target, stats);
+        }
       } else {
-        fold_tile<true>(p, acc, tile * block_v, quad, rows, target, stats);
+        fold_tile(p, acc, tile * block_v, quad, rows, target, stats);
       }
     }
 
@@ -171,46 +181,13 @@ struct fused_forward_sm90 {
     }
   }
 
-  /// Folds one finished tile (columns vocab0 + 8·j + 2·quad + e of rows[h] at
-  /// acc[4·j + 2·h + e]) into the rows' statistics. The four lanes of a quad hold one row's
-  /// columns between them and end with the same merged statistics.
-  template <bool General>
-  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag], std::int64_t vocab0,
-                                   int quad, const std::int64_t (&rows)[2],
-                                   const std::int64_t (&target)[2],
-                                   thread::row_stats (&stats)[2]) {
-    const bool full_tile = vocab0 + block_v <= p.v;
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < block_v / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * j + 2 * quad + e;
-        const bool in = full_tile || vocab0 + col < p.v;
-        float b = 0.0f;
-        if constexpr (General) {
-          if (p.bias != nullptr && in) b = static_cast<float>(p.bias[vocab0 + col]);
-        }
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float& z = acc[4 * j + 2 * h + e];
-          if constexpr (General) {
-            z = in ? p.transform(z + b) : -INFINITY;
-          } else {
-            z = in ? z * p.transform.inv_temperature : -INFINITY;
-          }
-          mx[h] = thread::nan_max(mx[h], z);
-        }
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      mx[h] = thread::nan_max(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-      mx[h] = thread::nan_max(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    }
-
-    // The target logit comes from the same fp32 tile that feeds the lse; the thread holding its
-    // column selects it with compile-time register indices.
+  /// Writes the target logits that lie in this tile: the thread holding a target's column
+  /// selects it with compile-time register indices (a run-time index would spill the tile).
+  /// It comes from the same fp32 tile that feeds the lse.
+  __device__ __forceinline__ static void write_targets(const params& p, const float (&acc)[frag],
+                                                       std::int64_t vocab0, int quad,
+                                                       const std::int64_t (&rows)[2],
+                                                       const std::int64_t (&target)[2]) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const std::int64_t local = target[h] - vocab0;
@@ -226,6 +203,124 @@ struct fused_forward_sm90 {
         p.target_logit[rows[h]] = zt;
       }
     }
+  }
+
+  /// Sums of the quad (the four lanes sharing a row), and the merge into the row's state.
+  __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz,
+                                                    float sum_wz, int first, std::int64_t vocab0,
+                                                    thread::row_stats& stats) {
+#pragma unroll
+    for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);
+      sum_pz += __shfl_xor_sync(0xffffffffu, sum_pz, lane_mask);
+      sum_wz += __shfl_xor_sync(0xffffffffu, sum_wz, lane_mask);
+      first = min(first, __shfl_xor_sync(0xffffffffu, first, lane_mask));
+    }
+    if (mx != -INFINITY) {
+      stats = thread::row_stats_merge(stats,
+                                      thread::row_stats{mx, sum, sum_pz, sum_wz, vocab0 + first});
+    }
+  }
+
+  /// c·tanh(x/c)·… for the lean epilogue: x = raw/τ, z = c·tanh(x/c), with tanh from one
+  /// exponential and one reciprocal on the special-function unit, (1 − e)/(1 + e) with
+  /// e = e^{−2|y|}, and its Taylor series below |y| < 2⁻⁸ where 1 − e would cancel. Absolute
+  /// error of z about c·10⁻⁷ (tanhf's is c·6·10⁻⁸); the backward's tanhf sees the same logits
+  /// to that precision.
+  __device__ __forceinline__ static float fast_softcap(float raw, float scale, float cap) {
+    constexpr float two_log2e = 2.0f * 1.4426950408889634f;
+    const float y = raw * scale;  // x/c = raw/(τ·c)
+    const float ay = fabsf(y);
+    float e;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-two_log2e * ay));
+    float t = __fdividef(1.0f - e, 1.0f + e);
+    if (ay < 0.00390625f) t = ay * fmaf(-ay * ay, 1.0f / 3.0f, 1.0f);
+    return copysignf(cap * t, y);
+  }
+
+  /// The lean epilogue of a full tile without bias or class weights: z = acc/τ (softcapped if
+  /// Softcap), then e^{z−max} as 2^{z·log2e − max·log2e} on the special-function unit. A NaN
+  /// or +inf logit still turns the row's sum into NaN (fmaxf drops NaN from the max, but
+  /// z − max does not).
+  template <bool Softcap>
+  __device__ __forceinline__ static void fold_plain_tile(const params& p, float (&acc)[frag],
+                                                         std::int64_t vocab0, int quad,
+                                                         const std::int64_t (&rows)[2],
+                                                         const std::int64_t (&target)[2],
+                                                         thread::row_stats (&stats)[2]) {
+    constexpr float log2e = 1.4426950408889634f;
+    const float inv_t = p.transform.inv_temperature;
+    const float cap = p.transform.softcap;
+    const float cap_scale = Softcap ? inv_t / cap : 0.0f;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < frag; ++i) {
+      if constexpr (Softcap) {
+        acc[i] = fast_softcap(acc[i], cap_scale, cap);
+      } else {
+        acc[i] *= inv_t;
+      }
+      mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], acc[i]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+    write_targets(p, acc, vocab0, quad, rows, target);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float shift = -mx[h] * log2e;
+      float sum = 0.0f, sum_pz = 0.0f, sum_z = 0.0f;
+      int first = INT_MAX;
+#pragma unroll
+      for (int j = block_v / 8 - 1; j >= 0; --j) {  // downwards: the last match is the first
+#pragma unroll
+        for (int e = 1; e >= 0; --e) {
+          const float z = acc[4 * j + 2 * h + e];
+          float ez;
+          asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(ez) : "f"(fmaf(z, log2e, shift)));
+          sum += ez;
+          sum_pz = fmaf(ez, z, sum_pz);
+          sum_z += z;
+          first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
+        }
+      }
+      merge_quad(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
+    }
+  }
+
+  /// Folds one finished tile (columns vocab0 + 8·j + 2·quad + e of rows[h] at
+  /// acc[4·j + 2·h + e]) into the rows' statistics. The four lanes of a quad hold one row's
+  /// columns between them and end with the same merged statistics.
+  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag], std::int64_t vocab0,
+                                   int quad, const std::int64_t (&rows)[2],
+                                   const std::int64_t (&target)[2],
+                                   thread::row_stats (&stats)[2]) {
+    const bool full_tile = vocab0 + block_v <= p.v;
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < block_v / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * quad + e;
+        const bool in = full_tile || vocab0 + col < p.v;
+        const float b = (p.bias != nullptr && in) ? static_cast<float>(p.bias[vocab0 + col]) : 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float& z = acc[4 * j + 2 * h + e];
+          z = in ? p.transform(z + b) : -INFINITY;
+          mx[h] = thread::nan_max(mx[h], z);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = thread::nan_max(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = thread::nan_max(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    }
+
+    write_targets(p, acc, vocab0, quad, rows, target);
 
     float sum[2] = {0.0f, 0.0f}, sum_pz[2] = {0.0f, 0.0f}, sum_wz[2] = {0.0f, 0.0f};
     int first[2] = {INT_MAX, INT_MAX};
@@ -235,10 +330,7 @@ struct fused_forward_sm90 {
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * j + 2 * quad + e;
         const bool in = full_tile || vocab0 + col < p.v;
-        float w = in ? 1.0f : 0.0f;
-        if constexpr (General) {
-          if (p.class_weight != nullptr && in) w = p.class_weight[vocab0 + col];
-        }
+        const float w = !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float z = acc[4 * j + 2 * h + e];
@@ -254,17 +346,7 @@ struct fused_forward_sm90 {
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
-        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], lane_mask);
-        sum_pz[h] += __shfl_xor_sync(0xffffffffu, sum_pz[h], lane_mask);
-        sum_wz[h] += __shfl_xor_sync(0xffffffffu, sum_wz[h], lane_mask);
-        first[h] = min(first[h], __shfl_xor_sync(0xffffffffu, first[h], lane_mask));
-      }
-      if (mx[h] != -INFINITY) {
-        stats[h] = thread::row_stats_merge(
-            stats[h], thread::row_stats{mx[h], sum[h], sum_pz[h], sum_wz[h], vocab0 + first[h]});
-      }
+      merge_quad(mx[h], sum[h], sum_pz[h], sum_wz[h], first[h], vocab0, stats[h]);
     }
   }
 };
