@@ -113,15 +113,16 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
   return cudaSuccess;
 }
 
-/// Enqueues the forward. Arguments are already validated.
+/// Enqueues the fused kernel alone: the per-(split, row) statistics to plan.partial and the
+/// target logits to plan.target_logit. `vocab_offset` is the global id of column 0 of `a.w`
+/// when it holds a vocabulary shard (lce/nccl/; a.w, a.bias, a.class_weight and s.v are then
+/// the shard's), 0 otherwise.
 template <class Element, class Config>
-cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
-                        const forward_args<Element>& a, const problem& s,
-                        const loss_options& o, cudaStream_t stream) noexcept {
+cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
+                              const forward_args<Element>& a, const problem& s,
+                              const loss_options& o, std::int64_t vocab_offset,
+                              cudaStream_t stream) noexcept {
   using fused = kernel::fused_forward<Element, Config>;
-  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
-  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
-
   auto aligned = [](const Element* p, std::int64_t ld) {
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;
   };
@@ -132,6 +133,7 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   fp.class_weight = a.class_weight;
   fp.transform = make_transform(o);
   fp.targets = make_target_view(a.targets, o);
+  fp.targets.vocab_offset = vocab_offset;
   fp.partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   fp.target_logit = detail::at<float>(d_workspace, plan.target_logit);
   fp.tiles_per_split = plan.tiles_per_split;
@@ -144,9 +146,22 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
   }
   kernel::fused_forward_kernel<Element, Config><<<grid, Config::threads, smem_bytes, stream>>>(fp);
   LCE_CHECK_LAUNCH("fused_forward_kernel");
+  return cudaSuccess;
+}
+
+/// Enqueues the forward. Arguments are already validated.
+template <class Element, class Config>
+cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
+                        const forward_args<Element>& a, const problem& s,
+                        const loss_options& o, cudaStream_t stream) noexcept {
+  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
+  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+  LCE_RETURN_IF_ERROR((run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, 0, stream)));
 
   constexpr int combine_threads = 256;
-  const kernel::combine_params cp{fp.partial, fp.target_logit, s.n, plan.splits,
+  const kernel::combine_params cp{detail::at<thread::row_stats>(d_workspace, plan.partial),
+                                  detail::at<float>(d_workspace, plan.target_logit), s.n,
+                                  plan.splits,
                                   make_row_loss_params(a.targets, s, o, a.class_weight, scalars),
                                   make_row_outputs(d_workspace, plan, a)};
   const auto combine_blocks = static_cast<unsigned>((s.n + combine_threads - 1) / combine_threads);
