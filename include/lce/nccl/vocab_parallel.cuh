@@ -86,7 +86,7 @@ template <class Element>
 }
 
 /// @brief Workspace bytes of lce::nccl::forward on this rank: the core forward's for the
-/// shard (O(n·splits)) plus 32 B per row for the combine; a pure function of the shape and the
+/// shard (O(n·splits)) plus 28 B per row for the combine; a pure function of the shape and the
 /// shard's size.
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] std::size_t forward_workspace_size(const problem& shape,
