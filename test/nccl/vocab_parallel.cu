@@ -153,6 +153,8 @@ struct rank_state {
 
 template <class Element>
 std::vector<std::unique_ptr<rank_state<Element>>> make_ranks(const problem_data<Element>& data) {
+  (void)communicators::get();  // on this thread, before the rank threads use it
+  LCE_TEST_CUDA(cudaSetDevice(0));
   const std::vector<shard_range> shards = make_shards(data.spec.v);
   std::vector<std::unique_ptr<rank_state<Element>>> out;
   for (int r = 0; r < ranks; ++r)
