@@ -24,3 +24,27 @@ lce_add_test(NAME device_forward_backward GPU
 # (or the name filter "options small*") selects the quick subset for compute-sanitizer.
 lce_add_test(NAME device_options GPU
   SOURCES device/options.cu)
+
+# The vocabulary-parallel layer (include/lce/nccl/), when NCCL is found: its argument contract
+# on the CPU, and the sharded results against the fp64 references on two GPUs (label gpu;
+# skipped with fewer than 2 devices). The GPU test drives both devices from one process: one
+# host thread per rank, communicators from ncclCommInitAll.
+if(TARGET lce::nccl)
+  add_library(lce_multi_gpu_test_main STATIC support/gpu_main.cpp)
+  target_compile_definitions(lce_multi_gpu_test_main PRIVATE LCE_TEST_MIN_DEVICES=2)
+  target_link_libraries(lce_multi_gpu_test_main PUBLIC lce::lce Catch2::Catch2 PRIVATE lce_warnings)
+
+  lce_add_test(NAME nccl_contract SOURCES nccl/contract.cu)
+  target_link_libraries(nccl_contract PRIVATE lce::nccl)
+  set_tests_properties(nccl_contract PROPERTIES LABELS "cpu;nccl")
+
+  add_executable(nccl_vocab_parallel nccl/vocab_parallel.cu)
+  target_include_directories(nccl_vocab_parallel PRIVATE "${CMAKE_CURRENT_SOURCE_DIR}")
+  target_link_libraries(nccl_vocab_parallel PRIVATE lce::nccl lce_warnings lce_multi_gpu_test_main
+    Catch2::Catch2 CUDA::cublas)
+  add_test(NAME nccl_vocab_parallel COMMAND nccl_vocab_parallel)
+  set_tests_properties(nccl_vocab_parallel PROPERTIES LABELS "gpu;nccl" SKIP_RETURN_CODE 77
+    TIMEOUT 1500 ENVIRONMENT "NCCL_NVLS_ENABLE=0")
+else()
+  message(STATUS "lce: NCCL not found: the nccl_contract and nccl_vocab_parallel tests are skipped")
+endif()

@@ -508,3 +508,15 @@ TEST_CASE("target_view is shifted_target", "[thread][cross_entropy][options]") {
     }
   }
 }
+
+TEST_CASE("target_view with a vocabulary offset is shard-local for valid rows only",
+          "[thread][cross_entropy][nccl]") {
+  const std::vector<std::int64_t> targets{10, -100, 12, 3, 14, 15};
+  const lce::thread::target_view view{targets.data(), 0, -100, 12};
+  const std::int64_t expected[] = {-2, -100, 0, -9, 2, 3};
+  for (std::int64_t r = 0; r < 6; ++r) CHECK(view(r) == expected[r]);
+  // With the causal shift, the shifted-in ignore_index of a sequence end stays unshifted.
+  const lce::thread::target_view shifted{targets.data(), 3, -100, 10};
+  const std::int64_t expected_shifted[] = {-100, 2, -100, 4, 5, -100};
+  for (std::int64_t r = 0; r < 6; ++r) CHECK(shifted(r) == expected_shifted[r]);
+}

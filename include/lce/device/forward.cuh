@@ -171,7 +171,7 @@ bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Confi
 template <class Element, class SM90Config>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
-                                   thread::row_stats* partial, float* target_logit,
+                                   std::int64_t vocab_offset, thread::row_stats* partial, float* target_logit,
                                    bool& launched, std::int64_t& splits,
                                    cudaStream_t stream) noexcept {
   using fused = kernel::fused_forward_sm90<Element, SM90Config>;
@@ -185,6 +185,7 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.class_weight = a.class_weight;
   fp.transform = make_transform(o);
   fp.targets = make_target_view(a.targets, o);
+  fp.targets.vocab_offset = vocab_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
   fp.tiles_per_split = grid.tiles_per_split;
@@ -200,14 +201,17 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   return cudaSuccess;
 }
 
-/// Enqueues the fused kernel: the sm_90a one where it applies (Config::sm90 without bias and
-/// class weights, Config::sm90_general with them), else the mma.sync / FFMA one. Sets `splits`
-/// to the number of vocabulary splits it wrote.
+/// Enqueues the fused kernel alone: the per-(split, row) statistics to plan.partial and the
+/// target logits to plan.target_logit; the sm_90a kernel where it applies (Config::sm90 without
+/// bias and class weights, Config::sm90_general with them), else the mma.sync / FFMA one. Sets
+/// `splits` to the number of vocabulary splits it wrote. `vocab_offset` is the global id of
+/// column 0 of `a.w` when it holds a vocabulary shard (lce/nccl/; a.w, a.bias, a.class_weight
+/// and s.v are then the shard's), 0 otherwise.
 template <class Element, class Config>
 cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
                               const forward_args<Element>& a, const problem& s,
-                              const loss_options& o, std::int64_t& splits,
-                              cudaStream_t stream) noexcept {
+                              const loss_options& o, std::int64_t vocab_offset,
+                              std::int64_t& splits, cudaStream_t stream) noexcept {
   auto* partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   auto* target_logit = detail::at<float>(d_workspace, plan.target_logit);
 
@@ -216,11 +220,12 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
     bool launched = false;
     if (a.bias == nullptr && a.class_weight == nullptr) {
       LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config>(
-          plan.sm90, a, s, o, partial, target_logit, launched, splits, stream)));
+          plan.sm90, a, s, o, vocab_offset, partial, target_logit, launched, splits, stream)));
     } else {
       using general = typename sm90_general_config_of<Config>::type;
       LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, general>(
-          plan.sm90_general, a, s, o, partial, target_logit, launched, splits, stream)));
+          plan.sm90_general, a, s, o, vocab_offset, partial, target_logit, launched, splits,
+          stream)));
     }
     if (launched) return cudaSuccess;
   }
@@ -236,6 +241,7 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
   fp.class_weight = a.class_weight;
   fp.transform = make_transform(o);
   fp.targets = make_target_view(a.targets, o);
+  fp.targets.vocab_offset = vocab_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
   fp.tiles_per_split = plan.grid.tiles_per_split;
@@ -263,7 +269,7 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
 
   std::int64_t splits = 0;
   LCE_RETURN_IF_ERROR(
-      (run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, splits, stream)));
+      (run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, 0, splits, stream)));
 
   constexpr int combine_threads = 256;
   const kernel::combine_params cp{detail::at<thread::row_stats>(d_workspace, plan.partial),

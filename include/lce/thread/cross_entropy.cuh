@@ -124,11 +124,17 @@ __host__ __device__ inline float logit_grad(float z, float lse, bool is_target,
   return g * (expf(z - lse) - (is_target ? 1.0f : 0.0f));
 }
 
-/// @brief Targets as the kernels see them: ignore_index and the causal shift applied.
+/// @brief Targets as the kernels see them: ignore_index and the causal shift applied, and
+/// with `vocab_offset` (a vocabulary shard whose column 0 is global id vocab_offset, the
+/// vocabulary-parallel layer lce/nccl/) shard-local: valid targets are returned minus the
+/// offset, ignored rows as ignore_index. A shard-local target may then equal ignore_index, so
+/// only kernels that compare targets with column positions (never with ignore_index) may be
+/// given an offset view: the fused forward is; loss_scalars, finish_row, logit_grad are not.
 struct target_view {
   const std::int64_t* targets;
   std::int64_t seq_len;       ///< causal shift T, 0 = off
   std::int64_t ignore_index;
+  std::int64_t vocab_offset = 0;  ///< global id of the shard's column 0 (0: whole vocabulary)
 
   __host__ __device__ std::int64_t operator()(std::int64_t row) const noexcept;
 };
@@ -143,7 +149,8 @@ __host__ __device__ inline std::int64_t shifted_target(const std::int64_t* targe
 }
 
 __host__ __device__ inline std::int64_t target_view::operator()(std::int64_t row) const noexcept {
-  return shifted_target(targets, row, seq_len, ignore_index);
+  const std::int64_t y = shifted_target(targets, row, seq_len, ignore_index);
+  return (vocab_offset != 0 && y != ignore_index) ? y - vocab_offset : y;
 }
 
 }  // namespace thread

@@ -1,0 +1,274 @@
+/// @file vocab_parallel.cuh
+/// @brief lce::nccl — the linear cross-entropy with W sharded by vocabulary rows across the
+/// ranks of an NCCL communicator (Megatron-LM's vocabulary-parallel cross-entropy), with the
+/// exactness of the single-GPU launchers and no logits on any rank. docs/vocab_parallel.md.
+///
+/// Every rank holds the full X [n, d], the targets [n] (global ids), the class weights [v]
+/// (global), the upstream gradient, and rows [v_begin, v_end) of W, of the bias, and of dW
+/// and db. Per row, the ranks combine their partial (max, Σ exp) and the target logit with
+/// O(n) bytes of all-reduce; per-row outputs and the reduced loss come out identical on every
+/// rank. The backward writes this rank's dW/db rows and all-reduces (or reduce-scatters) dX.
+///
+/// Collective: every rank of `shard.comm` must make the same call, in the same order, with the
+/// same shape, options and set of requested outputs (null or not); one call per rank (a
+/// thread or a process per GPU). The calls issue kernels between collectives, so they must not
+/// be made inside an ncclGroupStart/ncclGroupEnd of the caller.
+#pragma once
+
+#include <cublas_v2.h>
+#include <nccl.h>
+
+#include <cstddef>
+#include <type_traits>
+
+#include "../args.hpp"
+#include "../backward.cuh"
+#include "../config.hpp"
+#include "../detail/validate.hpp"
+#include "../forward.cuh"
+#include "../options.hpp"
+#include "../status.hpp"
+#include "device.cuh"
+#include "shard.hpp"
+
+LCE_NAMESPACE_BEGIN
+namespace nccl {
+
+namespace detail {
+struct forward_backward_plan {
+  forward_plan forward;
+  std::size_t lse = 0;
+  std::size_t backward = 0;  ///< offset of the backward's workspace
+  backward_plan backward_plan;
+  std::size_t bytes = 0;
+};
+
+template <class Element, class Grad, class Config>
+forward_backward_plan make_forward_backward_plan(const problem& local,
+                                                 const backward_options& b) noexcept {
+  forward_backward_plan p;
+  lce::detail::workspace_layout layout;
+  p.forward = make_forward_plan<Config>(local, layout);
+  p.lse = layout.reserve<float>(static_cast<std::size_t>(local.n));
+  p.backward = layout.reserve<char>(0);
+  lce::detail::workspace_layout backward_layout;
+  p.backward_plan = make_backward_plan<Element, Grad>(local, b, backward_layout);
+  p.bytes = p.backward + p.backward_plan.bytes;
+  return p;
+}
+
+/// The checks every launcher runs first, in the documented order (after its own args).
+inline cudaError_t validate_common(const problem& shape, const vocab_shard& shard,
+                                   const loss_options& options) noexcept {
+  LCE_RETURN_IF_ERROR(lce::detail::validate_problem(shape));
+  LCE_RETURN_IF_ERROR(validate_shard(shard, shape));
+  return lce::detail::validate_options(options, shape);
+}
+}  // namespace detail
+
+/// @brief Bytes per row that one rank contributes to the collectives of a call: what the
+/// issue's communication budget counts (a ring all-reduce moves about 2·(k − 1)/k times this
+/// over each rank's links).
+struct communication_volume {
+  std::size_t forward_bytes_per_row;   ///< row max, Σ exp, target logit (12 B) + options
+  std::size_t backward_bytes_per_row;  ///< the fp32 dX row: 4·d B
+};
+
+/// @brief Bytes per row of the forward's all-reductions for these outputs and options: 4 for
+/// the row maximum, 4 for Σ exp and 4 for the target logit, plus 4 with `entropy` requested,
+/// 4 with label smoothing (Σ w·z), 8 with `argmax` or `correct` (the int64 argmax candidate);
+/// and 4·d per row of dX for the backward. A pure function.
+template <class Element>
+[[nodiscard]] communication_volume communication_bytes(const forward_args<Element>& args,
+                                                       const problem& shape,
+                                                       const loss_options& options) noexcept {
+  return {detail::forward_bytes_per_row(args, options), detail::backward_bytes_per_row(shape)};
+}
+
+/// @brief Workspace bytes of lce::nccl::forward on this rank: the core forward's for the
+/// shard (O(n·splits)) plus 28 B per row for the combine; a pure function of the shape and the
+/// shard's size.
+template <class Element, class Config = default_config<Element>>
+[[nodiscard]] std::size_t forward_workspace_size(const problem& shape,
+                                                 const vocab_shard& shard) noexcept {
+  lce::detail::workspace_layout layout;
+  return detail::make_forward_plan<Config>(detail::local_problem(shape, shard), layout).bytes;
+}
+
+/// @brief Vocabulary-parallel forward: the loss and every output of forward_args, as
+/// lce::forward computes them for the full W, on every rank.
+///
+/// @tparam Element  float, __half or __nv_bfloat16
+/// @tparam Config   tile configuration of the fused kernel (default_config<Element>)
+/// @param[in]     d_workspace      device workspace (256-byte aligned), or null for a size
+///                                 query that only sets `workspace_bytes` and launches nothing
+/// @param[in,out] workspace_bytes  in: bytes available; out (size query): bytes needed
+/// @param[in]     args             x [n, ldx], targets [n] and class_weight [v] global; w
+///                                 [v_end − v_begin, ldw] and bias [v_end − v_begin] the
+///                                 shard's; the outputs are written on every rank
+/// @param[in]     shape            n, d, the global vocabulary size v, leading dimensions
+/// @param[in]     shard            communicator and this rank's rows [v_begin, v_end)
+/// @param[in]     options          the loss options, with their global meaning
+/// @param[in]     stream           every launch and collective is enqueued on it, in order
+/// @return cudaSuccess; cudaErrorInvalidValue for a bad argument (lce::last_error_message()
+///         names it); the error of a failed launch; cudaErrorUnknown for a failed NCCL call.
+///
+/// Per rank: the fused kernel over the shard (1/k of the GEMM), the merge of its vocabulary
+/// splits, ncclAllReduce(max) of the row maxima (n floats), the local sums rescaled to the
+/// global maximum, one grouped ncclAllReduce(sum) of [Σ exp, target logit (0 where this rank
+/// does not own the target), Σ p·z (entropy only), Σ w·z (label smoothing only)] and, for
+/// argmax/correct only, ncclAllReduce(min) of int64 candidates; then the core's finish_row with
+/// the global V and the reduction. communication_bytes() gives the volume (12 B per row
+/// without options). Never allocates, synchronizes or reads back to the host (capturable, as
+/// NCCL collectives are). Deterministic for a fixed number of ranks and NCCL algorithm.
+template <class Element, class Config = default_config<Element>>
+[[nodiscard]] cudaError_t forward(void* d_workspace, std::size_t& workspace_bytes,
+                                  const forward_args<Element>& args, const problem& shape,
+                                  const vocab_shard& shard, const loss_options& options,
+                                  cudaStream_t stream = nullptr) noexcept {
+  static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
+  lce::detail::clear_error();
+  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(args, options));
+  detail::comm_info comm;
+  LCE_RETURN_IF_ERROR(detail::validate_comm(shard, shape, false, comm));
+  lce::detail::workspace_layout layout;
+  const detail::forward_plan plan =
+      detail::make_forward_plan<Config>(detail::local_problem(shape, shard), layout);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  return detail::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options,
+                                              stream);
+}
+
+/// @brief Workspace bytes of lce::nccl::backward on this rank: the core backward's for the
+/// shard within `bopt.memory_budget`, with an fp32 [n, d] partial dX always (the collective
+/// reduces it; the core's own accumulator serves when it has one).
+template <class Element, class Grad = Element>
+[[nodiscard]] std::size_t backward_workspace_size(const problem& shape, const vocab_shard& shard,
+                                                  const backward_options& bopt = {}) noexcept {
+  lce::detail::check_backward_types<Element, Grad>();
+  lce::detail::workspace_layout layout;
+  return detail::make_backward_plan<Element, Grad>(detail::local_problem(shape, shard), bopt,
+                                                   layout)
+      .bytes;
+}
+
+/// @brief Vocabulary-parallel backward: this rank's dW and db rows, and dX reduced over the
+/// ranks, from the forward's (global) lse.
+///
+/// @param[in] args   x, targets, lse [n], grad, class_weight global (the same on every rank);
+///                   w, bias the shard's; dw [v_end − v_begin, lddw] and db the shard's rows;
+///                   dx [n, lddx] (all_reduce) or [n/k, lddx], rows [rank·n/k, (rank+1)·n/k)
+///                   (reduce_scatter); each gradient optional (dx null: no collective)
+/// @param[in] shard  communicator, rows, and `dx`, the reduction of dX
+/// @param[in] bopt   strategy and memory budget of the shard's chunked backward
+/// Other parameters and the return value: lce::backward.
+///
+/// The core's chunked backward over the shard: dZ of each recomputed chunk from the global lse,
+/// n_valid, class weights and V, so every option keeps its global meaning; dW and db rows are
+/// written once (vocab_chunked) or accumulated in fp32 (row_chunked, Grad = float). The
+/// partial dX accumulates in fp32 (workspace), is reduced in fp32 with ncclAllReduce or
+/// ncclReduceScatter (4·n·d bytes per rank), and rounded once into the caller's dX (added to
+/// it after the reduction with options.accumulate). Never allocates, synchronizes or reads
+/// back to the host.
+template <class Element, class Grad>
+[[nodiscard]] cudaError_t backward(void* d_workspace, std::size_t& workspace_bytes,
+                                   const backward_args<Element, Grad>& args, const problem& shape,
+                                   const vocab_shard& shard, const loss_options& options,
+                                   const backward_options& bopt, cublasHandle_t handle,
+                                   cudaStream_t stream = nullptr) noexcept {
+  lce::detail::check_backward_types<Element, Grad>();
+  lce::detail::clear_error();
+  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_args(args));
+  if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
+  detail::comm_info comm;
+  LCE_RETURN_IF_ERROR(detail::validate_comm(
+      shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
+  lce::detail::workspace_layout layout;
+  const detail::backward_plan plan = detail::make_backward_plan<Element, Grad>(
+      detail::local_problem(shape, shard), bopt, layout);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  lce::detail::cublas_scope scope(handle, stream);
+  if (scope.status() != CUBLAS_STATUS_SUCCESS)
+    return lce::detail::cublas_failure(scope.status(), "handle setup");
+  return detail::run_backward<Element, Grad>(d_workspace, plan, args, shape, shard, comm, options,
+                                             handle, stream);
+}
+
+/// @brief Workspace bytes of lce::nccl::forward_backward: the forward's, n floats for the lse,
+/// and the backward's.
+template <class Element, class Grad = Element, class Config = default_config<Element>>
+[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
+                                                          const vocab_shard& shard,
+                                                          const backward_options& bopt = {}) noexcept {
+  lce::detail::check_backward_types<Element, Grad>();
+  return detail::make_forward_backward_plan<Element, Grad, Config>(
+             detail::local_problem(shape, shard), bopt)
+      .bytes;
+}
+
+/// @brief lce::nccl::forward, then lce::nccl::backward with upstream gradient 1 (of the mean or
+/// sum; for reduction none, of the sum of the token losses): 4 GEMMs of work over the shard,
+/// whichever strategy. Arguments as those two (forward_backward_args: the forward's pointers
+/// and dx, dw, db); `lse` is optional (kept in the workspace when null). With dx, dw and db all
+/// null it runs the forward only.
+template <class Element, class Grad, class Config = default_config<Element>>
+[[nodiscard]] cudaError_t forward_backward(void* d_workspace, std::size_t& workspace_bytes,
+                                           const forward_backward_args<Element, Grad>& args,
+                                           const problem& shape, const vocab_shard& shard,
+                                           const loss_options& options,
+                                           const backward_options& bopt, cublasHandle_t handle,
+                                           cudaStream_t stream = nullptr) noexcept {
+  lce::detail::check_backward_types<Element, Grad>();
+  lce::detail::clear_error();
+  const forward_args<Element> fa{args.x,       args.w,         args.bias,         args.targets,
+                                 args.loss,    args.token_loss, args.lse,         args.class_weight,
+                                 args.z_loss,  args.token_z_loss, args.argmax,    args.correct,
+                                 args.entropy, args.target_logprob};
+  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(fa, options));
+  if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
+  detail::comm_info comm;
+  LCE_RETURN_IF_ERROR(detail::validate_comm(
+      shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
+  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(
+      detail::local_problem(shape, shard), bopt);
+  if (d_workspace == nullptr) {
+    workspace_bytes = plan.bytes;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+
+  float* lse = args.lse ? args.lse : lce::detail::at<float>(d_workspace, plan.lse);
+  forward_args<Element> fwd = fa;
+  fwd.lse = lse;
+  LCE_RETURN_IF_ERROR((detail::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
+                                                            shard, options, stream)));
+  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  const backward_args<Element, Grad> ba{args.x,  args.w,  args.bias, args.targets,      lse,
+                                        nullptr, args.dx, args.dw,   args.db, args.class_weight};
+  lce::detail::cublas_scope scope(handle, stream);
+  if (scope.status() != CUBLAS_STATUS_SUCCESS)
+    return lce::detail::cublas_failure(scope.status(), "handle setup");
+  return detail::run_backward<Element, Grad>(lce::detail::at<char>(d_workspace, plan.backward),
+                                             plan.backward_plan, ba, shape, shard, comm, options,
+                                             handle, stream);
+}
+
+}  // namespace nccl
+LCE_NAMESPACE_END
