@@ -24,12 +24,13 @@
 #include "common/naive.cuh"
 
 /// Forward tile configurations besides the default: the mma.sync kernel everywhere (no sm_90a
-/// kernel), and the sm_90a kernel with 256-wide vocabulary tiles (the default has 128). Outside
-/// the anonymous namespace: kernels on them have hidden visibility, which needs linkage.
+/// kernel), and the sm_90a kernel with 128-wide vocabulary tiles in every case (the default
+/// takes 256-wide ones without bias and class weights). Outside the anonymous namespace:
+/// kernels on them have hidden visibility, which needs linkage.
 namespace lce_bench_configs {
 struct mma_sync_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
-struct sm90_wide_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
-  using sm90 = lce::sm90_tile_config<256, 4>;
+struct sm90_narrow_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<128, 6>;
 };
 }  // namespace lce_bench_configs
 
@@ -37,7 +38,7 @@ namespace {
 
 using namespace lce_example;
 using lce_bench_configs::mma_sync_config;
-using lce_bench_configs::sm90_wide_config;
+using lce_bench_configs::sm90_narrow_config;
 using bf16 = __nv_bfloat16;
 
 constexpr int warmup_runs = 3;
@@ -415,13 +416,14 @@ void register_benchmarks() {
       if (f == data_family::lm) {
         add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f,
             lce::loss_options{});
-        add("fwd/lce_sm90_256" + rows, bm_lce_forward<sm90_wide_config>, s, f,
+        add("fwd/lce_sm90_128" + rows, bm_lce_forward<sm90_narrow_config>, s, f,
             lce::loss_options{});
         // Gemma 2's final-logit softcap (30): the general epilogue (tanh per logit)
         lce::loss_options softcap;
         softcap.softcap = 30.0f;
         add("fwd/lce_softcap30" + rows, bm_lce_forward<>, s, f, softcap);
-        add("fwd/lce_sm90_256_softcap30" + rows, bm_lce_forward<sm90_wide_config>, s, f, softcap);
+        add("fwd/lce_sm90_128_softcap30" + rows, bm_lce_forward<sm90_narrow_config>, s, f,
+            softcap);
       }
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};

@@ -298,16 +298,17 @@ void check_forward_config(const case_spec& spec, const char* label) {
 }  // namespace
 
 // The 16-bit tile configurations without an sm_90a kernel (mma.sync on every device) and with
-// the wide sm_90a tiles (256 vocabulary rows; the default has 128). Named namespace: kernels
-// instantiated on them have hidden visibility, which needs external linkage.
+// the narrow sm_90a tiles (128 vocabulary rows) in every case (the default takes 256-wide ones
+// without bias and class weights). Named namespace: kernels instantiated on them have hidden
+// visibility, which needs external linkage.
 namespace lce_test_configs {
 struct mma_sync_only : lce::tile_config<128, 128, 32, 2, 4, 4> {};
-struct sm90_wide : lce::tile_config<128, 128, 32, 2, 4, 4> {
-  using sm90 = lce::sm90_tile_config<256, 4>;
+struct sm90_narrow : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<128, 6>;
 };
 }  // namespace lce_test_configs
 using lce_test_configs::mma_sync_only;
-using lce_test_configs::sm90_wide;
+using lce_test_configs::sm90_narrow;
 
 TEMPLATE_TEST_CASE("forward with a caller-chosen tile configuration", "[gpu][forward][config]",
                    float, __half, __nv_bfloat16) {
@@ -335,5 +336,5 @@ TEMPLATE_TEST_CASE("forward: the mma.sync and the sm_90a kernels (both tile widt
                                   case_spec{200, 520, 3001}.no_bias().weighted().smoothing(0.1f));
   check_forward_config<TestType, lce::default_config<TestType>>(spec, "config=default");
   check_forward_config<TestType, mma_sync_only>(spec, "config=mma.sync");
-  check_forward_config<TestType, sm90_wide>(spec, "config=sm90-256");
+  check_forward_config<TestType, sm90_narrow>(spec, "config=sm90-128");
 }
