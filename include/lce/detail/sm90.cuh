@@ -94,6 +94,29 @@ __device__ inline void tma_prefetch_descriptor(const void* tensor_map) noexcept 
 #endif
 }
 
+// ---- fast math of the epilogues --------------------------------------------------------------
+
+/// 2^x on the special-function unit (`ex2.approx.ftz`: relative error about 2⁻²², results
+/// below 2⁻¹²⁶ flushed to zero).
+__device__ __forceinline__ float fast_exp2(float x) noexcept {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// c·tanh(y) for y = raw·scale (scale = 1/(τ·c)): tanh from one exponential and one reciprocal,
+/// (1 − e)/(1 + e) with e = e^{−2|y|}, and its Taylor series y − y³/3 below |y| < 2⁻⁸ where
+/// 1 − e would cancel. Absolute error about c·10⁻⁷ (tanhf's: c·6·10⁻⁸).
+__device__ __forceinline__ float fast_softcap(float raw, float scale, float cap) noexcept {
+  constexpr float two_log2e = 2.0f * 1.4426950408889634f;
+  const float y = raw * scale;
+  const float ay = fabsf(y);
+  const float e = fast_exp2(-two_log2e * ay);
+  float t = __fdividef(1.0f - e, 1.0f + e);
+  if (ay < 0.00390625f) t = ay * fmaf(-ay * ay, 1.0f / 3.0f, 1.0f);
+  return copysignf(cap * t, y);
+}
+
 // ---- warpgroup MMA -------------------------------------------------------------------------
 
 /// Descriptor of a K-major operand tile in shared memory written with the 128-byte swizzle

@@ -18,6 +18,7 @@
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
+#include "../kernel/logit_grad_sm90.cuh"
 #include "../kernel/row_lse.cuh"
 #include "../options.hpp"
 #include "forward.cuh"
@@ -89,6 +90,54 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
 /// computed from the recomputed rows before its dZ, so no separate forward is needed
 /// (fwd->lse must be a.lse).
 /// `o.accumulate`: the first write of dx, dw, db adds to what the caller's buffers hold.
+/// Enqueues the recompute of a chunk fused with its logit gradient on sm_90a (the chunk: X
+/// rows `x_rows` [rows, ldx], W rows `w_rows` [gp.cols, ldw]; dZ to `dz` [rows, ldz], divided
+/// by alpha), when it applies: 16-bit elements, no bias, no class weights, an sm_90a device
+/// and operands the copy engine can read. Sets `launched`; if false, nothing was enqueued.
+template <class Element>
+cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
+                                const Element* x_rows, std::int64_t rows, std::int64_t ldx,
+                                const Element* w_rows, std::int64_t ldw, std::int64_t d,
+                                Element* dz, std::int64_t ldz, bool& launched,
+                                cudaStream_t stream) noexcept {
+  launched = false;
+  if constexpr (sizeof(Element) == 2) {
+    using config = typename sm90_config_of<default_config<Element>>::type;
+    using fused = kernel::logit_grad_sm90<Element, config>;
+    if (gp.bias != nullptr || gp.class_weight != nullptr || ldz % 2 != 0 ||
+        !sm90_kernel_runs(
+            reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, config>))) {
+      return cudaSuccess;
+    }
+    typename fused::params fp{};
+    if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, config::block_m,
+                                 config::block_k) ||
+        !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw, config::block_v,
+                                 config::block_k)) {
+      return cudaSuccess;
+    }
+    problem tiles;
+    tiles.n = rows;
+    tiles.v = gp.cols;
+    const forward_grid grid = make_forward_grid(tiles, config::block_m, config::block_v);
+    fp.rows = rows;
+    fp.d = d;
+    fp.dz = dz;
+    fp.ldz = ldz;
+    fp.tiles_per_split = grid.tiles_per_split;
+    fp.grad = gp;
+    LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::logit_grad_sm90_kernel<Element, config>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             fused::smem_bytes));
+    const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
+    kernel::logit_grad_sm90_kernel<Element, config>
+        <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
+    LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
+    launched = true;
+  }
+  return cudaSuccess;
+}
+
 template <class Element, class Grad>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
@@ -150,15 +199,20 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     for (std::int64_t v0 = 0; v0 < s.v; v0 += plan.chunk) {
       const std::int64_t vc = std::min(plan.chunk, s.v - v0);
       const Element* w_c = a.w + v0 * ldw;
-      // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
-      LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, one, w_c, ldw, a.x, ldx, zero, logits,
-                               plan.chunk_ld));
       gp.cols = vc;
       gp.row0 = 0;
       gp.vocab0 = v0;
-      kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
-          <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
-      LCE_CHECK_LAUNCH("logit_grad_kernel");
+      bool fused = false;  // sm_90a: the recompute and dZ in one kernel, no fp32 chunk
+      LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, s.n, ldx, w_c, ldw, s.d,
+                                              const_cast<Element*>(dz), ldz, fused, stream));
+      if (!fused) {
+        // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
+        LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, one, w_c, ldw, a.x, ldx, zero,
+                                 logits, plan.chunk_ld));
+        kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
+            <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
+        LCE_CHECK_LAUNCH("logit_grad_kernel");
+      }
       if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
         LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, alpha, a.x, ldx, dz, ldz, first_beta,
                                  a.dw + v0 * lddw, lddw));
@@ -187,9 +241,19 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
       const std::int64_t nr = std::min(plan.chunk, s.n - r0);
       const Element* x_c = a.x + r0 * ldx;
       const float* beta = r0 == 0 ? first_beta : one;
-      // Z_cᵀ [v, nr] = W · X_cᵀ
-      LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, one, a.w, ldw, x_c, ldx, zero, logits,
-                               plan.chunk_ld));
+      gp.cols = s.v;
+      gp.row0 = r0;
+      gp.vocab0 = 0;
+      bool fused = false;  // sm_90a with the lse given: the recompute and dZ in one kernel
+      if (fwd == nullptr) {
+        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, x_c, nr, ldx, a.w, ldw, s.d,
+                                                const_cast<Element*>(dz), ldz, fused, stream));
+      }
+      if (!fused) {
+        // Z_cᵀ [v, nr] = W · X_cᵀ
+        LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, one, a.w, ldw, x_c, ldx, zero,
+                                 logits, plan.chunk_ld));
+      }
       if (fwd != nullptr) {
         constexpr int lse_threads = 512;
         const kernel::row_lse_params<Element> lp{
@@ -199,12 +263,11 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
             <<<static_cast<unsigned>(nr), lse_threads, 0, stream>>>(lp);
         LCE_CHECK_LAUNCH("row_lse_kernel");
       }
-      gp.cols = s.v;
-      gp.row0 = r0;
-      gp.vocab0 = 0;
-      kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
-          <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
-      LCE_CHECK_LAUNCH("logit_grad_kernel");
+      if (!fused) {
+        kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
+            <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
+        LCE_CHECK_LAUNCH("logit_grad_kernel");
+      }
       if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
         LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz, first_beta,
                                  a.dx + r0 * lddx, lddx));

@@ -142,9 +142,9 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
 /// Whether the sm_90a kernel of `SM90Config` runs this forward: a 16-bit Element, a device of
 /// compute capability 9.0 with the kernel's sm_90a code loaded, and operands the copy engine
 /// can read (then `fp` holds their tensor maps).
-template <class Element, class SM90Config>
-bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Config>::params& fp,
-                          const forward_args<Element>& a, const problem& s) noexcept {
+/// Whether `kernel` (an sm_90a kernel) runs on the current device: compute capability 9.0 and
+/// the kernel's code built for it (binary version 90, not PTX compiled for an older target).
+inline bool sm90_kernel_runs(const void* kernel) noexcept {
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
@@ -154,10 +154,19 @@ bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Confi
   }
   if (major != 9 || minor != 0) return false;
   cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, kernel::fused_forward_sm90_kernel<Element, SM90Config>) !=
-          cudaSuccess ||
+  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
       attributes.binaryVersion != 90) {
     (void)cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+template <class Element, class SM90Config>
+bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Config>::params& fp,
+                          const forward_args<Element>& a, const problem& s) noexcept {
+  if (!sm90_kernel_runs(
+          reinterpret_cast<const void*>(kernel::fused_forward_sm90_kernel<Element, SM90Config>))) {
     return false;
   }
   return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,

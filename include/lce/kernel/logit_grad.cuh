@@ -40,25 +40,44 @@ struct logit_grad_params {
   lce::reduction reduction;
 };
 
-/// One block per chunk row.
-template <class Element, int Threads, int PerThread>
-__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
-    logit_grad_kernel(const logit_grad_params<Element> p) {
-  const std::int64_t r = blockIdx.x;
-  const std::int64_t row = p.row0 + r;
-  const std::int64_t y = p.targets(row);
-  const bool valid = thread::is_valid_target(y, p.targets.ignore_index);
+/// What the logit gradient of one row needs: its target, lse and coefficients (divided by
+/// alpha); `active` is false when the row's gradient is zero (ignored row, zero upstream).
+struct row_grad {
+  std::int64_t y;
+  float lse;
+  thread::grad_coeffs coeffs;
+  bool active;
+};
+
+template <class Element>
+__device__ inline row_grad make_row_grad(const logit_grad_params<Element>& p, std::int64_t row) {
+  row_grad r;
+  r.y = p.targets(row);
+  const bool valid = thread::is_valid_target(r.y, p.targets.ignore_index);
   const loss_scalars sc = *p.scalars;
   const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
   thread::row_scales g = thread::row_grad_scales(upstream, valid, sc.weight_valid,
                                                  static_cast<float>(sc.n_valid), p.reduction);
   const float inv_alpha = sc.alpha != 0.0f ? 1.0f / sc.alpha : 0.0f;
   g = {g.ce * inv_alpha, g.z * inv_alpha};
-  const bool active = g.ce != 0.0f || g.z != 0.0f;
-  const float lse = p.lse[row];
-  const float w_y = (p.class_weight != nullptr && thread::in_vocabulary(y, p.v)) ? p.class_weight[y] : 1.0f;
-  const thread::grad_coeffs coeffs =
-      thread::row_grad_coeffs(g, lse, w_y, sc.weight_sum, p.v, p.smoothing, p.z_loss);
+  r.active = g.ce != 0.0f || g.z != 0.0f;
+  r.lse = p.lse[row];
+  const float w_y =
+      (p.class_weight != nullptr && thread::in_vocabulary(r.y, p.v)) ? p.class_weight[r.y] : 1.0f;
+  r.coeffs = thread::row_grad_coeffs(g, r.lse, w_y, sc.weight_sum, p.v, p.smoothing, p.z_loss);
+  return r;
+}
+
+/// One block per chunk row.
+template <class Element, int Threads, int PerThread>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    logit_grad_kernel(const logit_grad_params<Element> p) {
+  const std::int64_t r = blockIdx.x;
+  const row_grad rg = make_row_grad(p, p.row0 + r);
+  const std::int64_t y = rg.y;
+  const bool active = rg.active;
+  const float lse = rg.lse;
+  const thread::grad_coeffs coeffs = rg.coeffs;
   const float* in = p.logits + r * p.ld;
   Element* out = reinterpret_cast<Element*>(p.logits + r * p.ld);
 

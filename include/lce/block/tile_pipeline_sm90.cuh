@@ -1,0 +1,145 @@
+/// @file tile_pipeline_sm90.cuh
+/// @brief The sm_90a mainloop shared by the fused kernels: tiles of Z = X·Wᵀ (128 rows ×
+/// BlockV vocabulary rows, fp32) computed by warpgroup MMA from shared memory fed by bulk
+/// tensor copies, handed to an epilogue in registers.
+///
+/// Block of three warpgroups. Warpgroup 0 is the producer: one thread streams the (128, 64) box
+/// of X and the (BlockV, 64) box of W of every K step into a Stages-deep ring of shared-memory
+/// stages (128-byte swizzle, zero fill outside the tensor maps), each stage guarded by a "full"
+/// mbarrier (transaction bytes) and an "empty" one (consumer arrivals). Warpgroups 1 and 2 each
+/// own 64 rows: they run wgmma over the stages into 64 × BlockV fp32 accumulators in registers
+/// and give each finished tile to their epilogue, while the producer already loads the next.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "../detail/sm90.cuh"
+
+LCE_NAMESPACE_BEGIN
+namespace block {
+
+template <class Element, class Config>
+struct tile_pipeline_sm90 {
+  static constexpr int block_m = Config::block_m;  // 128: two consumer warpgroups of 64 rows
+  static constexpr int block_v = Config::block_v;
+  static constexpr int block_k = Config::block_k;  // 64: one 128-byte swizzle row
+  static constexpr int stages = Config::stages;
+  static constexpr int threads = Config::threads;  // 384
+  static constexpr int frag = block_v / 2;         // accumulators per consumer thread
+  static constexpr int a_bytes = block_m * block_k * 2;
+  static constexpr int b_bytes = block_v * block_k * 2;
+  static constexpr unsigned stage_bytes = a_bytes + b_bytes;
+  static constexpr int consumers = 256;
+  static_assert(sizeof(Element) == 2, "the sm_90a pipeline takes 16-bit elements");
+  static_assert(block_m == 128 && block_k == 64 && threads == 384, "fixed warpgroup layout");
+
+  struct shared_storage {
+    alignas(1024) unsigned char a[stages][a_bytes];
+    alignas(1024) unsigned char b[stages][b_bytes];
+    std::uint64_t full[stages];
+    std::uint64_t empty[stages];
+  };
+  /// Dynamic shared memory to request: the storage plus slack to align it to 1024 bytes.
+  static constexpr int smem_bytes = static_cast<int>(sizeof(shared_storage)) + 1024;
+
+  /// The shared storage inside the dynamic shared memory, aligned to 1024 bytes.
+  __device__ static shared_storage& storage(unsigned char* smem) {
+    const auto base = reinterpret_cast<std::uintptr_t>(smem);
+    return *reinterpret_cast<shared_storage*>((base + 1023) & ~std::uintptr_t{1023});
+  }
+
+  /// Runs the pipeline over vocabulary tiles [tile_begin, tile_end) (tile t: rows t·BlockV of
+  /// the W map) for the 128 rows from row0 of the X map, K in k_tiles steps of 64. Each
+  /// consumer warpgroup h ∈ {0, 1} makes its epilogue with make_epilogue(h), then calls
+  /// epilogue.tile(acc, t) for every tile (thread t of the warpgroup holds rows
+  /// 16·(t/32) + (t%32)/4 and +8 of its 64 at acc[4j + 2h + e], columns 8j + 2(t%4) + e) and
+  /// epilogue.finish() at the end. Called by all threads of the block.
+  template <class MakeEpilogue>
+  __device__ __forceinline__ static void run(const CUtensorMap* x_map, const CUtensorMap* w_map,
+                                             shared_storage& s, std::int64_t row0,
+                                             std::int64_t tile_begin, std::int64_t tile_end,
+                                             int k_tiles, MakeEpilogue&& make_epilogue) {
+    const int warpgroup = static_cast<int>(threadIdx.x) / 128;
+    if (threadIdx.x == 0) {
+      for (int st = 0; st < stages; ++st) {
+        lce::detail::sm90::barrier_init(&s.full[st], 1);
+        lce::detail::sm90::barrier_init(&s.empty[st], consumers);
+      }
+      lce::detail::sm90::barrier_init_fence();
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+      lce::detail::sm90::set_max_registers_dec<40>();
+      if (threadIdx.x == 0) produce(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles);
+    } else {
+      lce::detail::sm90::set_max_registers_inc<232>();
+      auto epilogue = make_epilogue(warpgroup - 1);
+      consume(s, warpgroup - 1, tile_begin, tile_end, k_tiles, epilogue);
+      epilogue.finish();
+    }
+  }
+
+ private:
+  __device__ __forceinline__ static void produce(const CUtensorMap* x_map,
+                                                 const CUtensorMap* w_map, shared_storage& s,
+                                                 std::int64_t row0, std::int64_t tile_begin,
+                                                 std::int64_t tile_end, int k_tiles) {
+    lce::detail::sm90::tma_prefetch_descriptor(x_map);
+    lce::detail::sm90::tma_prefetch_descriptor(w_map);
+    unsigned it = 0;
+    for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      for (int k = 0; k < k_tiles; ++k, ++it) {
+        const unsigned st = it % stages;
+        // A fresh barrier counts as having completed the phase before its first: round 0
+        // passes at once, round r waits for the consumers' release of round r − 1.
+        lce::detail::sm90::barrier_wait(&s.empty[st], ((it / stages) & 1u) ^ 1u);
+        lce::detail::sm90::barrier_arrive_expect_tx(&s.full[st], stage_bytes);
+        lce::detail::sm90::tma_load_2d(s.a[st], x_map, k * block_k, static_cast<int>(row0),
+                                  &s.full[st]);
+        lce::detail::sm90::tma_load_2d(s.b[st], w_map, k * block_k, static_cast<int>(tile * block_v),
+                                  &s.full[st]);
+      }
+    }
+  }
+
+  template <class Epilogue>
+  __device__ __forceinline__ static void consume(shared_storage& s, int half,
+                                                 std::int64_t tile_begin, std::int64_t tile_end,
+                                                 int k_tiles, Epilogue& epilogue) {
+    float acc[frag];
+    unsigned it = 0;
+    const int a_offset = half * 64 * 128;  // this warpgroup's 64 rows of 128 bytes
+    for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      unsigned previous = 0;
+      for (int k = 0; k < k_tiles; ++k, ++it) {
+        const unsigned st = it % stages;
+        lce::detail::sm90::barrier_wait(&s.full[st], (it / stages) & 1u);
+        const std::uint64_t da = lce::detail::sm90::smem_descriptor_sw128(s.a[st] + a_offset);
+        const std::uint64_t db = lce::detail::sm90::smem_descriptor_sw128(s.b[st]);
+        lce::detail::sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < block_k / 16; ++kk) {
+          lce::detail::sm90::wgmma_m64k16<Element, block_v>(acc, da + 2 * kk, db + 2 * kk,
+                                                       (k > 0 || kk > 0) ? 1 : 0);
+        }
+        lce::detail::sm90::wgmma_commit();
+        if (k > 0) {  // step k − 1's MMAs are done: its stage may be refilled
+          lce::detail::sm90::wgmma_wait<1>();
+          lce::detail::sm90::barrier_arrive(&s.empty[previous]);
+        }
+        previous = st;
+      }
+      lce::detail::sm90::wgmma_wait<0>();
+#pragma unroll
+      for (int i = 0; i < frag; ++i) lce::detail::sm90::register_fence(acc[i]);
+      lce::detail::sm90::barrier_arrive(&s.empty[previous]);
+      epilogue.tile(acc, tile);
+    }
+  }
+};
+
+}  // namespace block
+LCE_NAMESPACE_END

@@ -1,0 +1,161 @@
+/// @file logit_grad_sm90.cuh
+/// @brief The backward's recompute fused with the logit gradient, for sm_90a: tiles of
+/// Z = X·Wᵀ of a chunk on the TMA + wgmma pipeline (block/tile_pipeline_sm90.cuh), turned into
+/// dZ = (a·p − b·[v = y] − c)·dz/draw in registers and stored in the element type, divided by
+/// alpha (as kernel/logit_grad.cuh stores it). It replaces the recompute GEMM into an fp32
+/// chunk plus logit_grad_kernel's pass over it when there is no bias and no class weights.
+///
+/// Grid: (row tiles of 128, splits of the chunk's vocabulary tiles).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../block/tile_pipeline_sm90.cuh"
+#include "logit_grad.cuh"
+
+LCE_NAMESPACE_BEGIN
+namespace kernel {
+
+template <class Element, class Config>
+struct logit_grad_sm90 {
+  using pipeline = block::tile_pipeline_sm90<Element, Config>;
+  using shared_storage = typename pipeline::shared_storage;
+  static constexpr int block_m = pipeline::block_m;
+  static constexpr int block_v = pipeline::block_v;
+  static constexpr int block_k = pipeline::block_k;
+  static constexpr int threads = pipeline::threads;
+  static constexpr int frag = pipeline::frag;
+  static constexpr int smem_bytes = pipeline::smem_bytes;
+
+  struct params {
+    CUtensorMap x_map;  ///< the chunk's X rows [grad.row0, grad.row0 + rows): (block_m, block_k)
+    CUtensorMap w_map;  ///< the chunk's W rows [grad.vocab0, grad.vocab0 + grad.cols)
+    std::int64_t rows, d;
+    Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
+    std::int64_t ldz;   ///< even
+    std::int64_t tiles_per_split;
+    logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (no bias, no weights)
+  };
+
+  struct epilogue {
+    const params& p;
+    int quad;
+    std::int64_t rows[2];  ///< chunk-local
+    row_grad rg[2];
+    float lse_log2e[2];
+
+    __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
+      const int t = static_cast<int>(threadIdx.x) % 128;
+      quad = t % 4;
+      rows[0] = static_cast<std::int64_t>(blockIdx.x) * block_m + half * 64 + (t / 32) * 16 +
+                (t % 32) / 4;
+      rows[1] = rows[0] + 8;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        rg[h] = rows[h] < p.rows ? make_row_grad(p.grad, p.grad.row0 + rows[h])
+                                 : row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
+        lse_log2e[h] = rg[h].lse * 1.4426950408889634f;
+      }
+    }
+
+    __device__ __forceinline__ void tile(float (&acc)[frag], std::int64_t t) {
+      if (p.grad.transform.softcap > 0.0f) {
+        store_tile<true>(acc, t);
+      } else {
+        store_tile<false>(acc, t);
+      }
+    }
+
+    template <bool Softcap>
+    __device__ __forceinline__ void store_tile(float (&acc)[frag], std::int64_t t) {
+      constexpr float log2e = 1.4426950408889634f;
+      const float inv_t = p.grad.transform.inv_temperature;
+      const float cap = p.grad.transform.softcap;
+      const float cap_scale = Softcap ? inv_t / cap : 0.0f;
+      const float inv_cap = Softcap ? 1.0f / cap : 0.0f;
+      const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (rows[h] >= p.rows) continue;
+        const row_grad& r = rg[h];
+        // The target's chunk-local column (or out of range), so the loop compares columns only.
+        const std::int64_t target_col = r.y - p.grad.vocab0;
+        Element* out = p.dz + rows[h] * p.ldz;
+#pragma unroll
+        for (int j = 0; j < block_v / 8; ++j) {
+          const std::int64_t c = col0 + 8 * j;
+          if (c >= p.grad.cols) continue;
+          float d[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float raw = acc[4 * j + 2 * h + e];
+            float z, dzdraw;
+            if constexpr (Softcap) {
+              z = lce::detail::sm90::fast_softcap(raw, cap_scale, cap);
+              const float q = z * inv_cap;
+              dzdraw = inv_t * fmaf(-q, q, 1.0f);
+            } else {
+              z = raw * inv_t;
+              dzdraw = inv_t;
+            }
+            const float prob = lce::detail::sm90::fast_exp2(fmaf(z, log2e, -lse_log2e[h]));
+            const float g = r.coeffs.p * prob - (c + e == target_col ? r.coeffs.target : 0.0f) -
+                            r.coeffs.weight;
+            d[e] = r.active ? g * dzdraw : 0.0f;
+          }
+          if (c + 1 < p.grad.cols) {
+            store_pair(out + c, d[0], d[1]);
+          } else {
+            out[c] = static_cast<Element>(d[0]);
+          }
+        }
+      }
+    }
+
+    __device__ __forceinline__ void finish() {}
+
+    __device__ __forceinline__ static void store_pair(Element* at, float a, float b) {
+      if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+        *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
+      } else {
+        *reinterpret_cast<__half2*>(at) = __floats2half2_rn(a, b);
+      }
+    }
+  };
+
+  __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
+    const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
+    const std::int64_t vocab_tiles = (p.grad.cols + block_v - 1) / block_v;
+    const std::int64_t tile_begin = static_cast<std::int64_t>(blockIdx.y) * p.tiles_per_split;
+    const std::int64_t tile_end = min(vocab_tiles, tile_begin + p.tiles_per_split);
+    const int k_tiles = static_cast<int>((p.d + block_k - 1) / block_k);
+    pipeline::run(&p.x_map, &p.w_map, s, row0, tile_begin, tile_end, k_tiles,
+                  [&](int half) { return epilogue(p, half); });
+  }
+};
+
+/// Dynamic shared memory of logit_grad_sm90<Element, Config>::smem_bytes; one block per SM.
+template <class Element, class Config>
+__global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
+    logit_grad_sm90_kernel(
+        const __grid_constant__ typename logit_grad_sm90<Element, Config>::params p) {
+  using kernel_t = logit_grad_sm90<Element, Config>;
+#if defined(LCE_SM90A)
+  extern __shared__ __align__(128) unsigned char smem[];
+  kernel_t{}(p, kernel_t::pipeline::storage(smem));
+#else
+  // Without sm_90a features (the launcher does not select this kernel there): dZ reads NaN.
+  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
+  if (threadIdx.x < kernel_t::block_m && row < p.rows && blockIdx.y == 0) {
+    for (std::int64_t c = 0; c < p.grad.cols; ++c) p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
+  }
+#endif
+}
+
+}  // namespace kernel
+LCE_NAMESPACE_END
