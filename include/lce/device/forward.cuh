@@ -143,7 +143,8 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
 /// compute capability 9.0 with the kernel's sm_90a code loaded, and operands the copy engine
 /// can read (then `fp` holds their tensor maps).
 /// Whether `kernel` (an sm_90a kernel) runs on the current device: compute capability 9.0 and
-/// the kernel's code built for it (binary version 90, not PTX compiled for an older target).
+/// the kernel's code built for sm_90a (binary version 90, and no static shared memory: the
+/// build without sm_90a features, e.g. plain sm_90, carries a static marker instead).
 inline bool sm90_kernel_runs(const void* kernel) noexcept {
   int device = 0, major = 0, minor = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -155,7 +156,7 @@ inline bool sm90_kernel_runs(const void* kernel) noexcept {
   if (major != 9 || minor != 0) return false;
   cudaFuncAttributes attributes{};
   if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
-      attributes.binaryVersion != 90) {
+      attributes.binaryVersion != 90 || attributes.sharedSizeBytes != 0) {
     (void)cudaGetLastError();
     return false;
   }

@@ -263,8 +263,11 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
   extern __shared__ __align__(128) unsigned char smem[];
   kernel_t{}(p, kernel_t::pipeline::storage(smem));
 #else
-  // Built for a device without sm_90a features (e.g. sm_90 without "a"): the launcher does
-  // not pick this kernel there, but should it run, its rows read NaN rather than garbage.
+  // Built for a device without sm_90a features (e.g. sm_90 without "a"). The static shared
+  // marker tells the launcher (device::sm90_kernel_runs reads sharedSizeBytes) not to pick this
+  // build; should it run anyway, its rows read NaN rather than garbage.
+  __shared__ volatile int not_sm90a[4];
+  if (threadIdx.x == 0) not_sm90a[0] = 1;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
   if (threadIdx.x < kernel_t::block_m && row < p.n) {
     p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =

@@ -149,7 +149,10 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
   extern __shared__ __align__(128) unsigned char smem[];
   kernel_t{}(p, kernel_t::pipeline::storage(smem));
 #else
-  // Without sm_90a features (the launcher does not select this kernel there): dZ reads NaN.
+  // Without sm_90a features: the static shared marker tells the launcher not to select this
+  // build (device::sm90_kernel_runs); should it run anyway, dZ reads NaN.
+  __shared__ volatile int not_sm90a[4];
+  if (threadIdx.x == 0) not_sm90a[0] = 1;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
   if (threadIdx.x < kernel_t::block_m && row < p.rows && blockIdx.y == 0) {
     for (std::int64_t c = 0; c < p.grad.cols; ++c) p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
