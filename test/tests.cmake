@@ -48,3 +48,9 @@ if(TARGET lce::nccl)
 else()
   message(STATUS "lce: NCCL not found: the nccl_contract and nccl_vocab_parallel tests are skipped")
 endif()
+
+# GPU: a binary built for sm_80 and plain sm_90 (no "a"): on an H100/H200 the launcher must
+# skip the sm_90a kernels (their builds without wgmma/TMA) and run the mma.sync kernel.
+lce_add_test(NAME device_arch_fallback GPU
+  SOURCES device/arch_fallback.cu support/gpu_reference.cu)
+set_property(TARGET device_arch_fallback PROPERTY CUDA_ARCHITECTURES 80 90)
