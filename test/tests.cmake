@@ -9,9 +9,11 @@ lce_add_test(NAME thread
   SOURCES thread/online_lse.cu thread/row_stats.cu thread/cross_entropy.cu support/reference.cu
     support/reference_options.cu)
 
-# CPU: argument validation and the workspace protocol of the public API (launches nothing).
+# CPU: argument validation and the workspace protocol of the public API (launches nothing),
+# and the robustness checks: n = 0, alignment, overlapping buffers, device_status.
 lce_add_test(NAME contract
-  SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu)
+  SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu
+    contract/robustness.cu)
 
 # GPU: against the fp64 references; the GPU reference's own check rides with the forward.
 lce_add_test(NAME device_forward GPU

@@ -33,7 +33,8 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   forward_plan p;
   p.row_tiles = (s.n + Config::block_m - 1) / Config::block_m;
   p.vocab_tiles = (s.v + Config::block_v - 1) / Config::block_v;
-  const std::int64_t wanted = (forward_target_blocks + p.row_tiles - 1) / p.row_tiles;
+  const std::int64_t wanted =
+      (forward_target_blocks + p.row_tiles - 1) / std::max<std::int64_t>(p.row_tiles, 1);
   const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, p.vocab_tiles);
   p.tiles_per_split = (p.vocab_tiles + splits - 1) / splits;
   p.splits = (p.vocab_tiles + p.tiles_per_split - 1) / p.tiles_per_split;
@@ -77,13 +78,15 @@ inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets,
   return {make_target_view(targets, o), s.v, class_weight, o.label_smoothing, o.z_loss, scalars};
 }
 
-/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer).
+/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer); counts the
+/// invalid targets into `status` when it is not null.
 inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* class_weight,
                                     const float* grad, const problem& s, const loss_options& o,
-                                    kernel::loss_scalars* out, cudaStream_t stream) noexcept {
+                                    kernel::loss_scalars* out, device_status* status,
+                                    cudaStream_t stream) noexcept {
   constexpr int threads = 512;
   const kernel::loss_scalars_params p{make_target_view(targets, o), s.n, s.v, class_weight, grad,
-                                      o.reduction, out};
+                                      o.reduction, out, status};
   kernel::loss_scalars_kernel<threads><<<1, threads, 0, stream>>>(p);
   LCE_CHECK_LAUNCH("loss_scalars_kernel");
   return cudaSuccess;
@@ -120,7 +123,8 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
                         const loss_options& o, cudaStream_t stream) noexcept {
   using fused = kernel::fused_forward<Element, Config>;
   auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
-  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+  LCE_RETURN_IF_ERROR(
+      run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, a.status, stream));
 
   auto aligned = [](const Element* p, std::int64_t ld) {
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;

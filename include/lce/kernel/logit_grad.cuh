@@ -47,7 +47,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const std::int64_t r = blockIdx.x;
   const std::int64_t row = p.row0 + r;
   const std::int64_t y = p.targets(row);
-  const bool valid = thread::is_valid_target(y, p.targets.ignore_index);
+  // Ignored rows and rows with a target outside [0, v) get a zero gradient.
+  const bool valid = thread::is_scored_target(y, p.targets.ignore_index, p.v);
   const loss_scalars sc = *p.scalars;
   const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
   thread::row_scales g = thread::row_grad_scales(upstream, valid, sc.weight_valid,
@@ -56,7 +57,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   g = {g.ce * inv_alpha, g.z * inv_alpha};
   const bool active = g.ce != 0.0f || g.z != 0.0f;
   const float lse = p.lse[row];
-  const float w_y = (p.class_weight != nullptr && thread::in_vocabulary(y, p.v)) ? p.class_weight[y] : 1.0f;
+  const float w_y = (p.class_weight != nullptr && valid) ? p.class_weight[y] : 1.0f;
   const thread::grad_coeffs coeffs =
       thread::row_grad_coeffs(g, lse, w_y, sc.weight_sum, p.v, p.smoothing, p.z_loss);
   const float* in = p.logits + r * p.ld;
