@@ -26,3 +26,8 @@ lce_add_test(NAME device_forward_backward GPU
 # (or the name filter "options small*") selects the quick subset for compute-sanitizer.
 lce_add_test(NAME device_options GPU
   SOURCES device/options.cu)
+# GPU: the robustness contract (docs/robustness.md): invalid targets and device_status,
+# NaN/Inf inputs, extreme logits, degenerate shapes (n = 0, v = 1, d = 1), misaligned pointers,
+# bitwise determinism of every output and strategy. [sanitize]: the compute-sanitizer subset.
+lce_add_test(NAME device_robustness GPU
+  SOURCES device/robustness.cu)
