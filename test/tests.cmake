@@ -31,3 +31,9 @@ lce_add_test(NAME device_options GPU
 # bitwise determinism of every output and strategy. [sanitize]: the compute-sanitizer subset.
 lce_add_test(NAME device_robustness GPU
   SOURCES device/robustness.cu)
+# GPU: seeded fuzz, 500 random cases against the fp64 CPU reference (LCE_FUZZ_SEED replays).
+lce_add_test(NAME device_fuzz GPU
+  SOURCES device/fuzz.cu)
+# GPU: element counts beyond 2^31 (n·v, v·d, n·d), tag [huge]: ~50 GB of device memory, < 1 min.
+lce_add_test(NAME device_huge GPU
+  SOURCES device/huge.cu)
