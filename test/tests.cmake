@@ -37,3 +37,5 @@ lce_add_test(NAME device_fuzz GPU
 # GPU: element counts beyond 2^31 (n·v, v·d, n·d), tag [huge]: ~50 GB of device memory, < 1 min.
 lce_add_test(NAME device_huge GPU
   SOURCES device/huge.cu)
+# The [huge] sizes take ~50 GB of device memory: never alongside another GPU test.
+set_tests_properties(device_huge PROPERTIES RUN_SERIAL TRUE)

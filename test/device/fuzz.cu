@@ -9,7 +9,8 @@
 // Tolerances: the standard ones (tolerance.hpp) plus a conditioning term, so that tiny random
 // shapes cannot fail by cancellation alone: each output may also miss by κ times its
 // magnitude (reference.hpp: dx_mag, dw_mag, db_mag; for the losses Σ (1 + 2|lse| + |loss|)),
-// κ = the unit roundoff of dZ's storage type + 2^-16 (fp32 rounding of logits and lse).
+// κ = the unit roundoff of dZ's storage type + 2^-14 (fp32 rounding of logits and lse). The
+// dedicated tests keep the tight tolerances; here the point is breadth.
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -181,7 +182,7 @@ verdict run_case(const fuzz_case& c, gpu_context& ctx) {
                 " != " + std::to_string(expected_invalid));
 
   const lce::problem& s = data.shape;
-  constexpr double kappa_logits = 0x1p-16;
+  constexpr double kappa_logits = 0x1p-14;
   if (c.how.forward_outputs()) {
     // Magnitude of each row's loss: (1 + 2|lse| + |loss|)·max w + 2·s·lse² for scored rows.
     const std::vector<double> lse = data.ref_lse.download();

@@ -355,8 +355,11 @@ inline reference_output reference(const reference_input& in, bool gradients,
         const double m_ce = (1.0 - alpha) * w_y * (p + (k == y ? 1.0 : 0.0)) +
                             alpha / static_cast<double>(v) *
                                 (weight_total * p + detail::class_weight_of(in, k));
-        const double m = (std::fabs(g_ce) * m_ce + std::fabs(g_z * d_z)) *
-                         std::fabs(detail::transform_derivative(raw[k], opt));
+        // With a softcap, fp32 forms the derivative 1 − (z/c)² with an absolute (not
+        // relative) error of a few ulp: a floor of 1/64 keeps it in the magnitude.
+        const double deriv = std::fabs(detail::transform_derivative(raw[k], opt)) +
+                             (opt.softcap > 0.0 ? 1.0 / (64.0 * opt.temperature) : 0.0);
+        const double m = (std::fabs(g_ce) * m_ce + std::fabs(g_z * d_z)) * deriv;
         double* dxm = out.dx_mag.data() + i * d;
         double* dwm = out.dw_mag.data() + k * d;
         for (std::size_t j = 0; j < d; ++j) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -14,6 +15,13 @@
 #include "harness.cuh"
 
 namespace lce_test {
+
+/// LCE_TEST_QUICK=1 in the environment (scripts/gpu_run.sh sets it for compute-sanitizer):
+/// the robustness tests run fewer variants of each case.
+inline bool quick_mode() {
+  const char* value = std::getenv("LCE_TEST_QUICK");
+  return value != nullptr && *value != '\0' && *value != '0';
+}
 
 enum class op_kind { forward, backward, forward_backward };
 
@@ -54,7 +62,9 @@ struct offset_buffer {
   std::size_t offset = 0, count = 0;
   offset_buffer() = default;
   offset_buffer(std::size_t count_, std::size_t offset_)
-      : storage(count_ + offset_), offset(offset_), count(count_) {}
+      : storage(count_ + offset_), offset(offset_), count(count_) {
+    storage.zero();  // the leading element too: initcheck sees no uninitialized byte
+  }
   [[nodiscard]] T* ptr() { return count == 0 ? nullptr : storage.data() + offset; }
   [[nodiscard]] const T* ptr() const { return count == 0 ? nullptr : storage.data() + offset; }
   void poison() { storage.poison(); }
@@ -251,21 +261,33 @@ void check_run(const problem_data<Element>& data, const run_spec& how,
 }
 
 /// Every run_spec worth trying for Grad: forward; backward and forward_backward with
-/// vocab_chunked (default and 1 MiB budget) and, for fp32 dW, row_chunked.
+/// vocab_chunked (default and 1 MiB budget) and, for fp32 dW, row_chunked (the 1 MiB budgets
+/// are left out in quick_mode()).
 template <class Grad>
 std::vector<run_spec> all_runs(bool misaligned = false) {
   std::vector<run_spec> out;
   const std::size_t budget = lce::backward_options{}.memory_budget;
+  const bool small_budgets = !quick_mode();
   out.push_back({op_kind::forward, lce::backward_strategy::automatic, budget, misaligned});
   for (const op_kind op : {op_kind::backward, op_kind::forward_backward}) {
     out.push_back({op, lce::backward_strategy::vocab_chunked, budget, misaligned});
-    out.push_back({op, lce::backward_strategy::vocab_chunked, std::size_t{1} << 20, misaligned});
+    if (small_budgets)
+      out.push_back({op, lce::backward_strategy::vocab_chunked, std::size_t{1} << 20, misaligned});
     if constexpr (std::is_same_v<Grad, float>) {
       out.push_back({op, lce::backward_strategy::row_chunked, budget, misaligned});
-      out.push_back({op, lce::backward_strategy::row_chunked, std::size_t{1} << 20, misaligned});
+      if (small_budgets)
+        out.push_back({op, lce::backward_strategy::row_chunked, std::size_t{1} << 20, misaligned});
     }
   }
   return out;
+}
+
+/// `cases`, or only its first `quick` entries in quick_mode().
+template <class T>
+std::vector<T> quick_subset(std::vector<T> cases, std::size_t quick) {
+  if (quick_mode() && cases.size() > quick)
+    cases.erase(cases.begin() + static_cast<std::ptrdiff_t>(quick), cases.end());
+  return cases;
 }
 
 }  // namespace lce_test
