@@ -6,7 +6,10 @@
 #   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize|pytorch]...   (default: all;
 #          pytorch, the binding's pytest suite, runs only when named)
 #   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, SANITIZE_FILTER (Catch2
-#          test spec of the small cases run under compute-sanitizer), BUILD_DIR
+#          test spec that replaces every executable's selection under compute-sanitizer),
+#          SANITIZE_TOOLS (default: memcheck racecheck initcheck synccheck), BUILD_DIR.
+#          GPU_TEST_ARGS: extra ctest arguments of the test step, e.g. "-E device_huge" to
+#          leave the [huge] sizes out (ctest -R device_huge runs them alone).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -30,7 +33,8 @@ summary+=("build: ok in $((SECONDS - start)) s")
 
 if has test; then
   start=$SECONDS
-  ctest --test-dir "$build" -L gpu --output-on-failure -j2 >"$out/ctest-gpu.log" 2>&1
+  # shellcheck disable=SC2086
+  ctest --test-dir "$build" -L gpu --output-on-failure -j2 ${GPU_TEST_ARGS:-} >"$out/ctest-gpu.log" 2>&1
   rc=$?
   summary+=("gpu tests: rc=$rc, $(grep -E 'tests passed|tests failed' "$out/ctest-gpu.log" | tail -1) ($((SECONDS - start)) s)")
   grep -h '^RESULT' "$build"/Testing/Temporary/LastTest.log >"$out/results.txt" 2>/dev/null || true
@@ -60,11 +64,28 @@ if [[ " $steps " == *" sass "* ]]; then
 fi
 
 if has sanitize; then
-  for tool in memcheck racecheck initcheck; do
-    for t in ${SANITIZE_TESTS:-$(ctest --test-dir "$build" -L gpu -N | awk '/Test +#/ {print $3}')}; do
+  # Small cases only (LCE_TEST_QUICK trims the robustness variants), each executable with its
+  # own selection; the fuzz test runs 12 random cases (memcheck and initcheck only: its kernels
+  # are the ones the other selections already race- and sync-check). Target: < 3 min in all.
+  export LCE_TEST_QUICK=1
+  selection=(
+    "device_forward|*optional*,*all-ignored*"
+    "device_backward|*optional*,*all-ignored*"
+    "device_forward_backward|*optional*,*all-ignored*"
+    "device_options|*all-ignored*"
+    "device_robustness|[sanitize]"
+    "device_fuzz|*"
+  )
+  start=$SECONDS
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
+    for item in "${selection[@]}"; do
+      t=${item%%|*}
+      filter=${SANITIZE_FILTER:-${item#*|}}
+      [[ $t == device_fuzz && ( $tool == racecheck || $tool == synccheck ) ]] && continue
       exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
+      [[ -z $exe ]] && continue
       log="$out/sanitize-$tool-$t.tmp"
-      compute-sanitizer --tool $tool --error-exitcode 9 "$exe" "${SANITIZE_FILTER:-*optional*,*all-ignored*}" \
+      LCE_FUZZ_CASES=12 compute-sanitizer --tool "$tool" --error-exitcode 9 "$exe" "$filter" \
         >"$log" 2>&1
       rc=$?
       summary+=("compute-sanitizer $tool $t: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|test cases' "$log" | tr '\n' ' ')")
@@ -72,6 +93,8 @@ if has sanitize; then
       rm -f "$log"
     done
   done
+  summary+=("compute-sanitizer: $((SECONDS - start)) s")
+  unset LCE_TEST_QUICK
 fi
 
 if has example; then

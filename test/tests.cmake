@@ -9,9 +9,11 @@ lce_add_test(NAME thread
   SOURCES thread/online_lse.cu thread/row_stats.cu thread/cross_entropy.cu support/reference.cu
     support/reference_options.cu)
 
-# CPU: argument validation and the workspace protocol of the public API (launches nothing).
+# CPU: argument validation and the workspace protocol of the public API (launches nothing),
+# and the robustness checks: n = 0, alignment, overlapping buffers, device_status.
 lce_add_test(NAME contract
-  SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu)
+  SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu
+    contract/robustness.cu)
 
 # GPU: against the fp64 references; the GPU reference's own check rides with the forward.
 lce_add_test(NAME device_forward GPU
@@ -24,6 +26,19 @@ lce_add_test(NAME device_forward_backward GPU
 # (or the name filter "options small*") selects the quick subset for compute-sanitizer.
 lce_add_test(NAME device_options GPU
   SOURCES device/options.cu)
+# GPU: the robustness contract (docs/robustness.md): invalid targets and device_status,
+# NaN/Inf inputs, extreme logits, degenerate shapes (n = 0, v = 1, d = 1), misaligned pointers,
+# bitwise determinism of every output and strategy. [sanitize]: the compute-sanitizer subset.
+lce_add_test(NAME device_robustness GPU
+  SOURCES device/robustness.cu)
+# GPU: seeded fuzz, 500 random cases against the fp64 CPU reference (LCE_FUZZ_SEED replays).
+lce_add_test(NAME device_fuzz GPU
+  SOURCES device/fuzz.cu)
+# GPU: element counts beyond 2^31 (n·v, v·d, n·d), tag [huge]: ~50 GB of device memory, < 1 min.
+lce_add_test(NAME device_huge GPU
+  SOURCES device/huge.cu)
+# The [huge] sizes take ~50 GB of device memory: never alongside another GPU test.
+set_tests_properties(device_huge PROPERTIES RUN_SERIAL TRUE)
 
 # The vocabulary-parallel layer (include/lce/nccl/), when NCCL is found: its argument contract
 # on the CPU, and the sharded results against the fp64 references on two GPUs (label gpu;

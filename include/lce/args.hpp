@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "status.hpp"
 #include "version.hpp"
 
 LCE_NAMESPACE_BEGIN
@@ -27,6 +28,8 @@ struct forward_args {
   std::int64_t* correct = nullptr;  ///< [1] valid rows whose argmax equals the target
   float* entropy = nullptr;         ///< [n] entropy of softmax(z), in nats
   float* target_logprob = nullptr;  ///< [n] log softmax(z)_y (0 for ignored rows)
+  /// [1] optional: the count of rows with a target outside [0, v) is added to it
+  device_status* status = nullptr;
 };
 
 /// @brief Inputs and outputs of lce::backward.
@@ -45,6 +48,8 @@ struct backward_args {
   Grad* dw = nullptr;     ///< [v, lddw] gradient of w (optional)
   Grad* db = nullptr;     ///< [v] gradient of bias (optional)
   const float* class_weight = nullptr;  ///< [v] the forward's class weights, if any
+  /// [1] optional: the count of rows with a target outside [0, v) is added to it
+  device_status* status = nullptr;
 };
 
 /// @brief Inputs and outputs of lce::forward_backward: the forward's outputs and the
@@ -68,6 +73,7 @@ struct forward_backward_args {
   std::int64_t* correct = nullptr;
   float* entropy = nullptr;
   float* target_logprob = nullptr;
+  device_status* status = nullptr;  ///< counted once per call, as in forward_args
 };
 
 LCE_NAMESPACE_END

@@ -19,13 +19,41 @@
 LCE_NAMESPACE_BEGIN
 
 namespace detail {
+/// Null checks; with n = 0 the per-row pointers (x, targets, lse) may be null.
 template <class Element, class Grad>
-cudaError_t validate_backward_args(const backward_args<Element, Grad>& a) noexcept {
-  if (a.x == nullptr) return invalid("args.x must not be null");
+cudaError_t validate_backward_args(const backward_args<Element, Grad>& a,
+                                   const problem& s) noexcept {
+  const bool rows = s.n > 0;
+  if (a.x == nullptr && rows) return invalid("args.x must not be null");
   if (a.w == nullptr) return invalid("args.w must not be null");
-  if (a.targets == nullptr) return invalid("args.targets must not be null");
-  if (a.lse == nullptr) return invalid("args.lse must not be null (pass the forward's lse)");
+  if (a.targets == nullptr && rows) return invalid("args.targets must not be null");
+  if (a.lse == nullptr && rows)
+    return invalid("args.lse must not be null (pass the forward's lse)");
   return cudaSuccess;
+}
+
+/// The gradient outputs (shared with forward_backward).
+template <class Element, class Grad>
+void gradient_buffers(const Element* dx, const Grad* dw, const Grad* db, const problem& s,
+                      buffer_list& out) noexcept {
+  out.add(matrix_buffer("args.dx", dx, s.n, s.d, s.dx_stride()));
+  out.add(matrix_buffer("args.dw", dw, s.v, s.d, s.dw_stride()));
+  out.add(vector_buffer("args.db", db, s.v));
+}
+
+/// The buffers lce::backward reads and writes, for the alignment and overlap checks.
+template <class Element, class Grad>
+void backward_buffers(const backward_args<Element, Grad>& a, const problem& s,
+                      const loss_options& o, buffer_list& in, buffer_list& out) noexcept {
+  in.add(matrix_buffer("args.x", a.x, s.n, s.d, s.x_stride()));
+  in.add(matrix_buffer("args.w", a.w, s.v, s.d, s.w_stride()));
+  in.add(vector_buffer("args.bias", a.bias, s.v));
+  in.add(vector_buffer("args.targets", a.targets, s.n));
+  in.add(vector_buffer("args.lse", a.lse, s.n));
+  in.add(vector_buffer("args.grad", a.grad, o.reduction == lce::reduction::none ? s.n : 1));
+  in.add(vector_buffer("args.class_weight", a.class_weight, s.v));
+  gradient_buffers(a.dx, a.dw, a.db, s, out);
+  out.add(vector_buffer("args.status", a.status, 1));
 }
 
 template <class Element, class Grad>
@@ -82,7 +110,12 @@ template <class Element, class Grad = Element>
 /// @return cudaSuccess, cudaErrorInvalidValue naming a bad argument, or a launch/cuBLAS error.
 ///
 /// Never allocates, synchronizes or reads back to the host (capturable, provided the cuBLAS
-/// handle is). Overwrites dx, dw and db (adds into them with options.accumulate). Deterministic for a given strategy and chunk size.
+/// handle is). Overwrites dx, dw and db (adds into them with options.accumulate). Deterministic
+/// for a given strategy and chunk size. A target outside [0, v) that is not ignore_index is
+/// treated as ignored (zero gradient, not in n_valid) and counted into `args.status` when given.
+/// n = 0 launches no kernel: dW and db are zeroed by memsets (untouched with accumulate).
+/// Pointers must be aligned to their element size; outputs must not overlap inputs, each other
+/// or the workspace (checked). docs/robustness.md has the whole contract.
 /// Accumulation is fp32 throughout; dX accumulates in fp32 (workspace) across vocabulary
 /// chunks. vocab_chunked: workspace ≈ n·Vc·4 + (16-bit elements: n·d·4) bytes. row_chunked:
 /// workspace ≈ Nc·v·4 bytes, dW/db accumulated in fp32 (dW is read and rewritten once per row
@@ -100,7 +133,10 @@ template <class Element, class Grad>
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
-  LCE_RETURN_IF_ERROR(detail::validate_backward_args(args));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_args(args, shape));
+  detail::buffer_list inputs, outputs;
+  detail::backward_buffers(args, shape, options, inputs, outputs);
+  LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   detail::workspace_layout layout;
   const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
@@ -110,6 +146,8 @@ template <class Element, class Grad>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  if (shape.n == 0) return device::run_empty_backward(args, shape, options, stream);
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)

@@ -8,6 +8,7 @@
 #include "args.hpp"
 #include "config.hpp"
 #include "detail/validate.hpp"
+#include "device/empty_batch.cuh"
 #include "device/forward.cuh"
 #include "options.hpp"
 #include "status.hpp"
@@ -15,16 +16,43 @@
 LCE_NAMESPACE_BEGIN
 
 namespace detail {
+/// Null checks. With n = 0 the per-row pointers (x, targets, token_loss) may be null: an
+/// empty tensor may have no storage.
 template <class Element>
-cudaError_t validate_forward_args(const forward_args<Element>& a, const loss_options& o) noexcept {
-  if (a.x == nullptr) return invalid("args.x must not be null");
+cudaError_t validate_forward_args(const forward_args<Element>& a, const problem& s,
+                                  const loss_options& o) noexcept {
+  const bool rows = s.n > 0;
+  if (a.x == nullptr && rows) return invalid("args.x must not be null");
   if (a.w == nullptr) return invalid("args.w must not be null");
-  if (a.targets == nullptr) return invalid("args.targets must not be null");
-  if (o.reduction == lce::reduction::none && a.token_loss == nullptr)
+  if (a.targets == nullptr && rows) return invalid("args.targets must not be null");
+  if (o.reduction == lce::reduction::none && a.token_loss == nullptr && rows)
     return invalid("args.token_loss must not be null with reduction none");
   if (o.reduction != lce::reduction::none && a.loss == nullptr)
     return invalid("args.loss must not be null with reduction mean or sum");
   return cudaSuccess;
+}
+
+/// The buffers lce::forward reads (inputs) and writes (outputs), for the alignment and
+/// overlap checks.
+template <class Element>
+void forward_buffers(const forward_args<Element>& a, const problem& s, const loss_options& o,
+                     buffer_list& in, buffer_list& out) noexcept {
+  in.add(matrix_buffer("args.x", a.x, s.n, s.d, s.x_stride()));
+  in.add(matrix_buffer("args.w", a.w, s.v, s.d, s.w_stride()));
+  in.add(vector_buffer("args.bias", a.bias, s.v));
+  in.add(vector_buffer("args.targets", a.targets, s.n));
+  in.add(vector_buffer("args.class_weight", a.class_weight, s.v));
+  const bool reduced = o.reduction != lce::reduction::none;
+  out.add(vector_buffer("args.loss", a.loss, reduced ? 1 : 0));
+  out.add(vector_buffer("args.z_loss", a.z_loss, reduced ? 1 : 0));
+  out.add(vector_buffer("args.token_loss", a.token_loss, s.n));
+  out.add(vector_buffer("args.lse", a.lse, s.n));
+  out.add(vector_buffer("args.token_z_loss", a.token_z_loss, s.n));
+  out.add(vector_buffer("args.argmax", a.argmax, s.n));
+  out.add(vector_buffer("args.correct", a.correct, 1));
+  out.add(vector_buffer("args.entropy", a.entropy, s.n));
+  out.add(vector_buffer("args.target_logprob", a.target_logprob, s.n));
+  out.add(vector_buffer("args.status", a.status, 1));
 }
 
 inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
@@ -63,8 +91,12 @@ template <class Element, class Config = default_config<Element>>
 /// Deterministic (fixed reduction order). Writes each output of forward_args that is given
 /// (loss and z_loss for mean/sum; token_loss, lse, token_z_loss, argmax, correct, entropy,
 /// target_logprob) with the options of loss_options (options.hpp has the formulas); ignored
-/// rows get loss 0; a target outside [0, v) that is not ignore_index gives a NaN loss for its
-/// row (and so for the mean). Inputs and outputs must not overlap.
+/// rows get loss 0. A target outside [0, v) that is not ignore_index is treated as ignored and
+/// counted into `args.status` when given (lce::check_status turns it into an error). A NaN or
+/// ±inf logit makes its row's loss NaN. n = 0 launches no kernel (loss, z_loss, correct are
+/// set to 0 by memsets). Pointers must be aligned to their element size; outputs must not
+/// overlap inputs, other outputs or the workspace (checked: cudaErrorInvalidValue naming
+/// both). docs/robustness.md has the whole contract.
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t forward(void* d_workspace, std::size_t& workspace_bytes,
                                   const forward_args<Element>& args, const problem& shape,
@@ -74,7 +106,10 @@ template <class Element, class Config = default_config<Element>>
   detail::clear_error();
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
-  LCE_RETURN_IF_ERROR(detail::validate_forward_args(args, options));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(args, shape, options));
+  detail::buffer_list inputs, outputs;
+  detail::forward_buffers(args, shape, options, inputs, outputs);
+  LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   detail::workspace_layout layout;
   const device::forward_plan plan = device::make_forward_plan<Config>(shape, layout);
   if (d_workspace == nullptr) {
@@ -83,6 +118,8 @@ template <class Element, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  if (shape.n == 0) return device::run_empty_forward(args, options, stream);
   return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);
 }
 

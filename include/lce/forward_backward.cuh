@@ -44,7 +44,9 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 /// @brief The forward (loss, token_loss, lse where given) followed by the gradients of the
 /// returned loss (upstream gradient 1: of the mean or sum; for reduction none, of the sum of
 /// the per-token losses). Same contracts as lce::forward and lce::backward: two-phase
-/// workspace, no allocation, no synchronization, stream-ordered, deterministic.
+/// workspace, no allocation, no synchronization, stream-ordered, deterministic; invalid
+/// targets treated as ignored and counted once into `args.status`; n = 0 only memsets
+/// (loss 0, dW and db 0 unless accumulating); the checks of docs/robustness.md.
 /// With vocab_chunked the fused forward runs first (4 GEMMs of work in all); with
 /// row_chunked each chunk of whole rows yields its own lse and loss, so the call does the
 /// work of 3 GEMMs.
@@ -59,11 +61,15 @@ template <class Element, class Grad, class Config = default_config<Element>>
   const forward_args<Element> fa{args.x,          args.w,      args.bias,         args.targets,
                                  args.loss,       args.token_loss, args.lse,     args.class_weight,
                                  args.z_loss,     args.token_z_loss, args.argmax, args.correct,
-                                 args.entropy,    args.target_logprob};
+                                 args.entropy,    args.target_logprob, args.status};
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
-  LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, options));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, shape, options));
+  detail::buffer_list inputs, outputs;
+  detail::forward_buffers(fa, shape, options, inputs, outputs);
+  detail::gradient_buffers(args.dx, args.dw, args.db, shape, outputs);
+  LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (d_workspace == nullptr) {
@@ -72,6 +78,14 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  if (shape.n == 0) {
+    LCE_RETURN_IF_ERROR(device::run_empty_forward(fa, options, stream));
+    backward_args<Element, Grad> empty;
+    empty.dw = args.dw;
+    empty.db = args.db;
+    return device::run_empty_backward(empty, shape, options, stream);
+  }
 
   float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;
@@ -85,8 +99,11 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   if (!gradients) return cudaSuccess;
 
+  // Invalid targets are counted once per call: by the forward's scalars when it runs, else by
+  // the one-pass backward's.
   const backward_args<Element, Grad> ba{args.x,  args.w,  args.bias, args.targets,      lse,
-                                        nullptr, args.dx, args.dw,   args.db, args.class_weight};
+                                        nullptr, args.dx, args.dw,   args.db, args.class_weight,
+                                        rows_in_one_pass ? args.status : nullptr};
   const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
   void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   {

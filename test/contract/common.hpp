@@ -17,9 +17,11 @@
 namespace lce_test {
 
 /// A distinct, 256-byte aligned fake device address; no test ever lets it reach a kernel.
+/// Slots are 64 GiB apart, so that the buffers of any shape the tests use never overlap (the
+/// launchers check that outputs overlap no input).
 template <class T>
 T* fake_pointer(std::uintptr_t slot) {
-  return reinterpret_cast<T*>((slot + 1) << 20);
+  return reinterpret_cast<T*>((slot + 1) << 36);
 }
 
 /// A non-null workspace pointer that is never dereferenced.

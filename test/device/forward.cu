@@ -129,46 +129,6 @@ TEMPLATE_TEST_CASE("forward: an all-ignored batch gives loss 0, never NaN", "[gp
   }
 }
 
-TEMPLATE_TEST_CASE("forward: a target outside [0, v) gives a NaN loss for its row",
-                   "[gpu][forward]", float, __half, __nv_bfloat16) {
-  problem_data<TestType> data(case_spec{64, 72, 300}.ignoring(0.0), fresh_seed());
-  data.compute_reference(false);
-  INFO(data.describe());
-  const std::int64_t bad_row = 5;
-  const std::int64_t bad_target =
-      GENERATE(std::int64_t{300}, std::int64_t{-1}, std::int64_t{1} << 40);
-  CAPTURE(bad_target);
-  std::vector<std::int64_t> targets = data.h_targets;
-  targets[bad_row] = bad_target;
-  data.targets.upload(targets);
-
-  gpu_context ctx;
-  outputs<TestType, TestType> out(data.shape, false);
-  lce::forward_args<TestType> args{data.x.data(),       data.w.data(),   data.bias_pointer(),
-                                   data.targets.data(), out.loss.data(), out.token_loss.data(),
-                                   out.lse.data()};
-  std::size_t bytes = 0;
-  LCE_TEST_REQUIRE_OK(lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options));
-  out.poison();
-  LCE_TEST_REQUIRE_OK(lce::forward<TestType>(ctx.workspace(bytes), bytes, args, data.shape,
-                                             data.options, ctx.stream()));
-  ctx.synchronize();
-  const std::vector<float> token_loss = out.token_loss.download();
-  const std::vector<double> ref = data.ref_token_loss.download();
-  for (std::size_t i = 0; i < token_loss.size(); ++i) {
-    CAPTURE(i);
-    if (static_cast<std::int64_t>(i) == bad_row) {
-      CHECK(std::isnan(token_loss[i]));
-    } else {
-      CHECK(std::fabs(token_loss[i] - ref[i]) <= 1e-3 * (1.0 + std::fabs(ref[i])));
-    }
-  }
-  const std::vector<float> loss = out.loss.download();
-  CHECK(std::isnan(loss[0]));
-  // lse does not depend on the targets: every row is finite.
-  CHECK(all_finite(out.lse.download()));
-}
-
 TEMPLATE_TEST_CASE("forward is deterministic", "[gpu][forward]", float, __half, __nv_bfloat16) {
   problem_data<TestType> data(case_spec{300, 1000, 50257}, fresh_seed());
   INFO(data.describe());

@@ -435,6 +435,11 @@ struct problem_data {
   device_buffer<double> ref_token_z_loss, ref_entropy, ref_target_logprob;
   std::vector<std::int64_t> ref_argmax;  // host
   std::vector<double> ref_max_logit;     // host
+  /// Set before compute_reference (CPU reference only): also the gradient magnitudes
+  /// (reference_output::dx_mag, dw_mag, db_mag), kept on the host.
+  bool magnitudes = false;
+  std::vector<double> ref_dx_mag, ref_dw_mag, ref_db_mag;
+  double ref_ce_denom = 0.0;  ///< CPU reference only: Σ_valid w_{y_i}
 
   problem_data(const case_spec& s, std::uint64_t seed_) : spec(s), seed(seed_), shape(s.shape()) {
     options.ignore_index = s.ignore_index;
@@ -539,7 +544,12 @@ struct problem_data {
     in.reduction = spec.reduction;
     in.options = reference_options_of(options);
     in.class_weight = class_weight_double();
+    in.magnitudes = magnitudes;
     const reference_output out = reference(in, gradients, upstream);
+    ref_dx_mag = out.dx_mag;
+    ref_dw_mag = out.dw_mag;
+    ref_db_mag = out.db_mag;
+    ref_ce_denom = out.ce_denom;
     ref_loss = out.loss;
     ref_lse = device_buffer<double>(out.lse);
     ref_token_loss = device_buffer<double>(out.token_loss);

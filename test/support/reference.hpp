@@ -49,6 +49,8 @@ struct reference_input {
   lce::reduction reduction = lce::reduction::mean;
   reference_options options;          ///< label smoothing, z-loss, softcap, temperature, shift
   std::vector<double> class_weight;   ///< [v], or empty for no class weights (all 1)
+  /// Also compute dx_mag, dw_mag and db_mag (twice the gradient work).
+  bool magnitudes = false;
 };
 
 /// @brief Outputs of the reference. The gradient vectors are empty unless requested.
@@ -74,6 +76,11 @@ struct reference_output {
   std::vector<double> dw;           ///< [v, d]
   std::vector<double> db;           ///< [v]
   std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv|: the magnitude db's sum cancels
+  /// With `magnitudes`: the same sums as dx, dw, db over m_iv·|·| instead of dZ_iv·(·), where
+  /// m_iv is the sum of the magnitudes of the terms that form dZ_iv (g·p and g·[v = y] are
+  /// both counted, so m stays large where p − onehot cancels). An error of relative size u in
+  /// each term moves an output by at most u times its magnitude: the conditioning of dx, dw, db.
+  std::vector<double> dx_mag, dw_mag, db_mag;
 };
 
 namespace detail {
@@ -311,6 +318,11 @@ inline reference_output reference(const reference_input& in, bool gradients,
   out.dw.assign(v * d, 0.0);
   out.db.assign(v, 0.0);
   out.db_abs.assign(v, 0.0);
+  if (in.magnitudes) {
+    out.dx_mag.assign(n * d, 0.0);
+    out.dw_mag.assign(v * d, 0.0);
+    out.db_mag.assign(v, 0.0);
+  }
   std::vector<double> raw(v);
   for (std::size_t i = 0; i < n; ++i) {
     const double g_ce = scales.ce[i];
@@ -339,6 +351,23 @@ inline reference_output reference(const reference_input& in, bool gradients,
       }
       out.db[k] += dz;
       out.db_abs[k] += std::fabs(dz);
+      if (in.magnitudes) {
+        const double m_ce = (1.0 - alpha) * w_y * (p + (k == y ? 1.0 : 0.0)) +
+                            alpha / static_cast<double>(v) *
+                                (weight_total * p + detail::class_weight_of(in, k));
+        // With a softcap, fp32 forms the derivative 1 − (z/c)² with an absolute (not
+        // relative) error of a few ulp: a floor of 1/64 keeps it in the magnitude.
+        const double deriv = std::fabs(detail::transform_derivative(raw[k], opt)) +
+                             (opt.softcap > 0.0 ? 1.0 / (64.0 * opt.temperature) : 0.0);
+        const double m = (std::fabs(g_ce) * m_ce + std::fabs(g_z * d_z)) * deriv;
+        double* dxm = out.dx_mag.data() + i * d;
+        double* dwm = out.dw_mag.data() + k * d;
+        for (std::size_t j = 0; j < d; ++j) {
+          dxm[j] += m * std::fabs(wk[j]);
+          dwm[j] += m * std::fabs(xi[j]);
+        }
+        out.db_mag[k] += m;
+      }
     }
   }
   return out;

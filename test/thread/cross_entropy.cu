@@ -43,10 +43,29 @@ TEST_CASE("token_loss: valid, ignored and out-of-range targets", "[thread][cross
     CHECK(token_loss(nan, nan, -100, 10, -100) == 0.0f);
     CHECK(token_loss(5.0f, 3.0f, 3, 10, 3) == 0.0f);  // ignore_index inside the vocabulary
   }
-  SECTION("a valid target outside [0, v) gives NaN, never a plausible number") {
-    CHECK(std::isnan(token_loss(5.0f, 3.0f, 10, 10, -100)));
-    CHECK(std::isnan(token_loss(5.0f, 3.0f, -1, 10, -100)));
-    CHECK(std::isnan(token_loss(5.0f, 3.0f, -100, 10, -1)));  // -100 is not ignored here
+  SECTION("a target outside [0, v) that is not ignore_index is treated as ignored") {
+    CHECK(token_loss(5.0f, 3.0f, 10, 10, -100) == 0.0f);
+    CHECK(token_loss(5.0f, 3.0f, -1, 10, -100) == 0.0f);
+    CHECK(token_loss(5.0f, 3.0f, -100, 10, -1) == 0.0f);  // -100 is not ignored here: invalid
+    CHECK(token_loss(5.0f, 3.0f, std::int64_t{1} << 40, 10, -100) == 0.0f);
+  }
+}
+
+TEST_CASE("is_scored_target and is_invalid_target partition the non-ignored targets",
+          "[thread][cross_entropy]") {
+  using lce::thread::is_invalid_target;
+  using lce::thread::is_scored_target;
+  const std::int64_t v = 10;
+  for (const std::int64_t ignore : {std::int64_t{-100}, std::int64_t{3}, std::int64_t{-1}}) {
+    for (const std::int64_t y :
+         {std::int64_t{-100}, std::int64_t{-1}, std::int64_t{0}, std::int64_t{3}, std::int64_t{9},
+          std::int64_t{10}, std::int64_t{1} << 40, std::numeric_limits<std::int64_t>::min()}) {
+      CAPTURE(ignore, y);
+      const bool ignored = y == ignore;
+      const bool inside = y >= 0 && y < v;
+      CHECK(is_scored_target(y, ignore, v) == (!ignored && inside));
+      CHECK(is_invalid_target(y, ignore, v) == (!ignored && !inside));
+    }
   }
 }
 
@@ -228,8 +247,25 @@ TEST_CASE("logit_transform: defaults are the identity", "[thread][cross_entropy]
     CHECK(t(raw) == raw);
     CHECK(t.derivative(t(raw)) == 1.0f);
   }
+}
+
+TEST_CASE("logit_transform: an infinite or NaN logit becomes NaN, never finite or masked",
+          "[thread][cross_entropy][options]") {
   const float inf = std::numeric_limits<float>::infinity();
-  CHECK(t(-inf) == -inf);  // a masked column stays masked
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const float tau : {1.0f, 0.5f, 2.5f}) {
+    for (const float cap : {0.0f, 1.0f, 30.0f}) {
+      const logit_transform t = make_transform(tau, cap);
+      CAPTURE(tau, cap);
+      CHECK(std::isnan(t(inf)));   // softcap would turn +inf into c
+      CHECK(std::isnan(t(-inf)));  // would mask the class
+      CHECK(std::isnan(t(nan)));
+      if (cap > 0.0f) CHECK(std::isnan(t.derivative(t(inf))));
+      CHECK(std::isfinite(t(1e38f)));  // large but finite stays finite
+    }
+  }
+  // 1/τ overflowing a finite raw value is an overflow: NaN as well.
+  CHECK(std::isnan(make_transform(1e-3f, 0.0f)(3e38f)));
 }
 
 TEST_CASE("logit_transform: value matches softcap(raw/τ) in double",

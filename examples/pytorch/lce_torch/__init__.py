@@ -397,7 +397,7 @@ def linear_cross_entropy(
         weight: [V, D] classifier (the LM head), x's dtype. A row-strided view (a slice of a
             padded embedding) is read in place.
         target: x's leading shape (or as many elements), int64 or int32 token ids in [0, V)
-            or ``ignore_index``. A target outside [0, V) gives a NaN loss (no host check).
+            or ``ignore_index``. A target outside [0, V) is treated as ignored (no host check).
         bias: optional [V] bias, x's dtype.
         ignore_index: rows with this target contribute nothing and are not counted.
         reduction: 'mean' (over valid rows; 0 when all are ignored, never NaN), 'sum' or

@@ -106,7 +106,8 @@ __device__ __forceinline__ float fast_exp2(float x) noexcept {
 
 /// c·tanh(y) for y = raw·scale (scale = 1/(τ·c)): tanh from one exponential and one reciprocal,
 /// (1 − e)/(1 + e) with e = e^{−2|y|}, and its Taylor series y − y³/3 below |y| < 2⁻⁸ where
-/// 1 − e would cancel. Absolute error about c·10⁻⁷ (tanhf's: c·6·10⁻⁸).
+/// 1 − e would cancel. Absolute error about c·10⁻⁷ (tanhf's: c·6·10⁻⁸). An infinite logit
+/// gives NaN, as thread::logit_transform does (docs/robustness.md: never a finite wrong number).
 __device__ __forceinline__ float fast_softcap(float raw, float scale, float cap) noexcept {
   constexpr float two_log2e = 2.0f * 1.4426950408889634f;
   const float y = raw * scale;
@@ -114,6 +115,7 @@ __device__ __forceinline__ float fast_softcap(float raw, float scale, float cap)
   const float e = fast_exp2(-two_log2e * ay);
   float t = __fdividef(1.0f - e, 1.0f + e);
   if (ay < 0.00390625f) t = ay * fmaf(-ay * ay, 1.0f / 3.0f, 1.0f);
+  if (ay == INFINITY) t = NAN;
   return copysignf(cap * t, y);
 }
 

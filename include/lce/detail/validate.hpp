@@ -4,7 +4,10 @@
 
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <initializer_list>
 
 #include "../options.hpp"
 #include "../status.hpp"
@@ -17,7 +20,7 @@ namespace detail {
 inline constexpr std::int64_t max_extent = (std::int64_t{INT_MAX} - 64) / 2;
 
 inline cudaError_t validate_problem(const problem& s) noexcept {
-  if (s.n <= 0) return invalid("shape.n (tokens) must be positive");
+  if (s.n < 0) return invalid("shape.n (tokens) must be >= 0");
   if (s.d <= 0) return invalid("shape.d (hidden size) must be positive");
   if (s.v <= 0) return invalid("shape.v (vocabulary size) must be positive");
   if (s.n > max_extent || s.d > max_extent || s.v > max_extent)
@@ -54,6 +57,91 @@ inline cudaError_t validate_backward_options(const backward_options& b, bool fp3
   if (s < 0 || s > 2) return invalid("backward_options.strategy is not a known strategy");
   if (b.strategy == backward_strategy::row_chunked && !fp32_grad)
     return invalid("backward_options.strategy row_chunked needs fp32 dW/db (Grad = float)");
+  return cudaSuccess;
+}
+
+/// @brief One device buffer an lce call reads or writes: its bytes as the bounding range
+/// [begin, end) (a strided matrix from its first to its last element; empty for a null
+/// pointer or a zero extent) and the alignment its element type needs.
+struct buffer {
+  const char* name = nullptr;
+  std::uintptr_t begin = 0, end = 0;
+  std::size_t alignment = 1;
+};
+
+/// The buffer of a [rows, cols] matrix with row stride ld (a vector: rows = 1).
+template <class T>
+buffer matrix_buffer(const char* name, const T* p, std::int64_t rows, std::int64_t cols,
+                     std::int64_t ld) noexcept {
+  buffer b{name, reinterpret_cast<std::uintptr_t>(p), reinterpret_cast<std::uintptr_t>(p),
+           sizeof(T)};
+  if (p != nullptr && rows > 0 && cols > 0)
+    b.end = b.begin + static_cast<std::uintptr_t>((rows - 1) * ld + cols) * sizeof(T);
+  return b;
+}
+
+template <class T>
+buffer vector_buffer(const char* name, const T* p, std::int64_t count) noexcept {
+  return matrix_buffer(name, p, 1, count, count);
+}
+
+/// A fixed-capacity list of the buffers of one call (no allocation).
+struct buffer_list {
+  static constexpr int capacity = 16;
+  buffer items[capacity];
+  int count = 0;
+  void add(const buffer& b) noexcept {
+    if (count < capacity) items[count++] = b;
+  }
+};
+
+inline bool overlap(const buffer& a, const buffer& b) noexcept {
+  return a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end;
+}
+
+inline cudaError_t overlap_error(const buffer& a, const buffer& b) noexcept {
+  std::snprintf(error_buffer(), 256,
+                "lce: %s overlaps %s (outputs must not share memory with inputs, other outputs "
+                "or the workspace)",
+                a.name, b.name);
+  return cudaErrorInvalidValue;
+}
+
+/// Every pointer aligned to its element size; no output overlapping an input or another
+/// output (inputs may share memory with each other: they are only read).
+inline cudaError_t validate_buffers(const buffer_list& inputs,
+                                    const buffer_list& outputs) noexcept {
+  for (const buffer_list* list : {&inputs, &outputs}) {
+    for (int i = 0; i < list->count; ++i) {
+      const buffer& b = list->items[i];
+      if (b.begin % b.alignment != 0) {
+        std::snprintf(error_buffer(), 256,
+                      "lce: %s is not aligned to its element size (%zu bytes)", b.name,
+                      b.alignment);
+        return cudaErrorInvalidValue;
+      }
+    }
+  }
+  for (int o = 0; o < outputs.count; ++o) {
+    for (int i = 0; i < inputs.count; ++i)
+      if (overlap(outputs.items[o], inputs.items[i]))
+        return overlap_error(outputs.items[o], inputs.items[i]);
+    for (int p = o + 1; p < outputs.count; ++p)
+      if (overlap(outputs.items[o], outputs.items[p]))
+        return overlap_error(outputs.items[o], outputs.items[p]);
+  }
+  return cudaSuccess;
+}
+
+/// The workspace [d_workspace, d_workspace + bytes) overlaps no input or output.
+inline cudaError_t validate_workspace_disjoint(const void* d_workspace, std::size_t bytes,
+                                               const buffer_list& inputs,
+                                               const buffer_list& outputs) noexcept {
+  const auto begin = reinterpret_cast<std::uintptr_t>(d_workspace);
+  const buffer ws{"d_workspace", begin, begin + bytes, 1};
+  for (const buffer_list* list : {&inputs, &outputs})
+    for (int i = 0; i < list->count; ++i)
+      if (overlap(ws, list->items[i])) return overlap_error(ws, list->items[i]);
   return cudaSuccess;
 }
 

@@ -62,7 +62,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
                      : backward_strategy::vocab_chunked;
   }
   if (p.strategy == backward_strategy::row_chunked) {
-    p.chunk = std::clamp<std::int64_t>(rows_fit, 1, s.n);
+    p.chunk = std::clamp<std::int64_t>(rows_fit, 1, std::max<std::int64_t>(s.n, 1));
     p.chunk_ld = row_ld;
     p.logits = layout.reserve<float>(static_cast<std::size_t>(p.chunk * p.chunk_ld));
   } else {
@@ -73,7 +73,8 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
       const std::size_t dx_bytes = static_cast<std::size_t>(s.n * s.d) * 4;
       left = left > dx_bytes ? left - dx_bytes : 0;
     }
-    const auto cols_fit = static_cast<std::int64_t>(left / (static_cast<std::size_t>(s.n) * 4));
+    const auto cols_fit = static_cast<std::int64_t>(
+        left / (static_cast<std::size_t>(std::max<std::int64_t>(s.n, 1)) * 4));
     const std::int64_t cols = std::max(cols_fit / vocab_chunk_granule * vocab_chunk_granule,
                                        vocab_chunk_granule);
     p.chunk = std::min(cols, s.v);
@@ -162,7 +163,8 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t ldz = plan.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
 
   const float* first_beta = o.accumulate ? one : zero;  // beta of a gradient's first write
-  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, stream));
+  LCE_RETURN_IF_ERROR(
+      run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, a.status, stream));
   if (a.db != nullptr) {
     kernel::fill_kernel<Element><<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(
         ones, s.n, 1.0f);

@@ -34,7 +34,8 @@ inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v
   forward_grid g;
   g.row_tiles = (s.n + block_m - 1) / block_m;
   g.vocab_tiles = (s.v + block_v - 1) / block_v;
-  const std::int64_t wanted = (forward_target_blocks + g.row_tiles - 1) / g.row_tiles;
+  const std::int64_t wanted =
+      (forward_target_blocks + g.row_tiles - 1) / std::max<std::int64_t>(g.row_tiles, 1);
   const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, g.vocab_tiles);
   g.tiles_per_split = (g.vocab_tiles + splits - 1) / splits;
   g.splits = (g.vocab_tiles + g.tiles_per_split - 1) / g.tiles_per_split;
@@ -103,13 +104,15 @@ inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets,
   return {make_target_view(targets, o), s.v, class_weight, o.label_smoothing, o.z_loss, scalars};
 }
 
-/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer).
+/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer); counts the
+/// invalid targets into `status` when it is not null.
 inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* class_weight,
                                     const float* grad, const problem& s, const loss_options& o,
-                                    kernel::loss_scalars* out, cudaStream_t stream) noexcept {
+                                    kernel::loss_scalars* out, device_status* status,
+                                    cudaStream_t stream) noexcept {
   constexpr int threads = 512;
   const kernel::loss_scalars_params p{make_target_view(targets, o), s.n, s.v, class_weight, grad,
-                                      o.reduction, out};
+                                      o.reduction, out, status};
   kernel::loss_scalars_kernel<threads><<<1, threads, 0, stream>>>(p);
   LCE_CHECK_LAUNCH("loss_scalars_kernel");
   return cudaSuccess;
@@ -139,9 +142,6 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
   return cudaSuccess;
 }
 
-/// Whether the sm_90a kernel of `SM90Config` runs this forward: a 16-bit Element, a device of
-/// compute capability 9.0 with the kernel's sm_90a code loaded, and operands the copy engine
-/// can read (then `fp` holds their tensor maps).
 /// Whether `kernel` (an sm_90a kernel) runs on the current device: compute capability 9.0 and
 /// the kernel's code built for sm_90a (binary version 90, and no static shared memory: the
 /// build without sm_90a features, e.g. plain sm_90, carries a static marker instead).
@@ -163,6 +163,9 @@ inline bool sm90_kernel_runs(const void* kernel) noexcept {
   return true;
 }
 
+/// Whether the sm_90a kernel of `SM90Config` runs this forward: a device of compute capability
+/// 9.0 with the kernel's sm_90a code loaded, and operands the copy engine can read (then `fp`
+/// holds their tensor maps).
 template <class Element, class SM90Config>
 bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Config>::params& fp,
                           const forward_args<Element>& a, const problem& s) noexcept {
@@ -275,7 +278,8 @@ cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
                         const forward_args<Element>& a, const problem& s,
                         const loss_options& o, cudaStream_t stream) noexcept {
   auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
-  LCE_RETURN_IF_ERROR(run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, stream));
+  LCE_RETURN_IF_ERROR(
+      run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, a.status, stream));
 
   std::int64_t splits = 0;
   LCE_RETURN_IF_ERROR(

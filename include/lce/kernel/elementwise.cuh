@@ -9,6 +9,7 @@
 
 #include "../block/reduce.cuh"
 #include "../options.hpp"
+#include "../status.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/online_lse.cuh"
 
@@ -17,7 +18,7 @@ namespace kernel {
 
 /// Scalars of a loss, computed on the device so that nothing is read back.
 struct loss_scalars {
-  long long n_valid;   ///< rows whose (shifted) target is not ignore_index
+  long long n_valid;   ///< rows whose (shifted) target is not ignore_index and is in [0, v)
   float weight_valid;  ///< Σ over valid rows of w_{y_i} (n_valid without class weights)
   float weight_sum;    ///< Σ_v w_v (v without class weights)
   /// The gradient normalizer: the largest |row scale| over valid rows. dZ is stored divided
@@ -35,13 +36,15 @@ struct loss_scalars_params {
   const float* grad;          ///< upstream gradient ([1] or [n]) or null (= 1)
   lce::reduction reduction;
   loss_scalars* out;
+  device_status* status;  ///< or null: invalid targets are added to status->invalid_targets
 };
 
 struct nan_max_op {
   __device__ float operator()(float a, float b) const noexcept { return thread::nan_max(a, b); }
 };
 
-/// One block, fixed reduction order (deterministic).
+/// One block, fixed reduction order (deterministic). The one kernel of each launcher call that
+/// sees every row's target, so it is also where invalid targets are counted (once per call).
 template <int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     loss_scalars_kernel(const loss_scalars_params p) {
@@ -54,13 +57,15 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     typename max_f::TempStorage m;
   } storage;
   long long count = 0;
+  long long invalid = 0;
   float weight = 0.0f;
   float largest_grad = 0.0f;
   for (std::int64_t i = threadIdx.x; i < p.n; i += Threads) {
     const std::int64_t y = p.targets(i);
-    if (!thread::is_valid_target(y, p.targets.ignore_index)) continue;
+    if (thread::is_invalid_target(y, p.targets.ignore_index, p.v)) ++invalid;
+    if (!thread::is_scored_target(y, p.targets.ignore_index, p.v)) continue;
     ++count;
-    if (p.class_weight != nullptr && thread::in_vocabulary(y, p.v)) weight += p.class_weight[y];
+    if (p.class_weight != nullptr) weight += p.class_weight[y];
     if (p.reduction == lce::reduction::none)
       largest_grad = thread::nan_max(largest_grad, p.grad != nullptr ? fabsf(p.grad[i]) : 1.0f);
   }
@@ -75,7 +80,11 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const float weight_sum = sum_f::sum(storage.f, vocab_weight);
   __syncthreads();
   const float max_grad = max_f(storage.m).Reduce(largest_grad, nan_max_op{});
+  __syncthreads();
+  const long long invalid_rows = sum_i::sum(storage.i, invalid);
   if (threadIdx.x == 0) {
+    if (p.status != nullptr && invalid_rows > 0)
+      atomicAdd(&p.status->invalid_targets, static_cast<unsigned long long>(invalid_rows));
     loss_scalars s{};
     s.n_valid = n_valid;
     s.weight_valid = p.class_weight != nullptr ? weight_valid : static_cast<float>(n_valid);

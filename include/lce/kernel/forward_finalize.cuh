@@ -39,20 +39,19 @@ struct row_loss_params {
   const loss_scalars* scalars;  ///< weight_sum (computed before the forward's rows finish)
 };
 
-/// Writes every output of row `row`. `target_logit` is only read when the target is valid and
-/// inside the vocabulary (otherwise nothing wrote it).
+/// Writes every output of row `row`. `target_logit` is only read when the target is scored
+/// (not ignored, inside the vocabulary; otherwise nothing wrote it). A target outside [0, v)
+/// is treated as ignored; loss_scalars_kernel counts it into the caller's device_status.
 __device__ inline void finish_row(std::int64_t row, const thread::row_stats& st,
                                   const float* target_logit, const row_loss_params& lp,
                                   const row_outputs& out) {
   const float lse = thread::row_lse(st);
   const std::int64_t y = lp.targets(row);
-  const bool valid = thread::is_valid_target(y, lp.targets.ignore_index);
-  const bool readable = valid && thread::in_vocabulary(y, lp.v);
   if (out.lse != nullptr) out.lse[row] = lse;
   if (out.entropy != nullptr) out.entropy[row] = thread::row_entropy(st, lse);
   out.argmax[row] = st.argmax;
   float ce = 0.0f, z = 0.0f, logprob = 0.0f;
-  if (readable) {
+  if (thread::is_scored_target(y, lp.targets.ignore_index, lp.v)) {
     const float z_y = *target_logit;
     const float w_y = lp.class_weight != nullptr ? lp.class_weight[y] : 1.0f;
     const thread::loss_terms t = thread::row_loss(lse, z_y, st.sum_wz, w_y, lp.scalars->weight_sum,
@@ -60,8 +59,6 @@ __device__ inline void finish_row(std::int64_t row, const thread::row_stats& st,
     ce = t.ce;
     z = t.z_loss;
     logprob = z_y - lse;
-  } else if (valid) {  // a target outside [0, v): loud, never plausible
-    ce = z = logprob = NAN;
   }
   out.ce[row] = ce;
   out.token_z_loss[row] = z;
@@ -120,7 +117,10 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     ce += p.ce[row];
     z += p.token_z_loss[row];
     const std::int64_t y = p.targets(row);
-    hits += (thread::is_valid_target(y, p.targets.ignore_index) && p.argmax[row] == y) ? 1 : 0;
+    // argmax is in [0, v), or −1 for a NaN row: y >= 0 keeps an invalid target −1 from matching.
+    hits += (thread::is_valid_target(y, p.targets.ignore_index) && y >= 0 && p.argmax[row] == y)
+                ? 1
+                : 0;
   }
   const float ce_total = sum_f::sum(storage.f, ce);
   __syncthreads();  // the temp storage is reused

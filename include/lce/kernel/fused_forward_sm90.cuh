@@ -188,6 +188,9 @@ struct fused_forward_sm90 {
           first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
         }
       }
+      // −inf logits add e = 0 to the sum but 0·(−inf) = NaN to Σe·z: the row turns NaN, as
+      // the general path's logit_transform makes it (an infinite logit is never finite loss).
+      if (sum_pz != sum_pz) sum = NAN;
       merge_quad(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
     }
   }

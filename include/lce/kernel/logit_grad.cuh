@@ -53,7 +53,8 @@ template <class Element>
 __device__ inline row_grad make_row_grad(const logit_grad_params<Element>& p, std::int64_t row) {
   row_grad r;
   r.y = p.targets(row);
-  const bool valid = thread::is_valid_target(r.y, p.targets.ignore_index);
+  // Ignored rows and rows with a target outside [0, v) get a zero gradient.
+  const bool valid = thread::is_scored_target(r.y, p.targets.ignore_index, p.v);
   const loss_scalars sc = *p.scalars;
   const float upstream = p.grad == nullptr ? 1.0f : p.grad[p.grad_per_row ? row : 0];
   thread::row_scales g = thread::row_grad_scales(upstream, valid, sc.weight_valid,
@@ -62,8 +63,7 @@ __device__ inline row_grad make_row_grad(const logit_grad_params<Element>& p, st
   g = {g.ce * inv_alpha, g.z * inv_alpha};
   r.active = g.ce != 0.0f || g.z != 0.0f;
   r.lse = p.lse[row];
-  const float w_y =
-      (p.class_weight != nullptr && thread::in_vocabulary(r.y, p.v)) ? p.class_weight[r.y] : 1.0f;
+  const float w_y = (p.class_weight != nullptr && valid) ? p.class_weight[r.y] : 1.0f;
   r.coeffs = thread::row_grad_coeffs(g, r.lse, w_y, sc.weight_sum, p.v, p.smoothing, p.z_loss);
   return r;
 }

@@ -84,7 +84,7 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
   auto* scalars = lce::detail::at<lce::kernel::loss_scalars>(ws, plan.local.scalars);
   // Valid rows and weight sums over the global vocabulary: the same on every rank.
   LCE_RETURN_IF_ERROR(lce::device::run_loss_scalars(a.targets, a.class_weight, nullptr, global, o,
-                                                    scalars, stream));
+                                                    scalars, a.status, stream));
 
   // The fused kernel on the shard: its columns are shard-local (bias, class weights), its
   // targets shard-local through the view's offset.
@@ -208,7 +208,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   float* dx_acc = lce::detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
 
   LCE_RETURN_IF_ERROR(lce::device::run_loss_scalars(a.targets, a.class_weight, a.grad, global, o,
-                                                    scalars, stream));
+                                                    scalars, a.status, stream));
   if (a.db != nullptr) {
     lce::kernel::fill_kernel<Element>
         <<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(ones, n, 1.0f);

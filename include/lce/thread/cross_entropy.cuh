@@ -23,14 +23,34 @@ __host__ __device__ constexpr bool in_vocabulary(std::int64_t y, std::int64_t v)
   return y >= 0 && y < v;
 }
 
+/// @brief Whether row target `y` is scored: not ignored and inside [0, v). A target outside
+/// [0, v) that is not ignore_index is invalid: its row is treated as ignored (and counted in
+/// lce::device_status::invalid_targets).
+__host__ __device__ constexpr bool is_scored_target(std::int64_t y, std::int64_t ignore_index,
+                                                    std::int64_t v) noexcept {
+  return is_valid_target(y, ignore_index) && in_vocabulary(y, v);
+}
+
+/// @brief Whether row target `y` is invalid: not ignore_index, yet outside [0, v).
+__host__ __device__ constexpr bool is_invalid_target(std::int64_t y, std::int64_t ignore_index,
+                                                     std::int64_t v) noexcept {
+  return is_valid_target(y, ignore_index) && !in_vocabulary(y, v);
+}
+
 /// @brief The per-element logit transform z = softcap(raw / τ) and its derivative.
+///
+/// A logit that is ±inf (an infinite input, or X·Wᵀ overflowing fp32) becomes NaN: +inf would
+/// otherwise be capped to c, and −inf would silently mask its class; NaN makes the row's lse
+/// and loss NaN in every code path (docs/robustness.md). Columns beyond the vocabulary are
+/// masked by the kernels with −inf *after* the transform.
 struct logit_transform {
   float inv_temperature = 1.0f;  ///< 1/τ
   float softcap = 0.0f;          ///< c > 0, or 0 for no cap
 
   __host__ __device__ float operator()(float raw) const noexcept {
     const float z = raw * inv_temperature;
-    return softcap > 0.0f ? softcap * tanhf(z / softcap) : z;
+    const float out = softcap > 0.0f ? softcap * tanhf(z / softcap) : z;
+    return fabsf(z) == INFINITY ? NAN : out;
   }
   /// dz/draw, from the transformed value z.
   __host__ __device__ float derivative(float z) const noexcept {
@@ -60,12 +80,11 @@ __host__ __device__ inline loss_terms row_loss(float lse, float z_y, float sum_w
 }
 
 /// @brief Loss of one token without options: lse − z_y from the same fp32 values that built
-/// the lse (so it is ≥ 0 up to rounding). Ignored rows give 0; a target outside [0, v) gives
-/// NaN, so a bad label never turns into a plausible number.
+/// the lse (so it is ≥ 0 up to rounding). Ignored rows give 0, and so do rows whose target is
+/// outside [0, v): they are treated as ignored (and counted in lce::device_status).
 __host__ __device__ inline float token_loss(float lse, float target_logit, std::int64_t y,
                                             std::int64_t v, std::int64_t ignore_index) noexcept {
-  if (!is_valid_target(y, ignore_index)) return 0.0f;
-  if (!in_vocabulary(y, v)) return NAN;
+  if (!is_scored_target(y, ignore_index, v)) return 0.0f;
   return lse - target_logit;
 }
 
