@@ -129,7 +129,7 @@ template <class Element, class Config = default_config<Element>>
   static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
   lce::detail::clear_error();
   LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(args, options));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(args, shape, options));
   detail::comm_info comm;
   LCE_RETURN_IF_ERROR(detail::validate_comm(shard, shape, false, comm));
   lce::detail::workspace_layout layout;
@@ -186,7 +186,7 @@ template <class Element, class Grad>
   lce::detail::clear_error();
   LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
   LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_args(args));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_args(args, shape));
   if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
   detail::comm_info comm;
   LCE_RETURN_IF_ERROR(detail::validate_comm(
@@ -237,10 +237,10 @@ template <class Element, class Grad, class Config = default_config<Element>>
   const forward_args<Element> fa{args.x,       args.w,         args.bias,         args.targets,
                                  args.loss,    args.token_loss, args.lse,         args.class_weight,
                                  args.z_loss,  args.token_z_loss, args.argmax,    args.correct,
-                                 args.entropy, args.target_logprob};
+                                 args.entropy, args.target_logprob, args.status};
   LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
   LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(fa, options));
+  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(fa, shape, options));
   if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
   detail::comm_info comm;
   LCE_RETURN_IF_ERROR(detail::validate_comm(
