@@ -97,7 +97,7 @@ TEMPLATE_TEST_CASE("nccl contract: checks run in order: shape, shard, options, a
   lce::loss_options bad_options;
   bad_options.label_smoothing = 2.0f;
   // The shape is checked first, with the global vocabulary size.
-  check_all_invalid<TestType>(lce::problem{0, 72, 1000}, shard(-1, 10), bad_options, "shape.n");
+  check_all_invalid<TestType>(lce::problem{300, 0, 1000}, shard(-1, 10), bad_options, "shape.d");
   check_all_invalid<TestType>(lce::problem{300, 72, 1000, 10}, shard(0, 10), {}, "shape.ldx");
   check_all_invalid<TestType>(shape, shard(-1, 10), bad_options, "shard.v_begin");
   check_all_invalid<TestType>(shape, shard(0, 10), bad_options, "options.label_smoothing");
