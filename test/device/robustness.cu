@@ -175,8 +175,12 @@ TEMPLATE_TEST_CASE("robustness: extreme logits match the fp64 reference, finite 
       case_spec{64, 64, 300}.scaled(1e4).smoothing(0.1f).with_z_loss(1e-4f).none(),
       case_spec{33, 16, 1000}.scaled(3e3).with_temperature(0.5f).sum(),
   };
-  if (std::is_same_v<TestType, __nv_bfloat16> || std::is_same_v<TestType, float>) {
-    // Near the top of the range: |z| ~ 1e30 (bf16 and fp32 reach it; fp16 cannot hold w).
+  if (std::is_same_v<TestType, __nv_bfloat16>) {
+    // Near the top of the bf16 range: |z| ~ 1e30 (fp16 cannot hold w). Not for fp32 inputs:
+    // there the issue asks for |z| up to 1e4, and at 1e30 an ulp of z (~1e23) is far above 1,
+    // so p = e^{z − lse} of a recomputed z is not determined by the inputs (the H200 run of
+    // 2026-11-28 showed 40% gradient errors at that scale; since then lce clamps z − lse at 0,
+    // which keeps every output finite).
     specs.push_back(case_spec{64, 64, 300}.scaled(1e30));
     specs.push_back(case_spec{64, 64, 300}.scaled(1e30).capped(30.0f).smoothing(0.1f));
   }
@@ -192,6 +196,14 @@ TEMPLATE_TEST_CASE("robustness: extreme logits match the fp64 reference, finite 
   for (double l : data.ref_lse.download()) largest = std::max(largest, std::fabs(l));
   slack extra;
   extra.loss = 16 * 0x1p-24;
+  if (std::is_same_v<TestType, float>) {
+    // fp32 inputs: the GEMM's own rounding, about √d·u·|raw logit| per logit (raw ~ the
+    // spec's scale), reaches the loss through dz/draw ≤ 1 (twice: lse and z_y). With a softcap
+    // the loss is O(c), so this dominates: at scale 1e4, d = 64, it is ~1e-2 absolute.
+    const double loss_scale = std::max(1.0, std::fabs(data.ref_loss));
+    extra.loss = std::max(extra.loss, 2.0 * std::sqrt(static_cast<double>(spec.d)) * 0x1p-24 *
+                                          spec.logit_scale / loss_scale);
+  }
   extra.grad = std::min(4.0 * largest * 0x1p-24, 0.05);
   gpu_context ctx;
   for (const run_spec& how : all_runs<float>()) {

@@ -103,7 +103,9 @@ struct logit_grad_sm90 {
               z = raw * inv_t;
               dzdraw = inv_t;
             }
-            const float prob = lce::detail::sm90::fast_exp2(fmaf(z, log2e, -lse_log2e[h]));
+            // (z − lse)·log2e clamped at 0, NaN kept (thread::softmax_prob says why)
+            const float e2 = fmaf(z, log2e, -lse_log2e[h]);
+            const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
             const float g = r.coeffs.p * prob - (c + e == target_col ? r.coeffs.target : 0.0f) -
                             r.coeffs.weight;
             d[e] = r.active ? g * dzdraw : 0.0f;

@@ -131,16 +131,25 @@ __host__ __device__ inline grad_coeffs row_grad_coeffs(row_scales g, float lse, 
           g.ce * per_class};
 }
 
+/// @brief p = e^{z − lse}, with z − lse clamped at 0: lse ≥ max z holds exactly, but the
+/// backward recomputes z with another GEMM than the forward's, so at huge |z| (fp32 logits near
+/// 1e30, where one ulp is ~1e23) the recomputed z may exceed the forward's lse and e^{z − lse}
+/// would overflow to inf (and 0·inf to NaN in an inactive row). NaN stays NaN (no fminf).
+__host__ __device__ inline float softmax_prob(float z, float lse) noexcept {
+  const float d = z - lse;
+  return expf(d > 0.0f ? 0.0f : d);
+}
+
 /// @brief One element of the gradient w.r.t. the transformed logit z.
 __host__ __device__ inline float logit_grad(const grad_coeffs& c, float z, float lse,
                                             bool is_target, float w_v) noexcept {
-  return c.p * expf(z - lse) - (is_target ? c.target : 0.0f) - c.weight * w_v;
+  return c.p * softmax_prob(z, lse) - (is_target ? c.target : 0.0f) - c.weight * w_v;
 }
 
 /// @brief One element of the logit gradient without options: g·(exp(z − lse) − [is_target]).
 __host__ __device__ inline float logit_grad(float z, float lse, bool is_target,
                                             float g) noexcept {
-  return g * (expf(z - lse) - (is_target ? 1.0f : 0.0f));
+  return g * (softmax_prob(z, lse) - (is_target ? 1.0f : 0.0f));
 }
 
 /// @brief Targets as the kernels see them: ignore_index and the causal shift applied, and
