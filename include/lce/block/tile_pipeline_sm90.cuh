@@ -50,6 +50,35 @@ struct tile_pipeline_sm90 {
     return *reinterpret_cast<shared_storage*>((base + 1023) & ~std::uintptr_t{1023});
   }
 
+  /// First of the two fragment rows a consumer thread holds, relative to the whole matrix
+  /// (row tile blockIdx.x): row 16·(t/32) + (t%32)/4 of its warpgroup's 64; the other is +8.
+  __device__ __forceinline__ static std::int64_t fragment_row0(int half) {
+    const int t = static_cast<int>(threadIdx.x) % 128;
+    return static_cast<std::int64_t>(blockIdx.x) * block_m + half * 64 + (t / 32) * 16 +
+           (t % 32) / 4;
+  }
+  /// Which pair of columns of every group of 8 a consumer thread holds (t % 4).
+  __device__ __forceinline__ static int fragment_quad() {
+    return static_cast<int>(threadIdx.x) % 128 % 4;
+  }
+
+  /// The block's share of a grid (row tiles, vocabulary splits): rows from blockIdx.x·128, the
+  /// `tiles_per_split` vocabulary tiles of split blockIdx.y among ceil(cols / BlockV), K = d.
+  template <class MakeEpilogue>
+  __device__ __forceinline__ static void run_split(const CUtensorMap* x_map,
+                                                   const CUtensorMap* w_map, shared_storage& s,
+                                                   std::int64_t cols, std::int64_t d,
+                                                   std::int64_t tiles_per_split,
+                                                   MakeEpilogue&& make_epilogue) {
+    const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
+    const std::int64_t vocab_tiles = (cols + block_v - 1) / block_v;
+    const std::int64_t tile_begin = static_cast<std::int64_t>(blockIdx.y) * tiles_per_split;
+    const std::int64_t tile_end = min(vocab_tiles, tile_begin + tiles_per_split);
+    const int k_tiles = static_cast<int>((d + block_k - 1) / block_k);
+    run(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles,
+        static_cast<MakeEpilogue&&>(make_epilogue));
+  }
+
   /// Runs the pipeline over vocabulary tiles [tile_begin, tile_end) (tile t: rows t·BlockV of
   /// the W map) for the 128 rows from row0 of the X map, K in k_tiles steps of 64. Each
   /// consumer warpgroup h ∈ {0, 1} makes its epilogue with make_epilogue(h), then calls

@@ -1,8 +1,9 @@
 /// @file sm90.cuh
-/// @brief Hopper (sm_90a) primitives of the fused forward: mbarriers, the bulk tensor copy
-/// (TMA), shared-memory matrix descriptors and warpgroup MMA (wgmma). Outside an sm_90a device
-/// pass every function compiles to nothing; the launcher only picks the kernels that use them
-/// on a device that runs sm_90a code (device/forward.cuh).
+/// @brief Hopper (sm_90a) primitives of the fused kernels (block/tile_pipeline_sm90.cuh):
+/// mbarriers, the bulk tensor copy (TMA), shared-memory matrix descriptors, warpgroup MMA
+/// (wgmma), setmaxnreg, and the fast exp2/softcap of their epilogues. Outside an sm_90a device
+/// pass the sm_90a-only instructions compile to nothing; the launchers only pick the kernels
+/// that use them on a device that runs sm_90a code (device::sm90_kernel_runs).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -50,10 +50,8 @@ struct logit_grad_sm90 {
     float lse_log2e[2];
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
-      const int t = static_cast<int>(threadIdx.x) % 128;
-      quad = t % 4;
-      rows[0] = static_cast<std::int64_t>(blockIdx.x) * block_m + half * 64 + (t / 32) * 16 +
-                (t % 32) / 4;
+      quad = pipeline::fragment_quad();
+      rows[0] = pipeline::fragment_row0(half);  // chunk-local: the X map starts at the chunk
       rows[1] = rows[0] + 8;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -131,13 +129,8 @@ struct logit_grad_sm90 {
   };
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
-    const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
-    const std::int64_t vocab_tiles = (p.grad.cols + block_v - 1) / block_v;
-    const std::int64_t tile_begin = static_cast<std::int64_t>(blockIdx.y) * p.tiles_per_split;
-    const std::int64_t tile_end = min(vocab_tiles, tile_begin + p.tiles_per_split);
-    const int k_tiles = static_cast<int>((p.d + block_k - 1) / block_k);
-    pipeline::run(&p.x_map, &p.w_map, s, row0, tile_begin, tile_end, k_tiles,
-                  [&](int half) { return epilogue(p, half); });
+    pipeline::run_split(&p.x_map, &p.w_map, s, p.grad.cols, p.d, p.tiles_per_split,
+                        [&](int half) { return epilogue(p, half); });
   }
 };
 
