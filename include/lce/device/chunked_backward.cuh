@@ -93,8 +93,46 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
 /// `o.accumulate`: the first write of dx, dw, db adds to what the caller's buffers hold.
 /// Enqueues the recompute of a chunk fused with its logit gradient on sm_90a (the chunk: X
 /// rows `x_rows` [rows, ldx], W rows `w_rows` [gp.cols, ldw]; dZ to `dz` [rows, ldz], divided
-/// by alpha), when it applies: 16-bit elements, no bias, no class weights, an sm_90a device
-/// and operands the copy engine can read. Sets `launched`; if false, nothing was enqueued.
+/// by alpha), when it applies: 16-bit elements, an sm_90a device and operands the copy engine
+/// can read. Without bias and class weights it runs the lean epilogue on the `sm90` tile
+/// configuration, else the general one on `sm90_general` — the configurations, transforms and
+/// accumulation order of the forward that built the lse (kernel/logit_grad_sm90.cuh says why
+/// that matters). Sets `launched`; if false, nothing was enqueued.
+template <class Element, class Config, bool General>
+cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
+                                   const Element* x_rows, std::int64_t rows, std::int64_t ldx,
+                                   const Element* w_rows, std::int64_t ldw, std::int64_t d,
+                                   Element* dz, std::int64_t ldz, bool& launched,
+                                   cudaStream_t stream) noexcept {
+  using fused = kernel::logit_grad_sm90<Element, Config, General>;
+  const void* entry = reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, Config, General>);
+  if (ldz % 2 != 0 || !sm90_kernel_runs(entry)) return cudaSuccess;
+  typename fused::params fp{};
+  if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, Config::block_m, Config::block_k) ||
+      !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw, Config::block_v,
+                               Config::block_k)) {
+    return cudaSuccess;
+  }
+  problem tiles;
+  tiles.n = rows;
+  tiles.v = gp.cols;
+  const forward_grid grid = make_forward_grid(tiles, Config::block_m, Config::block_v);
+  fp.rows = rows;
+  fp.d = d;
+  fp.dz = dz;
+  fp.ldz = ldz;
+  fp.tiles_per_split = grid.tiles_per_split;
+  fp.grad = gp;
+  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           fused::smem_bytes));
+  const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
+  kernel::logit_grad_sm90_kernel<Element, Config, General>
+      <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
+  LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
+  launched = true;
+  return cudaSuccess;
+}
+
 template <class Element>
 cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
                                 const Element* x_rows, std::int64_t rows, std::int64_t ldx,
@@ -103,38 +141,14 @@ cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
                                 cudaStream_t stream) noexcept {
   launched = false;
   if constexpr (sizeof(Element) == 2) {
-    using config = typename sm90_config_of<default_config<Element>>::type;
-    using fused = kernel::logit_grad_sm90<Element, config>;
-    if (gp.bias != nullptr || gp.class_weight != nullptr || ldz % 2 != 0 ||
-        !sm90_kernel_runs(
-            reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, config>))) {
-      return cudaSuccess;
+    if (gp.bias == nullptr && gp.class_weight == nullptr) {
+      using config = typename sm90_config_of<default_config<Element>>::type;
+      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw,
+                                                            d, dz, ldz, launched, stream);
     }
-    typename fused::params fp{};
-    if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, config::block_m,
-                                 config::block_k) ||
-        !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw, config::block_v,
-                                 config::block_k)) {
-      return cudaSuccess;
-    }
-    problem tiles;
-    tiles.n = rows;
-    tiles.v = gp.cols;
-    const forward_grid grid = make_forward_grid(tiles, config::block_m, config::block_v);
-    fp.rows = rows;
-    fp.d = d;
-    fp.dz = dz;
-    fp.ldz = ldz;
-    fp.tiles_per_split = grid.tiles_per_split;
-    fp.grad = gp;
-    LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::logit_grad_sm90_kernel<Element, config>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             fused::smem_bytes));
-    const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-    kernel::logit_grad_sm90_kernel<Element, config>
-        <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
-    LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
-    launched = true;
+    using config = typename sm90_general_config_of<default_config<Element>>::type;
+    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d,
+                                                         dz, ldz, launched, stream);
   }
   return cudaSuccess;
 }
@@ -198,15 +212,29 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     } else {
       dx_acc = detail::at<float>(ws, plan.dx);
     }
-    for (std::int64_t v0 = 0; v0 < s.v; v0 += plan.chunk) {
-      const std::int64_t vc = std::min(plan.chunk, s.v - v0);
+    // sm_90a: the recompute and dZ in one kernel, no fp32 chunk. dZ is then 16-bit, so the
+    // chunk buffer holds twice the columns (rows keep the fp32 row's bytes: ldz = 2·chunk_ld
+    // elements): half the chunks, half the passes over the fp32 dX accumulator. Tried on the
+    // first chunk; where it declines (fp32, another device, unaligned operands) every chunk
+    // takes the fp32 route at the planned width.
+    bool try_fused = true;
+    std::int64_t vc = 0;
+    for (std::int64_t v0 = 0; v0 < s.v; v0 += vc) {
+      vc = std::min(try_fused ? 2 * plan.chunk : plan.chunk, s.v - v0);
       const Element* w_c = a.w + v0 * ldw;
       gp.cols = vc;
       gp.row0 = 0;
       gp.vocab0 = v0;
-      bool fused = false;  // sm_90a: the recompute and dZ in one kernel, no fp32 chunk
-      LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, s.n, ldx, w_c, ldw, s.d,
-                                              const_cast<Element*>(dz), ldz, fused, stream));
+      bool fused = false;
+      if (try_fused) {
+        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, s.n, ldx, w_c, ldw, s.d,
+                                                const_cast<Element*>(dz), ldz, fused, stream));
+        if (!fused) {
+          try_fused = false;
+          vc = std::min(plan.chunk, s.v - v0);
+          gp.cols = vc;
+        }
+      }
       if (!fused) {
         // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
         LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, one, w_c, ldw, a.x, ldx, zero,
@@ -239,17 +267,29 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   }
 
   if constexpr (std::is_same_v<Grad, float>) {
-    for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.chunk) {
-      const std::int64_t nr = std::min(plan.chunk, s.n - r0);
+    // sm_90a with the lse given: the recompute and dZ in one kernel. Its 16-bit dZ rows are
+    // packed at stride chunk_ld elements, so the buffer holds twice the rows: half the chunks,
+    // half the read-modify-write passes over the fp32 dW. Tried on the first chunk, as above.
+    bool try_fused = fwd == nullptr;
+    std::int64_t nr = 0;
+    for (std::int64_t r0 = 0; r0 < s.n; r0 += nr) {
+      nr = std::min(try_fused ? 2 * plan.chunk : plan.chunk, s.n - r0);
       const Element* x_c = a.x + r0 * ldx;
       const float* beta = r0 == 0 ? first_beta : one;
       gp.cols = s.v;
       gp.row0 = r0;
       gp.vocab0 = 0;
-      bool fused = false;  // sm_90a with the lse given: the recompute and dZ in one kernel
-      if (fwd == nullptr) {
+      bool fused = false;
+      std::int64_t ldz_c = ldz;
+      if (try_fused) {
+        ldz_c = plan.chunk_ld;
         LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, x_c, nr, ldx, a.w, ldw, s.d,
-                                                const_cast<Element*>(dz), ldz, fused, stream));
+                                                const_cast<Element*>(dz), ldz_c, fused, stream));
+        if (!fused) {
+          try_fused = false;
+          nr = std::min(plan.chunk, s.n - r0);
+          ldz_c = ldz;
+        }
       }
       if (!fused) {
         // Z_cᵀ [v, nr] = W · X_cᵀ
@@ -271,13 +311,13 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
         LCE_CHECK_LAUNCH("logit_grad_kernel");
       }
       if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz, first_beta,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz_c, first_beta,
                                  a.dx + r0 * lddx, lddx));
       if (a.dw != nullptr)  // dWᵀ [d, v] += X_cᵀ · dZ_c
         LCE_RETURN_IF_ERROR(
-            gemm(handle, N, T, s.d, s.v, nr, alpha, x_c, ldx, dz, ldz, beta, a.dw, lddw));
+            gemm(handle, N, T, s.d, s.v, nr, alpha, x_c, ldx, dz, ldz_c, beta, a.dw, lddw));
       if (a.db != nullptr)  // db [v, 1] += dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz, ones, nr, beta, a.db, s.v));
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, s.v));
     }
   }
   return cudaSuccess;

@@ -135,7 +135,9 @@ struct fused_forward_sm90 {
   }
 
   /// The lean epilogue of a full tile without bias or class weights: z = acc/τ (softcapped if
-  /// Softcap), then e^{z−max} as 2^{z·log2e − max·log2e} on the special-function unit. A NaN
+  /// Softcap), then e^{z−max} as 2^{(z − max)·log2e} on the special-function unit (the
+  /// difference first, so the maximum's term is exactly 1 at any |z|; z·log2e − max·log2e as
+  /// one fma would carry the rounding of max·log2e, ~1e22 at |z| ~ 1e30). A NaN
   /// or +inf logit still turns the row's sum into NaN (fmaxf drops NaN from the max, but
   /// z − max does not).
   template <bool Softcap>
@@ -166,7 +168,6 @@ struct fused_forward_sm90 {
     write_targets(p, acc, vocab0, quad, rows, target);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float shift = -mx[h] * log2e;
       float sum = 0.0f, sum_pz = 0.0f, sum_z = 0.0f;
       int first = INT_MAX;
 #pragma unroll
@@ -174,7 +175,7 @@ struct fused_forward_sm90 {
 #pragma unroll
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
-          const float ez = detail::sm90::fast_exp2(fmaf(z, log2e, shift));
+          const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
           sum += ez;
           sum_pz = fmaf(ez, z, sum_pz);
           sum_z += z;

@@ -3,7 +3,15 @@
 /// Z = X·Wᵀ of a chunk on the TMA + wgmma pipeline (block/tile_pipeline_sm90.cuh), turned into
 /// dZ = (a·p − b·[v = y] − c)·dz/draw in registers and stored in the element type, divided by
 /// alpha (as kernel/logit_grad.cuh stores it). It replaces the recompute GEMM into an fp32
-/// chunk plus logit_grad_kernel's pass over it when there is no bias and no class weights.
+/// chunk plus logit_grad_kernel's pass over it.
+///
+/// Two epilogues: the lean one (General = false: no bias, no class weights; e^{z−lse} on the
+/// special-function unit) and the general one (General = true: bias and class weights, the
+/// exact logit_transform and expf of kernel/logit_grad.cuh). Each recomputes z with the same
+/// wgmma accumulation order and the same transform as the forward epilogue that built the lse
+/// (kernel/fused_forward_sm90.cuh: lean with lean, general with general), so the row maximum
+/// recomputes bitwise and z − lse is exactly 0 there: at extreme logits (|z| ~ 1e30, where an
+/// ulp of z is ~1e23) the softmax stays one-hot instead of depending on rounding.
 ///
 /// Grid: (row tiles of 128, splits of the chunk's vocabulary tiles).
 #pragma once
@@ -21,7 +29,7 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-template <class Element, class Config>
+template <class Element, class Config, bool General = false>
 struct logit_grad_sm90 {
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
@@ -39,7 +47,8 @@ struct logit_grad_sm90 {
     Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
     std::int64_t ldz;   ///< even
     std::int64_t tiles_per_split;
-    logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (no bias, no weights)
+    logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
+                                      ///< weights only with General)
   };
 
   struct epilogue {
@@ -47,7 +56,6 @@ struct logit_grad_sm90 {
     int quad;
     std::int64_t rows[2];  ///< chunk-local
     row_grad rg[2];
-    float lse_log2e[2];
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
       quad = pipeline::fragment_quad();
@@ -57,12 +65,13 @@ struct logit_grad_sm90 {
       for (int h = 0; h < 2; ++h) {
         rg[h] = rows[h] < p.rows ? make_row_grad(p.grad, p.grad.row0 + rows[h])
                                  : row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
-        lse_log2e[h] = rg[h].lse * 1.4426950408889634f;
       }
     }
 
     __device__ __forceinline__ void tile(float (&acc)[frag], std::int64_t t) {
-      if (p.grad.transform.softcap > 0.0f) {
+      if constexpr (General) {
+        store_tile_general(acc, t);
+      } else if (p.grad.transform.softcap > 0.0f) {
         store_tile<true>(acc, t);
       } else {
         store_tile<false>(acc, t);
@@ -101,14 +110,54 @@ struct logit_grad_sm90 {
               z = raw * inv_t;
               dzdraw = inv_t;
             }
-            // (z − lse)·log2e clamped at 0, NaN kept (thread::softmax_prob says why)
-            const float e2 = fmaf(z, log2e, -lse_log2e[h]);
+            // (z − lse)·log2e clamped at 0, NaN kept (thread::softmax_prob says why). The
+            // difference first: z·log2e − lse·log2e in one fma would carry the rounding of
+            // lse·log2e, which at |z| ~ 1e30 is ~1e22, not 0.
+            const float e2 = (z - r.lse) * log2e;
             const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
             const float g = r.coeffs.p * prob - (c + e == target_col ? r.coeffs.target : 0.0f) -
                             r.coeffs.weight;
             d[e] = r.active ? g * dzdraw : 0.0f;
           }
           if (c + 1 < p.grad.cols) {
+            store_pair(out + c, d[0], d[1]);
+          } else {
+            out[c] = static_cast<Element>(d[0]);
+          }
+        }
+      }
+    }
+
+    /// The general epilogue: z = transform(raw + b_v) and dZ as logit_grad_kernel forms it.
+    __device__ __forceinline__ void store_tile_general(float (&acc)[frag], std::int64_t t) {
+      const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
+      const logit_grad_params<Element>& g = p.grad;
+#pragma unroll
+      for (int j = 0; j < block_v / 8; ++j) {
+        float b[2], w[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const std::int64_t c = col0 + 8 * j + e;
+          const bool in = c < g.cols;
+          b[e] = (g.bias != nullptr && in) ? static_cast<float>(g.bias[g.vocab0 + c]) : 0.0f;
+          w[e] = (g.class_weight != nullptr && in) ? g.class_weight[g.vocab0 + c] : 1.0f;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (rows[h] >= p.rows) continue;
+          const row_grad& r = rg[h];
+          const std::int64_t c = col0 + 8 * j;
+          if (c >= g.cols) continue;
+          float d[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float z = g.transform(acc[4 * j + 2 * h + e] + b[e]);
+            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse, g.vocab0 + c + e == r.y, w[e]) *
+                                  g.transform.derivative(z)
+                            : 0.0f;
+          }
+          Element* out = p.dz + rows[h] * p.ldz;
+          if (c + 1 < g.cols) {
             store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
@@ -134,12 +183,13 @@ struct logit_grad_sm90 {
   }
 };
 
-/// Dynamic shared memory of logit_grad_sm90<Element, Config>::smem_bytes; one block per SM.
-template <class Element, class Config>
+/// Dynamic shared memory of logit_grad_sm90<Element, Config, General>::smem_bytes; one block
+/// per SM.
+template <class Element, class Config, bool General>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     logit_grad_sm90_kernel(
-        const __grid_constant__ typename logit_grad_sm90<Element, Config>::params p) {
-  using kernel_t = logit_grad_sm90<Element, Config>;
+        const __grid_constant__ typename logit_grad_sm90<Element, Config, General>::params p) {
+  using kernel_t = logit_grad_sm90<Element, Config, General>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];
   kernel_t{}(p, kernel_t::pipeline::storage(smem));
