@@ -34,16 +34,22 @@ struct tile_config {
 /// producer warpgroup streams (128, 64) tiles of X and (BlockV, 64) tiles of W into a
 /// Stages-deep mbarrier pipeline; two consumer warpgroups each compute 64 rows × BlockV with
 /// wgmma and fold them into the row statistics in registers.
-/// @tparam BlockV  vocabulary rows per tile: 128 or 256
-/// @tparam Stages  shared-memory stages ((128 + BlockV)·128 bytes each)
-template <int BlockV, int Stages>
+/// @tparam BlockV    vocabulary rows per tile: 128 or 256
+/// @tparam Stages    shared-memory stages ((128 + BlockV)·128 bytes each)
+/// @tparam ClusterM  blocks per thread-block cluster along the rows, 1 or 2: with 2, the two
+///                   blocks of a cluster compute adjacent row tiles against the same W tiles,
+///                   and each loads half of every W box and multicasts it to both (a third
+///                   less traffic from L2 into the SMs)
+template <int BlockV, int Stages, int ClusterM = 1>
 struct sm90_tile_config {
   static constexpr int block_m = 128;
   static constexpr int block_v = BlockV;
   static constexpr int block_k = 64;
   static constexpr int stages = Stages;
   static constexpr int threads = 384;
+  static constexpr int cluster_m = ClusterM;
   static_assert(BlockV == 128 || BlockV == 256, "BlockV must be 128 or 256");
+  static_assert(ClusterM == 1 || ClusterM == 2, "ClusterM must be 1 or 2");
   static_assert(Stages >= 2 && (128 + BlockV) * 128 * Stages <= 220 * 1024,
                 "the stages must fit in shared memory");
 };
@@ -55,11 +61,12 @@ struct sm90_tile_config {
 /// member keeps the mma.sync kernel everywhere. float: exact FFMA (never TF32), 64×128 tiles.
 template <class Element>
 struct default_config : tile_config<128, 128, 32, 2, 4, 4> {
-  /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles.
-  using sm90 = sm90_tile_config<256, 4>;
+  /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles, in
+  /// clusters of two blocks sharing the W tiles.
+  using sm90 = sm90_tile_config<256, 4, 2>;
   /// With a bias or class weights: their per-column loads need the registers of a narrower
   /// tile.
-  using sm90_general = sm90_tile_config<128, 6>;
+  using sm90_general = sm90_tile_config<128, 6, 2>;
 };
 template <>
 struct default_config<float> : tile_config<64, 128, 16, 2, 4, 2> {};

@@ -9,6 +9,14 @@
 /// mbarrier (transaction bytes) and an "empty" one (consumer arrivals). Warpgroups 1 and 2 each
 /// own 64 rows: they run wgmma over the stages into 64 × BlockV fp32 accumulators in registers
 /// and give each finished tile to their epilogue, while the producer already loads the next.
+///
+/// With Config::cluster_m = 2 the grid's blocks pair up in clusters of two along the rows
+/// (blocks 2i and 2i + 1: adjacent row tiles, the same vocabulary split, so the same W tiles in
+/// the same order). Each block's producer loads its own X box and half of the W box (BlockV/2
+/// rows: the W tensor map's box is that high), multicast into the same stage of both blocks; a
+/// stage's "full" barrier counts all its bytes, and its "empty" barrier also waits for the
+/// peer's consumers (one arrival per consumer warp, sent across the cluster), because the
+/// peer's producer writes into it.
 #pragma once
 
 #include <cuda.h>
@@ -32,6 +40,12 @@ struct tile_pipeline_sm90 {
   static constexpr int b_bytes = block_v * block_k * 2;
   static constexpr unsigned stage_bytes = a_bytes + b_bytes;
   static constexpr int consumers = 256;
+  static constexpr int cluster_m = Config::cluster_m;
+  /// Rows of the W map's box: each block of a cluster loads its share of the W tile.
+  static constexpr int w_box_rows = block_v / cluster_m;
+  /// Arrivals that release a stage: every local consumer thread, and with a cluster one per
+  /// consumer warp of the peer.
+  static constexpr unsigned empty_arrivals = consumers + (cluster_m > 1 ? consumers / 32 : 0);
   static_assert(sizeof(Element) == 2, "the sm_90a pipeline takes 16-bit elements");
   static_assert(block_m == 128 && block_k == 64 && threads == 384, "fixed warpgroup layout");
 
@@ -62,18 +76,21 @@ struct tile_pipeline_sm90 {
     return static_cast<int>(threadIdx.x) % 128 % 4;
   }
 
-  /// The block's share of a grid (row tiles, vocabulary splits): rows from blockIdx.x·128, the
-  /// `tiles_per_split` vocabulary tiles of split blockIdx.y among ceil(cols / BlockV), K = d.
+  /// The block's share of a grid (row tiles, vocabulary splits; device::make_balanced_grid):
+  /// rows from blockIdx.x·128; of the T = ceil(cols / BlockV) vocabulary tiles, split y of
+  /// gridDim.y gets ⌊T/splits⌋ + (y < T mod splits) consecutive ones; K = d.
   template <class MakeEpilogue>
   __device__ __forceinline__ static void run_split(const CUtensorMap* x_map,
                                                    const CUtensorMap* w_map, shared_storage& s,
                                                    std::int64_t cols, std::int64_t d,
-                                                   std::int64_t tiles_per_split,
                                                    MakeEpilogue&& make_epilogue) {
     const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
     const std::int64_t vocab_tiles = (cols + block_v - 1) / block_v;
-    const std::int64_t tile_begin = static_cast<std::int64_t>(blockIdx.y) * tiles_per_split;
-    const std::int64_t tile_end = min(vocab_tiles, tile_begin + tiles_per_split);
+    const std::int64_t splits = gridDim.y;
+    const std::int64_t y = blockIdx.y;
+    const std::int64_t base = vocab_tiles / splits, extra = vocab_tiles % splits;
+    const std::int64_t tile_begin = y * base + min(y, extra);
+    const std::int64_t tile_end = tile_begin + base + (y < extra ? 1 : 0);
     const int k_tiles = static_cast<int>((d + block_k - 1) / block_k);
     run(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles,
         static_cast<MakeEpilogue&&>(make_epilogue));
@@ -94,11 +111,15 @@ struct tile_pipeline_sm90 {
     if (threadIdx.x == 0) {
       for (int st = 0; st < stages; ++st) {
         lce::detail::sm90::barrier_init(&s.full[st], 1);
-        lce::detail::sm90::barrier_init(&s.empty[st], consumers);
+        lce::detail::sm90::barrier_init(&s.empty[st], empty_arrivals);
       }
       lce::detail::sm90::barrier_init_fence();
     }
-    __syncthreads();
+    if constexpr (cluster_m > 1) {
+      lce::detail::sm90::cluster_sync();  // the peer's barriers exist before anything targets them
+    } else {
+      __syncthreads();
+    }
 
     if (warpgroup == 0) {
       lce::detail::sm90::set_max_registers_dec<40>();
@@ -108,6 +129,10 @@ struct tile_pipeline_sm90 {
       auto epilogue = make_epilogue(warpgroup - 1);
       consume(s, warpgroup - 1, tile_begin, tile_end, k_tiles, epilogue);
       epilogue.finish();
+    }
+    if constexpr (cluster_m > 1) {
+      __syncwarp();
+      lce::detail::sm90::cluster_sync();  // no block leaves while its peer may still signal it
     }
   }
 
@@ -119,6 +144,7 @@ struct tile_pipeline_sm90 {
     lce::detail::sm90::tma_prefetch_descriptor(x_map);
     lce::detail::sm90::tma_prefetch_descriptor(w_map);
     unsigned it = 0;
+    const unsigned rank = cluster_m > 1 ? lce::detail::sm90::cluster_rank() : 0u;
     for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
       for (int k = 0; k < k_tiles; ++k, ++it) {
         const unsigned st = it % stages;
@@ -128,8 +154,28 @@ struct tile_pipeline_sm90 {
         lce::detail::sm90::barrier_arrive_expect_tx(&s.full[st], stage_bytes);
         lce::detail::sm90::tma_load_2d(s.a[st], x_map, k * block_k, static_cast<int>(row0),
                                   &s.full[st]);
-        lce::detail::sm90::tma_load_2d(s.b[st], w_map, k * block_k, static_cast<int>(tile * block_v),
-                                  &s.full[st]);
+        const int w_row = static_cast<int>(tile * block_v) + static_cast<int>(rank) * w_box_rows;
+        if constexpr (cluster_m > 1) {
+          // This block's half of the W box, into the same stage of both blocks.
+          lce::detail::sm90::tma_load_2d_multicast(s.b[st] + rank * (b_bytes / cluster_m), w_map,
+                                                   k * block_k, w_row, &s.full[st],
+                                                   static_cast<std::uint16_t>((1u << cluster_m) - 1));
+        } else {
+          lce::detail::sm90::tma_load_2d(s.b[st], w_map, k * block_k, w_row, &s.full[st]);
+        }
+      }
+    }
+  }
+
+  /// Releases a stage: every consumer thread arrives locally; with a cluster, lane 0 of each
+  /// warp also arrives at the peer (the warp's reads of the stage are complete by then).
+  __device__ __forceinline__ static void release(shared_storage& s, unsigned st) {
+    lce::detail::sm90::barrier_arrive(&s.empty[st]);
+    if constexpr (cluster_m > 1) {
+      __syncwarp();
+      if (threadIdx.x % 32 == 0) {
+        lce::detail::sm90::barrier_arrive_cluster(&s.empty[st],
+                                                  lce::detail::sm90::cluster_rank() ^ 1u);
       }
     }
   }
@@ -157,14 +203,14 @@ struct tile_pipeline_sm90 {
         lce::detail::sm90::wgmma_commit();
         if (k > 0) {  // step k − 1's MMAs are done: its stage may be refilled
           lce::detail::sm90::wgmma_wait<1>();
-          lce::detail::sm90::barrier_arrive(&s.empty[previous]);
+          release(s, previous);
         }
         previous = st;
       }
       lce::detail::sm90::wgmma_wait<0>();
 #pragma unroll
       for (int i = 0; i < frag; ++i) lce::detail::sm90::register_fence(acc[i]);
-      lce::detail::sm90::barrier_arrive(&s.empty[previous]);
+      release(s, previous);
       epilogue.tile(acc, tile);
     }
   }

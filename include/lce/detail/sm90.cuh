@@ -73,6 +73,43 @@ __device__ inline void barrier_wait(std::uint64_t* bar, unsigned parity) noexcep
 #endif
 }
 
+/// Arrives once on the barrier at the same shared-memory offset as `bar` in block `cta` of the
+/// cluster (release at cluster scope: this thread's completed reads of the stage come first).
+__device__ inline void barrier_arrive_cluster(std::uint64_t* bar, unsigned cta) noexcept {
+#if defined(LCE_SM90A)
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(
+          smem_address(bar)),
+      "r"(cta)
+      : "memory");
+#endif
+}
+
+// ---- thread block clusters -------------------------------------------------------------------
+
+/// This block's rank in its cluster.
+__device__ inline unsigned cluster_rank() noexcept {
+  unsigned rank = 0;
+#if defined(LCE_SM90A)
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+
+/// Every thread of every block of the cluster arrives and waits (release / acquire): barrier
+/// initializations before it are visible cluster-wide after it, and no block leaves while a
+/// peer may still write its shared memory.
+__device__ inline void cluster_sync() noexcept {
+#if defined(LCE_SM90A)
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::
+          : "memory");
+#endif
+}
+
 // ---- bulk tensor copy ----------------------------------------------------------------------
 
 /// Copies the box at (c0 innermost, c1) of the tensor map into shared memory; completion is
@@ -84,6 +121,20 @@ __device__ inline void tma_load_2d(void* dst, const void* tensor_map, int c0, in
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(smem_address(dst)),
       "l"(reinterpret_cast<std::uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_address(bar))
+      : "memory");
+#endif
+}
+
+/// tma_load_2d into the same shared-memory offsets (`dst`, `bar`) of every block of the
+/// cluster in `cta_mask`: each receives the box and counts its bytes on its own barrier.
+__device__ inline void tma_load_2d_multicast(void* dst, const void* tensor_map, int c0, int c1,
+                                             std::uint64_t* bar, std::uint16_t cta_mask) noexcept {
+#if defined(LCE_SM90A)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(smem_address(dst)),
+      "l"(reinterpret_cast<std::uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(smem_address(bar)),
+      "h"(cta_mask)
       : "memory");
 #endif
 }

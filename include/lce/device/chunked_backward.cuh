@@ -109,25 +109,26 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   if (ldz % 2 != 0 || !sm90_kernel_runs(entry)) return cudaSuccess;
   typename fused::params fp{};
   if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, Config::block_m, Config::block_k) ||
-      !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw, Config::block_v,
-                               Config::block_k)) {
+      !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw,
+                               Config::block_v / Config::cluster_m, Config::block_k)) {
     return cudaSuccess;
   }
   problem tiles;
   tiles.n = rows;
   tiles.v = gp.cols;
-  const forward_grid grid = make_forward_grid(tiles, Config::block_m, Config::block_v);
+  const forward_grid grid =
+      make_balanced_grid(tiles, Config::block_m, Config::block_v, Config::cluster_m);
   fp.rows = rows;
   fp.d = d;
   fp.dz = dz;
   fp.ldz = ldz;
-  fp.tiles_per_split = grid.tiles_per_split;
   fp.grad = gp;
   LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  kernel::logit_grad_sm90_kernel<Element, Config, General>
-      <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
+  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>,
+                                  blocks, fused::threads, fused::smem_bytes, Config::cluster_m,
+                                  stream, fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;

@@ -42,6 +42,42 @@ inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v
   return g;
 }
 
+/// SM count the sm_90a grids are balanced for (H100 SXM and H200). A constant, so that the
+/// workspace size stays a function of the shape alone; on a device with another count the grid
+/// is as correct, only less evenly spread.
+inline constexpr std::int64_t nominal_sms = 132;
+/// Most vocabulary splits of an sm_90a grid (the partial statistics hold splits·n states).
+inline constexpr std::int64_t max_sm90_splits = 64;
+
+/// Grid of an sm_90a kernel (block::tile_pipeline_sm90::run_split): row tiles (rounded up to a
+/// multiple of the cluster's `cluster_m` blocks) × vocabulary splits, where split y gets
+/// ⌊T/splits⌋ or ⌈T/splits⌉ of the T vocabulary tiles. Blocks run one per SM, so the
+/// kernel's time is about ⌈blocks / SMs⌉ waves of T/splits tiles each: the number of splits
+/// minimizes that (plus a tenth of a tile per block for its pipeline fill and drain). At
+/// 8192 × 256000 with 128 × 256 tiles: 33 splits, 2112 blocks = 16 full waves, 0.3% above
+/// T·rows/SMs, where 16 splits (1024 blocks, 7.8 waves) lose 4%.
+inline forward_grid make_balanced_grid(const problem& s, int block_m, int block_v,
+                                       int cluster_m = 1) noexcept {
+  forward_grid g;
+  g.row_tiles = (s.n + block_m - 1) / block_m;
+  g.row_tiles = (g.row_tiles + cluster_m - 1) / cluster_m * cluster_m;
+  g.vocab_tiles = (s.v + block_v - 1) / block_v;
+  g.splits = 1;
+  double best = -1.0;
+  const std::int64_t most = std::max<std::int64_t>(std::min(g.vocab_tiles, max_sm90_splits), 1);
+  for (std::int64_t splits = 1; splits <= most; ++splits) {
+    const auto waves = static_cast<double>((g.row_tiles * splits + nominal_sms - 1) / nominal_sms);
+    const double cost =
+        waves * (static_cast<double>(g.vocab_tiles) / static_cast<double>(splits) + 0.1);
+    if (best < 0.0 || cost < best) {
+      best = cost;
+      g.splits = splits;
+    }
+  }
+  g.tiles_per_split = (g.vocab_tiles + g.splits - 1) / g.splits;  // the most any split gets
+  return g;
+}
+
 /// Grids and workspace regions of one forward. `sm90` is the grid of the sm_90a kernel when
 /// the Config has one (else all zero); the partial statistics are sized for either kernel, so
 /// the workspace size does not depend on the device.
@@ -58,9 +94,11 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   using sm90_config = typename sm90_config_of<Config>::type;
   using sm90_general_config = typename sm90_general_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config>) {
-    p.sm90 = make_forward_grid(s, sm90_config::block_m, sm90_config::block_v);
-    p.sm90_general =
-        make_forward_grid(s, sm90_general_config::block_m, sm90_general_config::block_v);
+    p.sm90 = make_balanced_grid(s, sm90_config::block_m, sm90_config::block_v,
+                                sm90_config::cluster_m);
+    p.sm90_general = make_balanced_grid(s, sm90_general_config::block_m,
+                                        sm90_general_config::block_v,
+                                        sm90_general_config::cluster_m);
   }
   const auto n = static_cast<std::size_t>(s.n);
   const auto splits = static_cast<std::size_t>(
@@ -163,6 +201,26 @@ inline bool sm90_kernel_runs(const void* kernel) noexcept {
   return true;
 }
 
+/// Launches an sm_90a kernel (one block of `threads` per SM, `smem` bytes of dynamic shared
+/// memory) on `blocks`, in clusters of `cluster_m` blocks along x when cluster_m > 1.
+template <class Params>
+cudaError_t launch_sm90(void (*kernel)(Params), dim3 blocks, int threads, int smem,
+                        int cluster_m, cudaStream_t stream, const Params& p) noexcept {
+  cudaLaunchConfig_t config{};
+  config.gridDim = blocks;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = static_cast<std::size_t>(smem);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_m);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = cluster_m > 1 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
 /// Whether the sm_90a kernel of `SM90Config` runs this forward: a device of compute capability
 /// 9.0 with the kernel's sm_90a code loaded, and operands the copy engine can read (then `fp`
 /// holds their tensor maps).
@@ -175,8 +233,8 @@ bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Confi
   }
   return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
                                  SM90Config::block_k) &&
-         detail::encode_tile_map(&fp.w_map, a.w, s.v, s.d, s.w_stride(), SM90Config::block_v,
-                                 SM90Config::block_k);
+         detail::encode_tile_map(&fp.w_map, a.w, s.v, s.d, s.w_stride(),
+                                 SM90Config::block_v / SM90Config::cluster_m, SM90Config::block_k);
 }
 
 /// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
@@ -197,17 +255,19 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.bias = a.bias;
   fp.class_weight = a.class_weight;
   fp.transform = make_transform(o);
+  fp.extras = a.entropy != nullptr || a.argmax != nullptr || a.correct != nullptr ||
+              o.label_smoothing != 0.0f;
   fp.targets = make_target_view(a.targets, o);
   fp.targets.vocab_offset = vocab_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  fp.tiles_per_split = grid.tiles_per_split;
   LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_sm90_kernel<Element, SM90Config>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  kernel::fused_forward_sm90_kernel<Element, SM90Config>
-      <<<blocks, fused::threads, fused::smem_bytes, stream>>>(fp);
+  LCE_RETURN_IF_ERROR(launch_sm90(kernel::fused_forward_sm90_kernel<Element, SM90Config>, blocks,
+                                  fused::threads, fused::smem_bytes, SM90Config::cluster_m,
+                                  stream, fp));
   LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
   launched = true;
   splits = grid.splits;

@@ -41,7 +41,9 @@ struct fused_forward_sm90 {
     thread::target_view targets;
     thread::row_stats* partial;     ///< [splits, n]
     float* target_logit;            ///< [n]
-    std::int64_t tiles_per_split;
+    /// Σp·z, Σw·z and the argmax are wanted (entropy, label smoothing, argmax or correct);
+    /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
+    bool extras;
   };
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
@@ -69,9 +71,15 @@ struct fused_forward_sm90 {
       const std::int64_t vocab0 = t * block_v;
       if (plain && vocab0 + block_v <= p.v) {
         if (p.transform.softcap > 0.0f) {
-          fold_plain_tile<true>(p, acc, vocab0, quad, rows, target, stats);
+          if (p.extras) {
+            fold_plain_tile<true, true>(p, acc, vocab0, quad, rows, target, stats);
+          } else {
+            fold_plain_tile<true, false>(p, acc, vocab0, quad, rows, target, stats);
+          }
+        } else if (p.extras) {
+          fold_plain_tile<false, true>(p, acc, vocab0, quad, rows, target, stats);
         } else {
-          fold_plain_tile<false>(p, acc, vocab0, quad, rows, target, stats);
+          fold_plain_tile<false, false>(p, acc, vocab0, quad, rows, target, stats);
         }
       } else {
         fold_tile(p, acc, vocab0, quad, rows, target, stats);
@@ -89,7 +97,7 @@ struct fused_forward_sm90 {
   };
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
-    pipeline::run_split(&p.x_map, &p.w_map, s, p.v, p.d, p.tiles_per_split,
+    pipeline::run_split(&p.x_map, &p.w_map, s, p.v, p.d,
                         [&](int half) { return epilogue(p, half); });
   }
 
@@ -117,16 +125,20 @@ struct fused_forward_sm90 {
     }
   }
 
-  /// Sums of the quad (the four lanes sharing a row), and the merge into the row's state.
+  /// Sums of the quad (the four lanes sharing a row), and the merge into the row's state
+  /// (without Extras only the sum: Σp·z, Σw·z and `first` are not wanted).
+  template <bool Extras = true>
   __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz,
                                                     float sum_wz, int first, std::int64_t vocab0,
                                                     thread::row_stats& stats) {
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
       sum += __shfl_xor_sync(0xffffffffu, sum, lane_mask);
-      sum_pz += __shfl_xor_sync(0xffffffffu, sum_pz, lane_mask);
-      sum_wz += __shfl_xor_sync(0xffffffffu, sum_wz, lane_mask);
-      first = min(first, __shfl_xor_sync(0xffffffffu, first, lane_mask));
+      if constexpr (Extras) {
+        sum_pz += __shfl_xor_sync(0xffffffffu, sum_pz, lane_mask);
+        sum_wz += __shfl_xor_sync(0xffffffffu, sum_wz, lane_mask);
+        first = min(first, __shfl_xor_sync(0xffffffffu, first, lane_mask));
+      }
     }
     if (mx != -INFINITY) {
       stats = thread::row_stats_merge(stats,
@@ -139,8 +151,10 @@ struct fused_forward_sm90 {
   /// difference first, so the maximum's term is exactly 1 at any |z|; z·log2e − max·log2e as
   /// one fma would carry the rounding of max·log2e, ~1e22 at |z| ~ 1e30). A NaN
   /// or +inf logit still turns the row's sum into NaN (fmaxf drops NaN from the max, but
-  /// z − max does not).
-  template <bool Softcap>
+  /// z − max does not); so does −inf (through Σe·z with Extras, else through the tile's
+  /// minimum). Without Extras a logit costs 6 instructions: scale, max, subtract, multiply,
+  /// ex2, add.
+  template <bool Softcap, bool Extras>
   __device__ __forceinline__ static void fold_plain_tile(const params& p, float (&acc)[frag],
                                                          std::int64_t vocab0, int quad,
                                                          const std::int64_t (&rows)[2],
@@ -151,6 +165,7 @@ struct fused_forward_sm90 {
     const float cap = p.transform.softcap;
     const float cap_scale = Softcap ? inv_t / cap : 0.0f;
     float mx[2] = {-INFINITY, -INFINITY};
+    float lo[2] = {INFINITY, INFINITY};
 #pragma unroll
     for (int i = 0; i < frag; ++i) {
       if constexpr (Softcap) {
@@ -159,6 +174,7 @@ struct fused_forward_sm90 {
         acc[i] *= inv_t;
       }
       mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], acc[i]);
+      if constexpr (!Extras && !Softcap) lo[(i / 2) % 2] = fminf(lo[(i / 2) % 2], acc[i]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -177,15 +193,23 @@ struct fused_forward_sm90 {
           const float z = acc[4 * j + 2 * h + e];
           const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
           sum += ez;
-          sum_pz = fmaf(ez, z, sum_pz);
-          sum_z += z;
-          first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
+          if constexpr (Extras) {
+            sum_pz = fmaf(ez, z, sum_pz);
+            sum_z += z;
+            first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
+          }
         }
       }
       // −inf logits add e = 0 to the sum but 0·(−inf) = NaN to Σe·z: the row turns NaN, as
       // the general path's logit_transform makes it (an infinite logit is never finite loss).
-      if (sum_pz != sum_pz) sum = NAN;
-      merge_quad(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
+      // (The softcap already maps ±inf to NaN.)
+      if constexpr (Extras) {
+        if (sum_pz != sum_pz) sum = NAN;
+      } else {
+        if (lo[h] == -INFINITY) sum = NAN;
+        first = 0;
+      }
+      merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
     }
   }
 

@@ -46,7 +46,6 @@ struct logit_grad_sm90 {
     std::int64_t rows, d;
     Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
     std::int64_t ldz;   ///< even
-    std::int64_t tiles_per_split;
     logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
                                       ///< weights only with General)
   };
@@ -178,7 +177,7 @@ struct logit_grad_sm90 {
   };
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
-    pipeline::run_split(&p.x_map, &p.w_map, s, p.grad.cols, p.d, p.tiles_per_split,
+    pipeline::run_split(&p.x_map, &p.w_map, s, p.grad.cols, p.d,
                         [&](int half) { return epilogue(p, half); });
   }
 };
