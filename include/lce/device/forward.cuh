@@ -224,11 +224,12 @@ cudaError_t launch_sm90(void (*kernel)(Params), dim3 blocks, int threads, int sm
 /// Whether the sm_90a kernel of `SM90Config` runs this forward: a device of compute capability
 /// 9.0 with the kernel's sm_90a code loaded, and operands the copy engine can read (then `fp`
 /// holds their tensor maps).
-template <class Element, class SM90Config>
-bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Config>::params& fp,
-                          const forward_args<Element>& a, const problem& s) noexcept {
-  if (!sm90_kernel_runs(
-          reinterpret_cast<const void*>(kernel::fused_forward_sm90_kernel<Element, SM90Config>))) {
+template <class Element, class SM90Config, bool General>
+bool prepare_sm90_forward(
+    typename kernel::fused_forward_sm90<Element, SM90Config, General>::params& fp,
+    const forward_args<Element>& a, const problem& s) noexcept {
+  if (!sm90_kernel_runs(reinterpret_cast<const void*>(
+          kernel::fused_forward_sm90_kernel<Element, SM90Config, General>))) {
     return false;
   }
   return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
@@ -239,16 +240,17 @@ bool prepare_sm90_forward(typename kernel::fused_forward_sm90<Element, SM90Confi
 
 /// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
 /// `launched` and `splits`.
-template <class Element, class SM90Config>
+template <class Element, class SM90Config, bool General>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
                                    std::int64_t vocab_offset, thread::row_stats* partial, float* target_logit,
                                    bool& launched, std::int64_t& splits,
                                    cudaStream_t stream) noexcept {
-  using fused = kernel::fused_forward_sm90<Element, SM90Config>;
+  using fused = kernel::fused_forward_sm90<Element, SM90Config, General>;
+  constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General>;
   typename fused::params fp{};
   launched = false;
-  if (!prepare_sm90_forward<Element, SM90Config>(fp, a, s)) return cudaSuccess;
+  if (!prepare_sm90_forward<Element, SM90Config, General>(fp, a, s)) return cudaSuccess;
   fp.n = s.n;
   fp.v = s.v;
   fp.d = s.d;
@@ -261,13 +263,11 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.targets.vocab_offset = vocab_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel::fused_forward_sm90_kernel<Element, SM90Config>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  LCE_RETURN_IF_ERROR(launch_sm90(kernel::fused_forward_sm90_kernel<Element, SM90Config>, blocks,
-                                  fused::threads, fused::smem_bytes, SM90Config::cluster_m,
-                                  stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90(entry, blocks, fused::threads, fused::smem_bytes,
+                                  SM90Config::cluster_m, stream, fp));
   LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
   launched = true;
   splits = grid.splits;
@@ -292,11 +292,11 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
   if constexpr (!std::is_void_v<sm90_config> && sizeof(Element) == 2) {
     bool launched = false;
     if (a.bias == nullptr && a.class_weight == nullptr) {
-      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config>(
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config, false>(
           plan.sm90, a, s, o, vocab_offset, partial, target_logit, launched, splits, stream)));
     } else {
       using general = typename sm90_general_config_of<Config>::type;
-      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, general>(
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, general, true>(
           plan.sm90_general, a, s, o, vocab_offset, partial, target_logit, launched, splits,
           stream)));
     }

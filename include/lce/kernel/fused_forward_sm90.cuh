@@ -20,7 +20,10 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-template <class Element, class Config>
+/// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
+/// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
+/// the lean one's registers are not sized for the general fold (which spills at 256 columns).
+template <class Element, class Config, bool General = false>
 struct fused_forward_sm90 {
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
@@ -50,14 +53,12 @@ struct fused_forward_sm90 {
   struct epilogue {
     const params& p;
     int quad;
-    bool plain;  ///< no bias, no class weights: full tiles take the lean path
     std::int64_t rows[2];
     std::int64_t target[2];
     thread::row_stats stats[2];
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
       quad = pipeline::fragment_quad();
-      plain = p.bias == nullptr && p.class_weight == nullptr;
       rows[0] = pipeline::fragment_row0(half);
       rows[1] = rows[0] + 8;
 #pragma unroll
@@ -69,20 +70,27 @@ struct fused_forward_sm90 {
 
     __device__ __forceinline__ void tile(float (&acc)[frag], std::int64_t t) {
       const std::int64_t vocab0 = t * block_v;
-      if (plain && vocab0 + block_v <= p.v) {
-        if (p.transform.softcap > 0.0f) {
-          if (p.extras) {
-            fold_plain_tile<true, true>(p, acc, vocab0, quad, rows, target, stats);
-          } else {
-            fold_plain_tile<true, false>(p, acc, vocab0, quad, rows, target, stats);
-          }
-        } else if (p.extras) {
-          fold_plain_tile<false, true>(p, acc, vocab0, quad, rows, target, stats);
-        } else {
-          fold_plain_tile<false, false>(p, acc, vocab0, quad, rows, target, stats);
-        }
-      } else {
+      if constexpr (General) {
         fold_tile(p, acc, vocab0, quad, rows, target, stats);
+      } else if (vocab0 + block_v <= p.v) {
+        lean<false>(acc, vocab0);
+      } else {
+        lean<true>(acc, vocab0);  // the last, partial tile
+      }
+    }
+
+    template <bool Masked>
+    __device__ __forceinline__ void lean(float (&acc)[frag], std::int64_t vocab0) {
+      if (p.transform.softcap > 0.0f) {
+        if (p.extras) {
+          fold_plain_tile<true, true, Masked>(p, acc, vocab0, quad, rows, target, stats);
+        } else {
+          fold_plain_tile<true, false, Masked>(p, acc, vocab0, quad, rows, target, stats);
+        }
+      } else if (p.extras) {
+        fold_plain_tile<false, true, Masked>(p, acc, vocab0, quad, rows, target, stats);
+      } else {
+        fold_plain_tile<false, false, Masked>(p, acc, vocab0, quad, rows, target, stats);
       }
     }
 
@@ -146,15 +154,15 @@ struct fused_forward_sm90 {
     }
   }
 
-  /// The lean epilogue of a full tile without bias or class weights: z = acc/τ (softcapped if
+  /// The lean epilogue of a tile without bias or class weights: z = acc/τ (softcapped if
   /// Softcap), then e^{z−max} as 2^{(z − max)·log2e} on the special-function unit (the
   /// difference first, so the maximum's term is exactly 1 at any |z|; z·log2e − max·log2e as
   /// one fma would carry the rounding of max·log2e, ~1e22 at |z| ~ 1e30). A NaN
   /// or +inf logit still turns the row's sum into NaN (fmaxf drops NaN from the max, but
   /// z − max does not); so does −inf (through Σe·z with Extras, else through the tile's
   /// minimum). Without Extras a logit costs 6 instructions: scale, max, subtract, multiply,
-  /// ex2, add.
-  template <bool Softcap, bool Extras>
+  /// ex2, add. Masked (the last tile): columns at or past v become −inf and add nothing.
+  template <bool Softcap, bool Extras, bool Masked>
   __device__ __forceinline__ static void fold_plain_tile(const params& p, float (&acc)[frag],
                                                          std::int64_t vocab0, int quad,
                                                          const std::int64_t (&rows)[2],
@@ -166,6 +174,10 @@ struct fused_forward_sm90 {
     const float cap_scale = Softcap ? inv_t / cap : 0.0f;
     float mx[2] = {-INFINITY, -INFINITY};
     float lo[2] = {INFINITY, INFINITY};
+    // Masked: this thread's column 8·j + e (of its quad's pair) is in range iff 8·j + e < limit.
+    const int limit =
+        Masked ? static_cast<int>(min(p.v - vocab0, static_cast<std::int64_t>(block_v))) - 2 * quad
+               : block_v;
 #pragma unroll
     for (int i = 0; i < frag; ++i) {
       if constexpr (Softcap) {
@@ -173,8 +185,15 @@ struct fused_forward_sm90 {
       } else {
         acc[i] *= inv_t;
       }
+      bool in = true;
+      if constexpr (Masked) {
+        in = 8 * (i / 4) + i % 2 < limit;
+        acc[i] = in ? acc[i] : -INFINITY;
+      }
       mx[(i / 2) % 2] = fmaxf(mx[(i / 2) % 2], acc[i]);
-      if constexpr (!Extras && !Softcap) lo[(i / 2) % 2] = fminf(lo[(i / 2) % 2], acc[i]);
+      if constexpr ((!Extras || Masked) && !Softcap) {
+        if (in) lo[(i / 2) % 2] = fminf(lo[(i / 2) % 2], acc[i]);
+      }
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -194,8 +213,11 @@ struct fused_forward_sm90 {
           const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
           sum += ez;
           if constexpr (Extras) {
-            sum_pz = fmaf(ez, z, sum_pz);
-            sum_z += z;
+            // Masked: −inf columns (masked, or a −inf logit, which the minimum catches) add
+            // nothing here; comparing z keeps no per-column mask alive between the loops.
+            const bool in = !Masked || z != -INFINITY;
+            sum_pz = in ? fmaf(ez, z, sum_pz) : sum_pz;
+            sum_z += in ? z : 0.0f;
             first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
           }
         }
@@ -203,12 +225,12 @@ struct fused_forward_sm90 {
       // −inf logits add e = 0 to the sum but 0·(−inf) = NaN to Σe·z: the row turns NaN, as
       // the general path's logit_transform makes it (an infinite logit is never finite loss).
       // (The softcap already maps ±inf to NaN.)
-      if constexpr (Extras) {
+      if constexpr (Extras && !Masked) {
         if (sum_pz != sum_pz) sum = NAN;
-      } else {
+      } else if constexpr (!Softcap) {
         if (lo[h] == -INFINITY) sum = NAN;
-        first = 0;
       }
+      if constexpr (!Extras) first = 0;
       merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
     }
   }
@@ -274,12 +296,13 @@ struct fused_forward_sm90 {
   }
 };
 
-/// Dynamic shared memory of fused_forward_sm90<Element, Config>::smem_bytes; one block per SM.
-template <class Element, class Config>
+/// Dynamic shared memory of fused_forward_sm90<Element, Config, General>::smem_bytes; one block
+/// per SM.
+template <class Element, class Config, bool General>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     fused_forward_sm90_kernel(
-        const __grid_constant__ typename fused_forward_sm90<Element, Config>::params p) {
-  using kernel_t = fused_forward_sm90<Element, Config>;
+        const __grid_constant__ typename fused_forward_sm90<Element, Config, General>::params p) {
+  using kernel_t = fused_forward_sm90<Element, Config, General>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];
   kernel_t{}(p, kernel_t::pipeline::storage(smem));
