@@ -32,10 +32,9 @@ struct mma_sync_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
 struct sm90_narrow_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
   using sm90 = lce::sm90_tile_config<128, 6>;
 };
-/// The default's 256-wide tiles in clusters of two blocks (each loads half of the W box and
-/// multicasts it to both).
-struct sm90_cluster_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
-  using sm90 = lce::sm90_tile_config<256, 4, 2>;
+/// The default's 256-wide tiles without clusters (each block loads its whole W box).
+struct sm90_single_config : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<256, 4, 1>;
 };
 }  // namespace lce_bench_configs
 
@@ -44,7 +43,7 @@ namespace {
 using namespace lce_example;
 using lce_bench_configs::mma_sync_config;
 using lce_bench_configs::sm90_narrow_config;
-using lce_bench_configs::sm90_cluster_config;
+using lce_bench_configs::sm90_single_config;
 using bf16 = __nv_bfloat16;
 
 constexpr int warmup_runs = 3;
@@ -424,7 +423,7 @@ void register_benchmarks() {
             lce::loss_options{});
         add("fwd/lce_sm90_128" + rows, bm_lce_forward<sm90_narrow_config>, s, f,
             lce::loss_options{});
-        add("fwd/lce_sm90_cluster2" + rows, bm_lce_forward<sm90_cluster_config>, s, f,
+        add("fwd/lce_sm90_nocluster" + rows, bm_lce_forward<sm90_single_config>, s, f,
             lce::loss_options{});
         // Gemma 2's final-logit softcap (30): the general epilogue (tanh per logit)
         lce::loss_options softcap;

@@ -61,12 +61,13 @@ struct sm90_tile_config {
 /// member keeps the mma.sync kernel everywhere. float: exact FFMA (never TF32), 64×128 tiles.
 template <class Element>
 struct default_config : tile_config<128, 128, 32, 2, 4, 4> {
-  /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles. (In
-  /// clusters of two, ClusterM = 2, they measured 28% slower on the H200: bench/NOTES.md v7.)
-  using sm90 = sm90_tile_config<256, 4>;
+  /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles, in
+  /// clusters of two blocks that share each W box (2–3% faster than single blocks on the
+  /// H200: bench/NOTES.md v7).
+  using sm90 = sm90_tile_config<256, 4, 2>;
   /// With a bias or class weights: their per-column loads need the registers of a narrower
   /// tile.
-  using sm90_general = sm90_tile_config<128, 6>;
+  using sm90_general = sm90_tile_config<128, 6, 2>;
 };
 template <>
 struct default_config<float> : tile_config<64, 128, 16, 2, 4, 2> {};

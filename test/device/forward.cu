@@ -266,15 +266,15 @@ struct mma_sync_only : lce::tile_config<128, 128, 32, 2, 4, 4> {};
 struct sm90_narrow : lce::tile_config<128, 128, 32, 2, 4, 4> {
   using sm90 = lce::sm90_tile_config<128, 6>;
 };
-// The default's tiles in clusters of two blocks (the W box multicast to both).
-struct sm90_cluster : lce::tile_config<128, 128, 32, 2, 4, 4> {
-  using sm90 = lce::sm90_tile_config<256, 4, 2>;
-  using sm90_general = lce::sm90_tile_config<128, 6, 2>;
+// The default's tiles without clusters (each block loads its whole W box).
+struct sm90_single : lce::tile_config<128, 128, 32, 2, 4, 4> {
+  using sm90 = lce::sm90_tile_config<256, 4, 1>;
+  using sm90_general = lce::sm90_tile_config<128, 6, 1>;
 };
 }  // namespace lce_test_configs
 using lce_test_configs::mma_sync_only;
 using lce_test_configs::sm90_narrow;
-using lce_test_configs::sm90_cluster;
+using lce_test_configs::sm90_single;
 
 TEMPLATE_TEST_CASE("forward with a caller-chosen tile configuration", "[gpu][forward][config]",
                    float, __half, __nv_bfloat16) {
@@ -303,5 +303,5 @@ TEMPLATE_TEST_CASE("forward: the mma.sync and the sm_90a kernels (both tile widt
   check_forward_config<TestType, lce::default_config<TestType>>(spec, "config=default");
   check_forward_config<TestType, mma_sync_only>(spec, "config=mma.sync");
   check_forward_config<TestType, sm90_narrow>(spec, "config=sm90-128");
-  check_forward_config<TestType, sm90_cluster>(spec, "config=sm90-cluster2");
+  check_forward_config<TestType, sm90_single>(spec, "config=sm90-no-cluster");
 }
