@@ -1,5 +1,6 @@
 // CPU contract tests of lce::forward: argument validation and the two-phase workspace
 // protocol. No GPU: every call here must return before launching anything.
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -218,5 +219,54 @@ TEMPLATE_TEST_CASE("forward accepts valid loss options and every optional output
       // Still O(n · splits), never O(n · v).
       CHECK(bytes <= sizeof(lce::thread::row_stats) * 300 * 1024 + 64 * 300 + 8192);
     }
+  }
+}
+
+TEST_CASE("sm_90a grid: balanced vocabulary splits fill whole waves and cover every tile once",
+          "[contract][forward][grid]") {
+  // The Gemma 2 head with the default 128 × 256 tiles in clusters of two: 33 splits of 30 or
+  // 31 tiles, 64 · 33 = 2112 blocks = 16 waves of 132 (the old rule, 16 splits of 63 tiles,
+  // ran 8 waves for 7.76 waves of work).
+  const lce::device::forward_grid gemma =
+      lce::device::make_balanced_grid(lce::problem{8192, 2304, 256000}, 128, 256, 2);
+  CHECK(gemma.row_tiles == 64);
+  CHECK(gemma.vocab_tiles == 1000);
+  CHECK(gemma.splits == 33);
+  CHECK(gemma.tiles_per_split == 31);
+  CHECK(gemma.row_tiles * gemma.splits % lce::device::nominal_sms == 0);
+
+  const auto shape = GENERATE(lce::problem{1, 16, 1}, lce::problem{7, 72, 3},
+                              lce::problem{129, 72, 257}, lce::problem{300, 1000, 4097},
+                              lce::problem{4097, 2304, 50257}, lce::problem{8192, 4096, 128256},
+                              lce::problem{8192, 3584, 152064}, lce::problem{100000, 64, 1000},
+                              lce::problem{64, 64, 300});
+  const int block_v = GENERATE(128, 256);
+  const int cluster = GENERATE(1, 2);
+  CAPTURE(shape.n, shape.v, block_v, cluster);
+  const lce::device::forward_grid g = lce::device::make_balanced_grid(shape, 128, block_v, cluster);
+  CHECK(g.row_tiles % cluster == 0);
+  CHECK(g.row_tiles * 128 >= shape.n);
+  CHECK((g.row_tiles - cluster) * 128 < shape.n);  // at most the cluster's rounding past n
+  CHECK(g.vocab_tiles == (shape.v + block_v - 1) / block_v);
+  CHECK(g.splits >= 1);
+  CHECK(g.splits <= std::min<std::int64_t>(g.vocab_tiles, lce::device::max_sm90_splits));
+  // The kernel's ranges (block::split_range): consecutive, non-empty, sizes within one of each
+  // other, covering [0, vocab_tiles) exactly; the largest is tiles_per_split.
+  std::int64_t next = 0, smallest = g.vocab_tiles, largest = 0;
+  for (std::int64_t y = 0; y < g.splits; ++y) {
+    const lce::block::tile_range r = lce::block::split_range(g.vocab_tiles, g.splits, y);
+    CHECK(r.begin == next);
+    CHECK(r.end > r.begin);
+    smallest = std::min(smallest, r.end - r.begin);
+    largest = std::max(largest, r.end - r.begin);
+    next = r.end;
+  }
+  CHECK(next == g.vocab_tiles);
+  CHECK(largest - smallest <= 1);
+  CHECK(largest == g.tiles_per_split);
+  // The forward's workspace holds the partial statistics of this grid's splits.
+  if (block_v == 256 && cluster == 2) {
+    CHECK(lce::forward_workspace_size<__nv_bfloat16>(shape) >=
+          sizeof(lce::thread::row_stats) * static_cast<std::size_t>(shape.n * g.splits));
   }
 }

@@ -28,6 +28,18 @@
 LCE_NAMESPACE_BEGIN
 namespace block {
 
+/// The vocabulary tiles [begin, end) of split `y` when `tiles` tiles are spread over `splits`
+/// splits as evenly as they go: ⌊tiles/splits⌋ each, one more for the first tiles mod splits.
+struct tile_range {
+  std::int64_t begin, end;
+};
+__host__ __device__ constexpr tile_range split_range(std::int64_t tiles, std::int64_t splits,
+                                                     std::int64_t y) noexcept {
+  const std::int64_t base = tiles / splits, extra = tiles % splits;
+  const std::int64_t begin = y * base + (y < extra ? y : extra);
+  return {begin, begin + base + (y < extra ? 1 : 0)};
+}
+
 template <class Element, class Config>
 struct tile_pipeline_sm90 {
   static constexpr int block_m = Config::block_m;  // 128: two consumer warpgroups of 64 rows
@@ -86,11 +98,8 @@ struct tile_pipeline_sm90 {
                                                    MakeEpilogue&& make_epilogue) {
     const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
     const std::int64_t vocab_tiles = (cols + block_v - 1) / block_v;
-    const std::int64_t splits = gridDim.y;
-    const std::int64_t y = blockIdx.y;
-    const std::int64_t base = vocab_tiles / splits, extra = vocab_tiles % splits;
-    const std::int64_t tile_begin = y * base + min(y, extra);
-    const std::int64_t tile_end = tile_begin + base + (y < extra ? 1 : 0);
+    const tile_range tiles = split_range(vocab_tiles, gridDim.y, blockIdx.y);
+    const std::int64_t tile_begin = tiles.begin, tile_end = tiles.end;
     const int k_tiles = static_cast<int>((d + block_k - 1) / block_k);
     run(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles,
         static_cast<MakeEpilogue&&>(make_epilogue));
