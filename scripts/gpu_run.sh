@@ -3,8 +3,8 @@
 # Google Benchmark packed by ../shared/tools/gpu-deps.sh), run the gpu-labelled tests,
 # compute-sanitizer on the small GPU tests, the example and the benchmarks; logs go to $OUT,
 # a short table is printed last.
-#   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize|pytorch]...   (default: all;
-#          pytorch, the binding's pytest suite, runs only when named)
+#   usage: scripts/gpu_run.sh [all|test|bench|example|sanitize|pytorch|focus|sass|profile]...
+#          (default: all; pytorch, focus, sass and profile run only when named)
 #   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, SANITIZE_FILTER (Catch2
 #          test spec that replaces every executable's selection under compute-sanitizer),
 #          SANITIZE_TOOLS (default: memcheck racecheck initcheck synccheck), BUILD_DIR.
@@ -61,6 +61,23 @@ if [[ " $steps " == *" sass "* ]]; then
        END {for (k in c) print c[k], k}' "$out/sass.tmp" | grep fused_forward | sort -k2 >"$out/sass.txt"
   rm -f "$out/sass.tmp"
   summary+=("sass: $(wc -l <"$out/sass.txt") kernel/opcode counts in sass.txt")
+fi
+
+if [[ " $steps " == *" profile "* ]]; then
+  # Per-kernel time of one lce_bench row under Nsight Compute (hardware counters work on the
+  # Firecracker machines; clocks left alone): PROFILE_FILTER picks the row (default: the Gemma 2
+  # backward, vocab_chunked), PROFILE_LAUNCHES how many kernel launches to profile after the
+  # first PROFILE_SKIP (the floor's GEMMs and the warm-ups come first). Written 2026-11-28 after
+  # that session's device time ran out: not yet run.
+  exe=$(find "$build" -type f -name lce_bench -perm -u+x | head -1)
+  start=$SECONDS
+  timeout "${PROFILE_TIMEOUT_S:-300}" ncu --clock-control none --metrics gpu__time_duration.sum \
+    --launch-skip "${PROFILE_SKIP:-40}" --launch-count "${PROFILE_LAUNCHES:-120}" \
+    --print-summary per-kernel \
+    "$exe" --benchmark_filter="${PROFILE_FILTER:-bwd/lce/bf16/8192x2304x256000/lm/vocab_chunked/256MiB}" \
+    --benchmark_min_time=0.01 >"$out/profile.log" 2>&1
+  summary+=("profile: rc=$?, $(grep -c 'gpu__time_duration' "$out/profile.log") kernel summaries ($((SECONDS - start)) s)")
+  grep -E "^  [a-zA-Z_].*\(|gpu__time_duration" "$out/profile.log" | cut -c1-160 | head -40
 fi
 
 if has sanitize; then
