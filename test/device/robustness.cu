@@ -231,7 +231,8 @@ TEMPLATE_TEST_CASE("robustness: extreme logits match the fp64 reference, finite 
   for (const run_spec& how : all_runs<float>()) {
     if (how.budget != lce::backward_options{}.memory_budget) continue;
     run_outputs<TestType, float> out(data, how);
-    const float* lse = use_forward_lse && how.op == op_kind::backward ? forward_out.lse.ptr() : nullptr;
+    const float* lse =
+        use_forward_lse && how.op == op_kind::backward ? forward_out.lse.ptr() : nullptr;
     LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out, lse));
     check_run(data, how, out, extra);
   }

@@ -166,9 +166,9 @@ struct tile_pipeline_sm90 {
         const int w_row = static_cast<int>(tile * block_v) + static_cast<int>(rank) * w_box_rows;
         if constexpr (cluster_m > 1) {
           // This block's half of the W box, into the same stage of both blocks.
+          constexpr auto both = static_cast<std::uint16_t>((1u << cluster_m) - 1);
           lce::detail::sm90::tma_load_2d_multicast(s.b[st] + rank * (b_bytes / cluster_m), w_map,
-                                                   k * block_k, w_row, &s.full[st],
-                                                   static_cast<std::uint16_t>((1u << cluster_m) - 1));
+                                                   k * block_k, w_row, &s.full[st], both);
         } else {
           lce::detail::sm90::tma_load_2d(s.b[st], w_map, k * block_k, w_row, &s.full[st]);
         }

@@ -105,7 +105,8 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
                                    Element* dz, std::int64_t ldz, bool& launched,
                                    cudaStream_t stream) noexcept {
   using fused = kernel::logit_grad_sm90<Element, Config, General>;
-  const void* entry = reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, Config, General>);
+  const void* entry =
+      reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, Config, General>);
   if (ldz % 2 != 0 || !sm90_kernel_runs(entry)) return cudaSuccess;
   typename fused::params fp{};
   if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, Config::block_m, Config::block_k) ||
@@ -318,7 +319,8 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
         LCE_RETURN_IF_ERROR(
             gemm(handle, N, T, s.d, s.v, nr, alpha, x_c, ldx, dz, ldz_c, beta, a.dw, lddw));
       if (a.db != nullptr)  // db [v, 1] += dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, s.v));
+        LCE_RETURN_IF_ERROR(
+            gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, s.v));
     }
   }
   return cudaSuccess;

@@ -151,7 +151,8 @@ struct logit_grad_sm90 {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float z = g.transform(acc[4 * j + 2 * h + e] + b[e]);
-            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse, g.vocab0 + c + e == r.y, w[e]) *
+            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse,
+                                                 g.vocab0 + c + e == r.y, w[e]) *
                                   g.transform.derivative(z)
                             : 0.0f;
           }
