@@ -7,6 +7,9 @@
 ///   dX_c = dZ_c·W, dW += dZ_cᵀ·X_c and db += dZ_cᵀ·1 into fp32 dW/db. Whole rows also give the
 ///   lse, so forward_backward needs no separate forward: 3 GEMMs in all.
 /// GEMMs run on cuBLAS with fp32 accumulation; the lse and dZ epilogues are lce's own kernels.
+/// On sm_90a with 16-bit inputs the recompute and dZ are one lce kernel instead
+/// (kernel/logit_grad_sm90.cuh) writing 16-bit dZ, no fp32 chunk, so each chunk covers twice
+/// the plan's columns (vocab_chunked) or rows (row_chunked with the lse given).
 #pragma once
 
 #include <algorithm>

@@ -4,8 +4,10 @@
 /// TMA + wgmma pipeline of block/tile_pipeline_sm90.cuh. The epilogue folds each finished tile
 /// into its rows' row_stats without leaving registers (a quad of lanes shares a row).
 ///
-/// Grid: (row tiles of 128, vocabulary splits), as the mma.sync kernel; block (i, s) writes
-/// `partial[s·n + row]` and the target logit of rows whose target lies in its range.
+/// Grid: (row tiles of 128, vocabulary splits) from device::make_balanced_grid — row tiles
+/// rounded up to the cluster's size, split s holding ⌊T/splits⌋ or ⌈T/splits⌉ of the T
+/// vocabulary tiles (block::split_range); block (i, s) writes `partial[s·n + row]` and the
+/// target logit of rows whose target lies in its range (rows past n: nothing).
 #pragma once
 
 #include <cuda.h>
