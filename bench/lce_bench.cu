@@ -279,9 +279,45 @@ void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f,
 
 /// The backward alone, from the lse of an untimed forward. Its floor is the 3-GEMM one: given
 /// only the lse, a backward must recompute Z.
+/// Σ (a − b)² and Σ b² over n elements, accumulated in fp64 into sums[0], sums[1].
+template <class T>
+__global__ void squared_difference_kernel(const T* a, const T* b, std::size_t n, double* sums) {
+  double diff = 0.0, ref = 0.0;
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    const double x = static_cast<double>(static_cast<float>(a[i]));
+    const double y = static_cast<double>(static_cast<float>(b[i]));
+    diff += (x - y) * (x - y);
+    ref += y * y;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    diff += __shfl_down_sync(0xffffffffu, diff, offset);
+    ref += __shfl_down_sync(0xffffffffu, ref, offset);
+  }
+  if (threadIdx.x % 32 == 0) {
+    atomicAdd(&sums[0], diff);
+    atomicAdd(&sums[1], ref);
+  }
+}
+
+/// ‖a − b‖ / ‖b‖ of two device arrays.
+template <class T>
+double relative_error(const T* a, const T* b, std::size_t n, cudaStream_t stream) {
+  device_buffer<double> sums(2);
+  LCE_EXAMPLE_CHECK(cudaMemsetAsync(sums.data(), 0, 2 * sizeof(double), stream));
+  squared_difference_kernel<T><<<1024, 256, 0, stream>>>(a, b, n, sums.data());
+  LCE_EXAMPLE_CHECK(cudaGetLastError());
+  double host[2] = {0.0, 0.0};
+  LCE_EXAMPLE_CHECK(cudaMemcpyAsync(host, sums.data(), sizeof(host), cudaMemcpyDeviceToHost, stream));
+  LCE_EXAMPLE_CHECK(cudaStreamSynchronize(stream));
+  return host[1] > 0.0 ? std::sqrt(host[0] / host[1]) : 0.0;
+}
+
+/// `opt` with filter_eps > 0 (gradient filtering) also reports the relative Frobenius error of
+/// dX and dW against the exact backward of the same data (`dx_err_vs_exact`, `dw_err_vs_exact`).
 template <class Grad>
 void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
-                     lce::backward_options bopt) {
+                     lce::backward_options bopt, lce::loss_options opt) {
   guarded(state, [&] {
     const floor_times& floor = floor_of(s);
     const dataset& data = dataset::get(s, f);
@@ -309,7 +345,7 @@ void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
     args.targets = data.targets.data();
     args.lse = lse.data();
     std::size_t bytes = 0;
-    LCE_EXAMPLE_CHECK(lce::backward(nullptr, bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+    LCE_EXAMPLE_CHECK(lce::backward(nullptr, bytes, args, s, opt, bopt, ctx.handle, ctx.stream));
     require_memory(bytes + n * d * sizeof(bf16) + v * d * sizeof(Grad));
     device_buffer<bf16> dx(n * d);
     device_buffer<Grad> dw(v * d);
@@ -320,9 +356,23 @@ void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
         state,
         [&] {
           LCE_EXAMPLE_CHECK(
-              lce::backward(workspace.data(), bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+              lce::backward(workspace.data(), bytes, args, s, opt, bopt, ctx.handle, ctx.stream));
         },
         4 * ndv(s), floor.forward_backward_ms, bytes);
+    if (opt.filter_eps > 0.0f) {
+      require_memory(bytes + 2 * (n * d * sizeof(bf16) + v * d * sizeof(Grad)));
+      device_buffer<bf16> dx_exact(n * d);
+      device_buffer<Grad> dw_exact(v * d);
+      lce::backward_args<bf16, Grad> exact = args;
+      exact.dx = dx_exact.data();
+      exact.dw = dw_exact.data();
+      lce::loss_options exact_opt = opt;
+      exact_opt.filter_eps = 0.0f;
+      LCE_EXAMPLE_CHECK(lce::backward(workspace.data(), bytes, exact, s, exact_opt, bopt,
+                                      ctx.handle, ctx.stream));
+      state.counters["dx_err_vs_exact"] = relative_error(dx.data(), dx_exact.data(), n * d, ctx.stream);
+      state.counters["dw_err_vs_exact"] = relative_error(dw.data(), dw_exact.data(), v * d, ctx.stream);
+    }
   });
 }
 
@@ -441,11 +491,18 @@ void register_benchmarks() {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
         if (c.strategy == lce::backward_strategy::row_chunked) {
-          add("bwd/lce" + name, bm_lce_backward<float>, s, f, bopt);
+          add("bwd/lce" + name, bm_lce_backward<float>, s, f, bopt, lce::loss_options{});
           add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt);
         } else {
-          add("bwd/lce" + name, bm_lce_backward<bf16>, s, f, bopt);
+          add("bwd/lce" + name, bm_lce_backward<bf16>, s, f, bopt, lce::loss_options{});
           add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt);
+          if (c.budget_mib == default_budget) {
+            // Gradient filtering at Cut Cross-Entropy's bf16 threshold 2⁻¹², opt-in: its time
+            // and its dX/dW error against the exact backward, per data family.
+            lce::loss_options filtered;
+            filtered.filter_eps = 0x1p-12f;
+            add("bwd/lce_filtered" + name, bm_lce_backward<bf16>, s, f, bopt, filtered);
+          }
         }
       }
     }

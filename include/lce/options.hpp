@@ -59,6 +59,13 @@ struct loss_options {
   /// Gradients are added into dx, dw and db instead of overwriting them (accumulation over
   /// micro-batches, fp32 main-grad buffers).
   bool accumulate = false;
+  /// Gradient filtering, opt-in and approximate (Cut Cross-Entropy's `filter_eps`): in the
+  /// backward, every entry of dZ whose softmax probability p_v is below filter_eps, except the
+  /// target's, is taken as 0 (its label-smoothing and z-loss terms with it). 0, the default,
+  /// computes every entry. In [0, 1). The forward and the loss do not depend on it. lce's
+  /// gradient GEMMs do not skip zero tiles, so it saves no time: it exists to compare with
+  /// filtering peers (bench/RESULTS.md reports its speed and gradient error).
+  float filter_eps = 0.0f;
 };
 
 /// @brief How the backward pass is organised (docs/algorithm.md, "Strategies").

@@ -82,6 +82,9 @@ inline std::vector<invalid_option> invalid_loss_options() {
                                      std::int64_t{301}, std::int64_t{600}, std::int64_t{1} << 40}) {
     add("options.shift_seq_len", [=](lce::loss_options& o) { o.shift_seq_len = seq_len; });
   }
+  for (const float eps : {-1e-6f, -1.0f, 1.0f, 2.0f, nan, inf, -inf}) {
+    add("options.filter_eps", [=](lce::loss_options& o) { o.filter_eps = eps; });
+  }
   // With the other options valid and set: still the bad one is named.
   add("options.temperature", [](lce::loss_options& o) {
     o.label_smoothing = 0.1f;
@@ -118,6 +121,9 @@ inline std::vector<lce::loss_options> valid_loss_options() {
     add([=](lce::loss_options& o) { o.shift_seq_len = seq_len; });
   }
   add([](lce::loss_options& o) { o.accumulate = true; });
+  for (const float eps : {0.0f, 0x1p-12f, 0.5f, 0.999f}) {
+    add([=](lce::loss_options& o) { o.filter_eps = eps; });
+  }
   add([](lce::loss_options& o) {
     o.label_smoothing = 0.1f;
     o.z_loss = 1e-4f;

@@ -7,6 +7,7 @@
 // "options medium: ..." (300×1000×4097), "options large: ..." (1030×2304×50257, tag [large])
 // and "options: the GPU reference ..." (tag [reference]). Every run prints a RESULT line with
 // op=, dtype=, grad=, shape=, strategy=, reduction=, options= and the errors of each output.
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "support/harness.cuh"
+#include "support/runner.cuh"
 
 namespace {
 
@@ -662,5 +664,57 @@ TEMPLATE_TEST_CASE("options: the GPU reference matches the CPU reference with ev
     CAPTURE(names[k]);
     CHECK(all_finite(gpu[k]));
     CHECK(rel_frobenius(gpu[k], cpu[k]) <= reference_tolerance);
+  }
+}
+
+TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtered fp64 reference",
+                   "[gpu][options][filter]", float, __half, __nv_bfloat16) {
+  // Each kernel that forms dZ: the sm_90a lean epilogue (no bias: with and without softcap),
+  // its general one (bias; class weights with smoothing), and the dZ kernel after a cuBLAS
+  // recompute (fp32, sm_80 builds, the one-pass row_chunked forward_backward).
+  const case_spec spec = GENERATE(
+      case_spec{64, 64, 300}.filtered(1e-3f),
+      case_spec{129, 72, 1000}.no_bias().filtered(1e-3f),
+      case_spec{300, 136, 4097}.no_bias().capped(30.0f).scaled(6.0).filtered(0x1p-12f),
+      case_spec{200, 520, 3001}.weighted().smoothing(0.1f).with_z_loss(1e-3f).filtered(1e-3f));
+  const std::uint64_t seed = fresh_seed();
+  problem_data<TestType> data(spec, seed);
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe());
+  // The filter must change the gradient here (else this test would not test it): the same
+  // data's exact reference differs.
+  case_spec exact_spec = spec;
+  exact_spec.filter_eps = 0.0f;
+  problem_data<TestType> exact(exact_spec, seed);
+  exact.use_unit_upstream();
+  exact.compute_reference(true);
+  const std::vector<double> filtered_dw = data.ref_dw.download(), exact_dw = exact.ref_dw.download();
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < exact_dw.size(); ++i) {
+    diff += (filtered_dw[i] - exact_dw[i]) * (filtered_dw[i] - exact_dw[i]);
+    norm += exact_dw[i] * exact_dw[i];
+  }
+  const double filter_effect = std::sqrt(diff / norm);
+  CAPTURE(filter_effect);
+  CHECK(filter_effect > 0.0);
+  std::printf("RESULT op=filter dtype=%s shape=%lldx%lldx%lld eps=%g dw_change_vs_exact=%.3g\n",
+              element_name<TestType>(), static_cast<long long>(spec.n),
+              static_cast<long long>(spec.d), static_cast<long long>(spec.v),
+              static_cast<double>(spec.filter_eps), filter_effect);
+
+  gpu_context ctx;
+  for (const run_spec& how : all_runs<float>()) {
+    run_outputs<TestType, float> out(data, how);
+    LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
+    check_run(data, how, out);
+  }
+  if constexpr (!std::is_same_v<TestType, float>) {
+    for (const run_spec& how : all_runs<TestType>()) {
+      if (!how.gradients()) continue;
+      run_outputs<TestType, TestType> out(data, how);
+      LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
+      check_run(data, how, out);
+    }
   }
 }

@@ -126,6 +126,7 @@ struct row_params {
   double softcap = 0.0;
   double temperature = 1.0;
   double weight_total = 0.0;  ///< Σ_v w_v (v without class weights)
+  double filter_eps = 0.0;    ///< dZ entries (not the target's) with p below it are 0
 };
 
 /// Per-row outputs of lse_rows_kernel (device pointers, [n] each).
@@ -225,6 +226,10 @@ __global__ void __launch_bounds__(row_threads)
     }
     const T zj = zi[j];
     const T p = exp(zj - l);
+    if (j != y && p < T(prm.filter_eps)) {  // gradient filtering
+      zi[j] = T(0);
+      continue;
+    }
     const T w_j = class_weight != nullptr ? class_weight[j] : T(1);
     const T d_ce = (T(1) - alpha) * w_y * (p - (j == y ? T(1) : T(0))) +
                    alpha / T(v) * (T(prm.weight_total) * p - w_j);
@@ -362,6 +367,7 @@ gpu_reference_output gpu_reference(const Element* d_x, const Element* d_w, const
   prm.z_loss = options.z_loss;
   prm.softcap = options.softcap;
   prm.temperature = options.temperature;
+  prm.filter_eps = options.filter_eps;
   prm.weight_total = 0.0;
   for (std::int64_t k = 0; k < v; ++k)
     prm.weight_total += class_weight.empty() ? 1.0 : class_weight[static_cast<std::size_t>(k)];

@@ -277,8 +277,14 @@ struct case_spec {
   std::int64_t shift_seq_len = 0;
   bool class_weights = false;  ///< random class weights in [0.25, 2]
   bool accumulate = false;
+  float filter_eps = 0.0f;  ///< gradient filtering (loss_options::filter_eps)
 
   case_spec(std::int64_t n_, std::int64_t d_, std::int64_t v_) : n(n_), d(d_), v(v_) {}
+  case_spec filtered(float eps) const {
+    auto c = *this;
+    c.filter_eps = eps;
+    return c;
+  }
   case_spec smoothing(float alpha) const {
     auto c = *this;
     c.label_smoothing = alpha;
@@ -316,7 +322,7 @@ struct case_spec {
   }
   [[nodiscard]] bool has_options() const {
     return label_smoothing != 0.0f || z_loss != 0.0f || softcap != 0.0f || temperature != 1.0f ||
-           shift_seq_len != 0 || class_weights || accumulate;
+           shift_seq_len != 0 || class_weights || accumulate || filter_eps != 0.0f;
   }
   /// Short name of the options, e.g. "smoothing=0.1,weights,z_loss=0.01" ("plain" for none).
   [[nodiscard]] std::string options_string() const {
@@ -335,6 +341,7 @@ struct case_spec {
     if (temperature != 1.0f) item("temperature", temperature);
     if (shift_seq_len != 0) item("shift", shift_seq_len);
     if (accumulate) item("accumulate", 0, false);
+    if (filter_eps != 0.0f) item("filter_eps", filter_eps);
     const std::string out = os.str();
     return out.empty() ? "plain" : out;
   }
@@ -450,6 +457,7 @@ struct problem_data {
     options.temperature = s.temperature;
     options.shift_seq_len = s.shift_seq_len;
     options.accumulate = s.accumulate;
+    options.filter_eps = s.filter_eps;
     random_source rng(seed);
     x = device_buffer<Element>(static_cast<std::size_t>(s.n * shape.x_stride()));
     w = device_buffer<Element>(static_cast<std::size_t>(s.v * shape.w_stride()));

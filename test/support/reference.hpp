@@ -22,6 +22,7 @@ struct reference_options {
   double softcap = 0.0;            ///< c > 0: z ← c·tanh(z/c); 0: off
   double temperature = 1.0;        ///< τ: z ← z/τ before the softcap
   std::int64_t shift_seq_len = 0;  ///< T > 0: row r is scored against targets[r + 1]
+  double filter_eps = 0.0;         ///< backward: dZ entries (not the target's) with p < it are 0
 };
 
 /// The reference options of a library lce::loss_options (float → double is exact).
@@ -32,6 +33,7 @@ inline reference_options reference_options_of(const lce::loss_options& o) {
   r.softcap = static_cast<double>(o.softcap);
   r.temperature = static_cast<double>(o.temperature);
   r.shift_seq_len = o.shift_seq_len;
+  r.filter_eps = static_cast<double>(o.filter_eps);
   return r;
 }
 
@@ -337,6 +339,7 @@ inline reference_output reference(const reference_input& in, bool gradients,
     double* dxi = out.dx.data() + i * d;
     for (std::size_t k = 0; k < v; ++k) {
       const double p = std::exp(detail::transform_logit(raw[k], opt) - lse);
+      if (k != y && p < opt.filter_eps) continue;  // gradient filtering: the entry is 0
       const double d_ce = (1.0 - alpha) * w_y * (p - (k == y ? 1.0 : 0.0)) +
                           alpha / static_cast<double>(v) *
                               (weight_total * p - detail::class_weight_of(in, k));

@@ -40,6 +40,8 @@ inline cudaError_t validate_options(const loss_options& o, const problem& s) noe
   if (r < 0 || r > 2) return invalid("options.reduction is not mean, sum or none");
   if (!(o.label_smoothing >= 0.0f && o.label_smoothing <= 1.0f))
     return invalid("options.label_smoothing must be in [0, 1]");
+  if (!(o.filter_eps >= 0.0f && o.filter_eps < 1.0f))
+    return invalid("options.filter_eps must be in [0, 1)");
   if (!(o.z_loss >= 0.0f && std::isfinite(o.z_loss)))
     return invalid("options.z_loss must be finite and >= 0");
   if (!(o.softcap >= 0.0f && std::isfinite(o.softcap)))

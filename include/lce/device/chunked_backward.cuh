@@ -205,6 +205,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   gp.grad_per_row = o.reduction == lce::reduction::none;
   gp.scalars = scalars;
   gp.reduction = o.reduction;
+  gp.filter_eps = o.filter_eps;
 
   if (plan.strategy == backward_strategy::vocab_chunked) {
     // dX accumulates over chunks in fp32: in the caller's buffer when it is fp32, else in

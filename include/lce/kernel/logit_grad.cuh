@@ -38,6 +38,7 @@ struct logit_grad_params {
   bool grad_per_row;
   const loss_scalars* scalars; ///< denominators, Σ w and alpha; dZ is stored divided by alpha
   lce::reduction reduction;
+  float filter_eps;            ///< loss_options::filter_eps (0: every entry)
 };
 
 /// What the logit gradient of one row needs: its target, lse and coefficients (divided by
@@ -92,7 +93,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
         const std::int64_t v = p.vocab0 + c;
         const float z = p.transform(in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f));
         const float w_v = p.class_weight != nullptr ? p.class_weight[v] : 1.0f;
-        dz[e] = thread::logit_grad(coeffs, z, lse, v == y, w_v) * p.transform.derivative(z);
+        dz[e] = thread::logit_grad(coeffs, z, lse, v == y, w_v, p.filter_eps) *
+                p.transform.derivative(z);
       }
     }
     __syncthreads();  // every fp32 value of this segment is read before any dZ overwrites it

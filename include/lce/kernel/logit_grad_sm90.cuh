@@ -70,14 +70,22 @@ struct logit_grad_sm90 {
     __device__ __forceinline__ void tile(float (&acc)[frag], std::int64_t t) {
       if constexpr (General) {
         store_tile_general(acc, t);
+      } else if (p.grad.filter_eps > 0.0f) {
+        if (p.grad.transform.softcap > 0.0f) {
+          store_tile<true, true>(acc, t);
+        } else {
+          store_tile<false, true>(acc, t);
+        }
       } else if (p.grad.transform.softcap > 0.0f) {
-        store_tile<true>(acc, t);
+        store_tile<true, false>(acc, t);
       } else {
-        store_tile<false>(acc, t);
+        store_tile<false, false>(acc, t);
       }
     }
 
-    template <bool Softcap>
+    /// Filter: loss_options::filter_eps > 0 (entries other than the target's with p below it
+    /// are stored as 0); a separate instantiation, so the exact path pays nothing for it.
+    template <bool Softcap, bool Filter>
     __device__ __forceinline__ void store_tile(float (&acc)[frag], std::int64_t t) {
       constexpr float log2e = 1.4426950408889634f;
       const float inv_t = p.grad.transform.inv_temperature;
@@ -114,8 +122,9 @@ struct logit_grad_sm90 {
             // lse·log2e, which at |z| ~ 1e30 is ~1e22, not 0.
             const float e2 = (z - r.lse) * log2e;
             const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
-            const float g = r.coeffs.p * prob - (c + e == target_col ? r.coeffs.target : 0.0f) -
-                            r.coeffs.weight;
+            const bool is_target = c + e == target_col;
+            float g = r.coeffs.p * prob - (is_target ? r.coeffs.target : 0.0f) - r.coeffs.weight;
+            if constexpr (Filter) g = (!is_target && prob < p.grad.filter_eps) ? 0.0f : g;
             d[e] = r.active ? g * dzdraw : 0.0f;
           }
           if (c + 1 < p.grad.cols) {
@@ -152,7 +161,8 @@ struct logit_grad_sm90 {
           for (int e = 0; e < 2; ++e) {
             const float z = g.transform(acc[4 * j + 2 * h + e] + b[e]);
             d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse,
-                                                 g.vocab0 + c + e == r.y, w[e]) *
+                                                 g.vocab0 + c + e == r.y, w[e],
+                                                 g.filter_eps) *
                                   g.transform.derivative(z)
                             : 0.0f;
           }

@@ -230,6 +230,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   gp.grad_per_row = o.reduction == lce::reduction::none;
   gp.scalars = scalars;
   gp.reduction = o.reduction;
+  gp.filter_eps = o.filter_eps;
 
   if (lp.strategy == backward_strategy::vocab_chunked) {
     for (std::int64_t v0 = 0; v0 < v_local; v0 += lp.chunk) {
