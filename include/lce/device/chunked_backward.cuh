@@ -126,6 +126,7 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   fp.d = d;
   fp.dz = dz;
   fp.ldz = ldz;
+  fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
   LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            fused::smem_bytes));

@@ -46,6 +46,8 @@ struct logit_grad_sm90 {
     std::int64_t rows, d;
     Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
     std::int64_t ldz;   ///< even
+    /// dz 16-byte aligned and ldz a multiple of 8: full tiles take 16-byte stores
+    bool wide_stores;
     logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
                                       ///< weights only with General)
   };
@@ -83,15 +85,39 @@ struct logit_grad_sm90 {
       }
     }
 
+    /// dZ of one element of the lean epilogue (column `c`, chunk-local), before the store.
     /// Filter: loss_options::filter_eps > 0 (entries other than the target's with p below it
     /// are stored as 0); a separate instantiation, so the exact path pays nothing for it.
     template <bool Softcap, bool Filter>
-    __device__ __forceinline__ void store_tile(float (&acc)[frag], std::int64_t t) {
+    __device__ __forceinline__ float lean_grad(float raw, const row_grad& r, bool is_target) const {
       constexpr float log2e = 1.4426950408889634f;
       const float inv_t = p.grad.transform.inv_temperature;
-      const float cap = p.grad.transform.softcap;
-      const float cap_scale = Softcap ? inv_t / cap : 0.0f;
-      const float inv_cap = Softcap ? 1.0f / cap : 0.0f;
+      float z, dzdraw;
+      if constexpr (Softcap) {
+        const float cap = p.grad.transform.softcap;
+        z = lce::detail::sm90::fast_softcap(raw, inv_t / cap, cap);
+        const float q = z * (1.0f / cap);  // 1/cap: loop-invariant, hoisted
+        dzdraw = inv_t * fmaf(-q, q, 1.0f);
+      } else {
+        z = raw * inv_t;
+        dzdraw = inv_t;
+      }
+      // (z − lse)·log2e clamped at 0, NaN kept (thread::softmax_prob says why). The difference
+      // first: z·log2e − lse·log2e in one fma would carry the rounding of lse·log2e, which at
+      // |z| ~ 1e30 is ~1e22, not 0.
+      const float e2 = (z - r.lse) * log2e;
+      const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
+      float g = r.coeffs.p * prob - (is_target ? r.coeffs.target : 0.0f) - r.coeffs.weight;
+      if constexpr (Filter) g = (!is_target && prob < p.grad.filter_eps) ? 0.0f : g;
+      return r.active ? g * dzdraw : 0.0f;
+    }
+
+    template <bool Softcap, bool Filter>
+    __device__ __forceinline__ void store_tile(float (&acc)[frag], std::int64_t t) {
+      if (p.wide_stores && (t + 1) * block_v <= p.grad.cols) {
+        store_full_tile_wide<Softcap, Filter>(acc, t);
+        return;
+      }
       const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -107,25 +133,7 @@ struct logit_grad_sm90 {
           float d[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float raw = acc[4 * j + 2 * h + e];
-            float z, dzdraw;
-            if constexpr (Softcap) {
-              z = lce::detail::sm90::fast_softcap(raw, cap_scale, cap);
-              const float q = z * inv_cap;
-              dzdraw = inv_t * fmaf(-q, q, 1.0f);
-            } else {
-              z = raw * inv_t;
-              dzdraw = inv_t;
-            }
-            // (z − lse)·log2e clamped at 0, NaN kept (thread::softmax_prob says why). The
-            // difference first: z·log2e − lse·log2e in one fma would carry the rounding of
-            // lse·log2e, which at |z| ~ 1e30 is ~1e22, not 0.
-            const float e2 = (z - r.lse) * log2e;
-            const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
-            const bool is_target = c + e == target_col;
-            float g = r.coeffs.p * prob - (is_target ? r.coeffs.target : 0.0f) - r.coeffs.weight;
-            if constexpr (Filter) g = (!is_target && prob < p.grad.filter_eps) ? 0.0f : g;
-            d[e] = r.active ? g * dzdraw : 0.0f;
+            d[e] = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + e], r, c + e == target_col);
           }
           if (c + 1 < p.grad.cols) {
             store_pair(out + c, d[0], d[1]);
@@ -133,6 +141,73 @@ struct logit_grad_sm90 {
             out[c] = static_cast<Element>(d[0]);
           }
         }
+      }
+    }
+
+    /// A full tile with 16-byte stores. For each row and each group of 4 column octets, the
+    /// quad's lanes hold 4 × 4 packed pairs (lane q: pairs 2q, 2q + 1 of every octet); two
+    /// butterfly exchanges (shfl.xor 1, then 2) transpose them so that lane q holds the whole
+    /// octet 4·g + q, which it writes with one 16-byte store: a quad writes 64 contiguous bytes
+    /// of a row (two full 32-byte sectors) where the pair stores wrote 4-byte pieces of eight
+    /// rows per instruction, half-filling each sector. Every lane takes part in the shuffles;
+    /// rows past the chunk only skip the store.
+    template <bool Softcap, bool Filter>
+    __device__ __forceinline__ void store_full_tile_wide(float (&acc)[frag], std::int64_t t) {
+      const std::int64_t tile_col = t * block_v;
+      const bool b0 = (quad & 1) != 0, b1 = (quad & 2) != 0;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const row_grad& r = rg[h];
+        const std::int64_t local = r.y - p.grad.vocab0 - tile_col;
+        const int target_col = local >= 0 && local < block_v ? static_cast<int>(local) : -1;
+#pragma unroll
+        for (int g = 0; g < block_v / 32; ++g) {
+          std::uint32_t w[4];
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const int j = 4 * g + k;
+            const int c = 8 * j + 2 * quad;  // tile-local column of the pair
+            const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
+            const float d1 =
+                lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
+            w[k] = pack_pair(d0, d1);
+          }
+          // Swap lane bit 0 with word bit 0, then lane bit 1 with word bit 1.
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            const std::uint32_t send = b0 ? w[2 * hi] : w[2 * hi + 1];
+            const std::uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 1);
+            if (b0) {
+              w[2 * hi] = recv;
+            } else {
+              w[2 * hi + 1] = recv;
+            }
+          }
+#pragma unroll
+          for (int lo = 0; lo < 2; ++lo) {
+            const std::uint32_t send = b1 ? w[lo] : w[2 + lo];
+            const std::uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 2);
+            if (b1) {
+              w[lo] = recv;
+            } else {
+              w[2 + lo] = recv;
+            }
+          }
+          if (rows[h] < p.rows) {
+            Element* out = p.dz + rows[h] * p.ldz + tile_col + 8 * (4 * g + quad);
+            *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
+          }
+        }
+      }
+    }
+
+    __device__ __forceinline__ static std::uint32_t pack_pair(float a, float b) {
+      if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+        const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+        return *reinterpret_cast<const std::uint32_t*>(&v);
+      } else {
+        const __half2 v = __floats2half2_rn(a, b);
+        return *reinterpret_cast<const std::uint32_t*>(&v);
       }
     }
 
