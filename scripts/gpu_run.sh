@@ -7,7 +7,8 @@
 #          (default: all; pytorch, focus, sass and profile run only when named)
 #   env:   BENCH_FILTER (Google Benchmark filter), EXAMPLE_ARGS, SANITIZE_FILTER (Catch2
 #          test spec that replaces every executable's selection under compute-sanitizer),
-#          SANITIZE_TOOLS (default: memcheck racecheck initcheck synccheck), BUILD_DIR.
+#          SANITIZE_TOOLS (default: memcheck racecheck initcheck synccheck), BUILD_DIR,
+#          BUILD_TARGETS (default: all targets).
 #          GPU_TEST_ARGS: extra ctest arguments of the test step, e.g. "-E device_huge" to
 #          leave the [huge] sizes out (ctest -R device_huge runs them alone).
 set -uo pipefail
@@ -28,7 +29,8 @@ summary+=("$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm 
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$root/.deps/usr" \
   -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
 start=$SECONDS
-cmake --build "$build" -j16 >>"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; exit 1; }
+# shellcheck disable=SC2086
+cmake --build "$build" -j16 ${BUILD_TARGETS:+--target $BUILD_TARGETS} >>"$out/build.log" 2>&1 || { grep -E "error|Error" "$out/build.log" | head -40; exit 1; }
 summary+=("build: ok in $((SECONDS - start)) s")
 
 if has test; then
