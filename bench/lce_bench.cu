@@ -452,6 +452,19 @@ std::string variant_name(const variant& c) {
   return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
 }
 
+std::vector<std::size_t> extra_budgets() {
+  std::vector<std::size_t> mib;
+  const char* list = std::getenv("LCE_BENCH_VOCAB_BUDGETS");
+  for (const char* c = list; c != nullptr && *c != '\0';) {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(c, &end, 10);
+    if (end == c) break;
+    if (v > 0) mib.push_back(static_cast<std::size_t>(v));
+    c = *end == ',' ? end + 1 : end;
+  }
+  return mib;
+}
+
 template <class Fn, class... Args>
 void add(const std::string& name, Fn&& fn, Args&&... args) {
   benchmark::RegisterBenchmark(name.c_str(), std::forward<Fn>(fn), std::forward<Args>(args)...)
@@ -485,8 +498,18 @@ void register_benchmarks() {
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};
       // row_chunked re-reads and re-writes the fp32 dW once per row chunk: with the default
-      // budget that is ~30 chunks at full scale; a 4 GiB budget shows the cost of fewer chunks.
-      if (f == data_family::lm) variants.push_back({lce::backward_strategy::row_chunked, 4096});
+      // budget that is ~30 chunks at full scale; 1 GiB (issue 4's budget of the fast path) and
+      // 4 GiB show the cost of fewer chunks.
+      if (f == data_family::lm) {
+        variants.push_back({lce::backward_strategy::row_chunked, 1024});  // target 3's budget
+        variants.push_back({lce::backward_strategy::row_chunked, 4096});
+      }
+      // LCE_BENCH_VOCAB_BUDGETS="160,205": more vocab_chunked budgets (MiB) of the LM family,
+      // for chunk-width experiments.
+      if (f == data_family::lm) {
+        for (std::size_t mib : extra_budgets())
+          variants.push_back({lce::backward_strategy::vocab_chunked, mib});
+      }
       for (const variant& c : variants) {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
