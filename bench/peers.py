@@ -16,6 +16,9 @@ time is also reported as a ratio to it.
 Methods (each only if importable; otherwise the run says "not importable: <reason>"):
   lce*            lce_torch (examples/pytorch; built in place, installed, or JIT-compiled),
                   one row per strategy/configuration
+  lce_filtered    lce's default configuration with the opt-in gradient filter at Cut
+                  Cross-Entropy's default, filter_eps = eps(dtype)/32 (2**-12 in bf16, 2**-15
+                  in fp16): approximate gradients, to compare with cce
   torch_eager     F.cross_entropy((x @ w.T).float(), y), the usual Hugging Face head
   torch_compile   the same function through torch.compile
   liger_triton    Liger-Kernel's LigerFusedLinearCrossEntropyLoss (Triton)
@@ -200,12 +203,23 @@ def rel_error(value, ref, chunk_rows=16384):
 # Methods: each factory returns loss(x, w, y) -> scalar tensor, or raises with the reason
 
 
-def _lce(**options):
+def cce_filter_eps(dtype: torch.dtype) -> float:
+    """Cut Cross-Entropy's default filter_eps ("auto"): eps(dtype)/32, 2**-12 in bf16."""
+    return torch.finfo(dtype).eps / 32
+
+
+def _lce(cce_filter=False, **options):
+    """lce_torch with these options; cce_filter: filter_eps at Cut Cross-Entropy's default for
+    the inputs' dtype (the filter is approximate: dZ entries with p < filter_eps become 0)."""
+
     def factory():
         sys.path.insert(0, str(ROOT / "examples" / "pytorch"))
         import lce_torch
 
         def loss(x, w, y):
+            if cce_filter:
+                return lce_torch.linear_cross_entropy(x, w, y, **options,
+                                                      filter_eps=cce_filter_eps(x.dtype))
             return lce_torch.linear_cross_entropy(x, w, y, **options)
 
         def describe(n, d, v, dtype):
@@ -214,8 +228,10 @@ def _lce(**options):
                 strategy=options.get("strategy", "auto"),
                 memory_budget=options.get("memory_budget"))
             fused = ", gradients in the forward" if options.get("grad_in_forward") else ""
+            filtered = (f", filter_eps 2**{math.log2(cce_filter_eps(dtype)):.0f}" if cce_filter
+                        else "")
             return (f"{choice['strategy']} chunk {choice['chunk']}, workspace "
-                    f"{choice['workspace_bytes'] / MIB:.0f} MiB{fused}")
+                    f"{choice['workspace_bytes'] / MIB:.0f} MiB{fused}{filtered}")
 
         loss.describe = describe
         return loss
@@ -303,6 +319,7 @@ METHODS = {
     # lce: the default (auto: vocab_chunked with dW in the weight's dtype, 256 MiB budget),
     # then each strategy with the budget it wants
     "lce": _lce(),
+    "lce_filtered": _lce(cce_filter=True),
     "lce_vocab_1g": _lce(strategy="vocab_chunked", memory_budget=GIB),
     "lce_vocab_fused": _lce(strategy="vocab_chunked", memory_budget=GIB, grad_in_forward=True),
     "lce_row_fp32": _lce(strategy="row_chunked", fp32_weight_grad=True, memory_budget=4 * GIB),

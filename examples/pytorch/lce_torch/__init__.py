@@ -8,12 +8,12 @@
     loss.backward()
 
 Every option of lce is exposed (ignore_index, reduction, label_smoothing, class weights,
-z-loss, softcap, temperature, the causal shift) together with its per-token outputs (lse,
-z-loss, argmax and accuracy, entropy, target log-probability). The work is enqueued on the
-current CUDA stream with the workspace from PyTorch's caching allocator and PyTorch's cuBLAS
-handle, and never synchronizes with the host: the function can be captured in a CUDA graph
-and used inside torch.compile'd code (the operators have fake implementations). See
-docs/pytorch.md.
+z-loss, softcap, temperature, the causal shift, the opt-in approximate gradient filter
+filter_eps) together with its per-token outputs (lse, z-loss, argmax and accuracy, entropy,
+target log-probability). The work is enqueued on the current CUDA stream with the workspace
+from PyTorch's caching allocator and PyTorch's cuBLAS handle, and never synchronizes with the
+host: the function can be captured in a CUDA graph and used inside torch.compile'd code (the
+operators have fake implementations). See docs/pytorch.md.
 """
 
 from __future__ import annotations
@@ -124,21 +124,21 @@ def _fake_gradients(x, weight, need_dx, need_dw, need_db, fp32_weight_grad):
 
 @torch.library.register_fake("lce_torch::forward")
 def _(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, temperature, shift_seq_len, outputs):
+      softcap, temperature, shift_seq_len, filter_eps, outputs):
     return _fake_forward_outputs(x, reduction, outputs)
 
 
 @torch.library.register_fake("lce_torch::backward")
 def _(x, weight, bias, target, lse, grad, class_weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, temperature, shift_seq_len, strategy, memory_budget,
-      need_dx, need_dw, need_db, fp32_weight_grad):
+      label_smoothing, z_loss, softcap, temperature, shift_seq_len, filter_eps, strategy,
+      memory_budget, need_dx, need_dw, need_db, fp32_weight_grad):
     return _fake_gradients(x, weight, need_dx, need_dw, need_db, fp32_weight_grad)
 
 
 @torch.library.register_fake("lce_torch::forward_backward")
 def _(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, temperature, shift_seq_len, outputs, strategy, memory_budget, need_dx, need_dw,
-      need_db, fp32_weight_grad):
+      softcap, temperature, shift_seq_len, filter_eps, outputs, strategy, memory_budget, need_dx,
+      need_dw, need_db, fp32_weight_grad):
     return _fake_forward_outputs(x, reduction, outputs) + _fake_gradients(
         x, weight, need_dx, need_dw, need_db, fp32_weight_grad
     )
@@ -146,15 +146,15 @@ def _(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoo
 
 @torch.library.register_fake("lce_torch::backward_into")
 def _(x, weight, bias, target, lse, grad, class_weight, ignore_index, reduction,
-      label_smoothing, z_loss, softcap, temperature, shift_seq_len, strategy, memory_budget,
-      accumulate, dx, dw, db):
+      label_smoothing, z_loss, softcap, temperature, shift_seq_len, filter_eps, strategy,
+      memory_budget, accumulate, dx, dw, db):
     return None
 
 
 @torch.library.register_fake("lce_torch::forward_backward_into")
 def _(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-      softcap, temperature, shift_seq_len, outputs, strategy, memory_budget, accumulate, dx, dw,
-      db):
+      softcap, temperature, shift_seq_len, filter_eps, outputs, strategy, memory_budget,
+      accumulate, dx, dw, db):
     return _fake_forward_outputs(x, reduction, outputs)
 
 
@@ -169,7 +169,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     | None, ignore_index, reduction (0 mean, 1 sum, 2 none), label_smoothing, z_loss, softcap
     (0: off), temperature, shift_seq_len (0: off), outputs (bit mask), strategy (0 auto,
     1 vocab_chunked, 2 row_chunked), memory_budget (bytes, -1: lce's default),
-    fp32_weight_grad, grad_in_forward) returns nine tensors: the loss (a scalar; [n] per-token
+    fp32_weight_grad, grad_in_forward, filter_eps (0: exact gradients; optional, last so that
+    calls without it keep working) returns nine tensors: the loss (a scalar; [n] per-token
     losses with reduction none), then token_loss, lse, z_loss, token_z_loss, argmax, correct,
     entropy, target_logprob (empty when not asked for). Only the first is differentiable.
 
@@ -184,12 +185,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, target, class_weight, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, temperature, shift_seq_len, outputs, strategy,
-                memory_budget, fp32_weight_grad, grad_in_forward):
+                memory_budget, fp32_weight_grad, grad_in_forward, filter_eps=0.0):
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         loss_options = (ignore_index, reduction, label_smoothing, z_loss, softcap, temperature,
-                        shift_seq_len)
+                        shift_seq_len, filter_eps)
         ctx.need = (need_dx, need_dw, need_db)
         ctx.fused = bool(grad_in_forward and reduction != _NONE and
                          (need_dx or need_dw or need_db))
@@ -218,8 +219,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *unused_grads):
         need_dx, need_dw, need_db = ctx.need
+        # One gradient per forward input (18; autograd drops trailing Nones when a caller
+        # passed 17, without filter_eps).
         if not (need_dx or need_dw or need_db):
-            return (None,) * 17
+            return (None,) * 18
         if ctx.fused:
             dx, dw, db = ctx.saved_tensors
             # grad_loss is a device scalar: no host synchronization to skip the scaling when 1.
@@ -233,7 +236,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                        need_dw, need_db, ctx.fp32_weight_grad)
         # An fp32 dw/db for a 16-bit parameter is cast to the parameter's dtype by autograd.
         return ((dx if need_dx else None), (dw if need_dw else None),
-                (db if need_db else None)) + (None,) * 14
+                (db if need_db else None)) + (None,) * 15
 
 
 # ------------------------------------------------------------------------------------------
@@ -378,6 +381,8 @@ def linear_cross_entropy(
     return_accuracy: bool = False,
     return_entropy: bool = False,
     return_target_logprob: bool = False,
+    *,
+    filter_eps: float = 0.0,
 ) -> Union[Tensor, LinearCrossEntropyOutput]:
     """Cross-entropy of the logits ``x @ weight.T + bias`` against ``target``, fused.
 
@@ -389,6 +394,9 @@ def linear_cross_entropy(
                         ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=label_smoothing)
           + z_loss * mean over valid rows of logsumexp(z)**2   (sum for 'sum'; per token for 'none')
+
+    Its gradients are exactly this expression's unless ``filter_eps`` > 0 asks for filtered
+    (approximate) ones.
 
     Args:
         x: [..., D] hidden states, float32 / float16 / bfloat16, on a CUDA device. Any leading
@@ -424,6 +432,15 @@ def linear_cross_entropy(
             work instead of 4. mean/sum only; holds dx/dw from forward to backward.
         return_*: also return these (non-differentiable) outputs; then the result is a
             LinearCrossEntropyOutput instead of the loss tensor.
+        filter_eps: gradient filtering, opt-in and approximate (keyword only; 0, the
+            default, computes exact gradients). In the backward, every entry of the logit
+            gradient dZ other than the target's whose softmax probability p_v is below
+            filter_eps is taken as 0, its label-smoothing and z-loss terms included; dx,
+            dweight and dbias follow from that dZ. The forward and the loss do not change. In
+            [0, 1): a negative, NaN or >= 1 value raises ValueError (lce's own check). Cut
+            Cross-Entropy filters by default with eps(dtype)/32, 2**-12 in bfloat16; pass
+            filter_eps=2**-12 to compare with it. lce's gradient GEMMs do not skip the zeroed
+            entries, so filtering saves no time.
 
     Returns:
         The loss (float32: a scalar, or per-token losses with reduction 'none'), or a
@@ -454,7 +471,7 @@ def linear_cross_entropy(
         x2, w2, bias, target2, class_weight, int(ignore_index), red, float(label_smoothing),
         float(z_loss), float(softcap) if softcap is not None else 0.0, float(temperature),
         seq_len, outputs, strat, -1 if memory_budget is None else int(memory_budget), fp32_grad,
-        bool(grad_in_forward),
+        bool(grad_in_forward), float(filter_eps),
     )
     loss = results[0].view(lead) if red == _NONE else results[0]
     if outputs == 0:
@@ -482,7 +499,8 @@ def linear_cross_entropy(
 class LinearCrossEntropy(nn.Module):
     """Module form of linear_cross_entropy: ``loss = LinearCrossEntropy(...)(x, weight, target)``.
 
-    Holds the options (class_weight as a buffer); forward(x, weight, target, bias=None)
+    Holds the options (class_weight as a buffer; filter_eps, the opt-in approximate gradient
+    filter, as linear_cross_entropy documents it); forward(x, weight, target, bias=None)
     returns what linear_cross_entropy returns. The weight is an argument, not a parameter, so
     that a tied or sharded LM head stays where the model keeps it (Liger-Kernel's
     LigerFusedLinearCrossEntropyLoss does the same, with (weight, x, target) order).
@@ -502,6 +520,7 @@ class LinearCrossEntropy(nn.Module):
         memory_budget: Optional[int] = None,
         fp32_weight_grad: bool = False,
         grad_in_forward: bool = False,
+        filter_eps: float = 0.0,
     ):
         super().__init__()
         _parse_reduction(reduction)
@@ -517,6 +536,7 @@ class LinearCrossEntropy(nn.Module):
         self.memory_budget = memory_budget
         self.fp32_weight_grad = fp32_weight_grad
         self.grad_in_forward = grad_in_forward
+        self.filter_eps = filter_eps
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     def forward(self, x: Tensor, weight: Tensor, target: Tensor,
@@ -528,14 +548,15 @@ class LinearCrossEntropy(nn.Module):
             temperature=self.temperature, class_weight=self.class_weight, shift=self.shift,
             strategy=self.strategy, memory_budget=self.memory_budget,
             fp32_weight_grad=self.fp32_weight_grad, grad_in_forward=self.grad_in_forward,
-            **returns,
+            filter_eps=self.filter_eps, **returns,
         )
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, temperature={self.temperature}, shift={self.shift}, "
-                f"strategy={self.strategy!r}")
+                f"strategy={self.strategy!r}"
+                + (f", filter_eps={self.filter_eps}" if self.filter_eps else ""))
 
 
 # ------------------------------------------------------------------------------------------
@@ -574,6 +595,7 @@ def linear_cross_entropy_forward_backward_into(
     shift: Union[bool, int] = False,
     strategy: str = "auto",
     memory_budget: Optional[int] = None,
+    filter_eps: float = 0.0,
 ) -> Tensor:
     """Loss and gradients in one call, outside autograd (lce::forward_backward).
 
@@ -582,7 +604,8 @@ def linear_cross_entropy_forward_backward_into(
     ([V]) — each optional — or, with ``accumulate=True``, added to what they hold: gradient
     accumulation over micro-batches into fp32 "main grad" buffers, Megatron-style. dw and db
     may be float32 or x's dtype (float32 allows row_chunked). Returns the loss (per-token for
-    'none').
+    'none'). ``filter_eps`` > 0 filters the gradients (approximate; the loss is unchanged) as
+    linear_cross_entropy documents.
     """
     red = _parse_reduction(reduction)
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
@@ -591,8 +614,9 @@ def linear_cross_entropy_forward_backward_into(
     outputs = _ops.forward_backward_into(
         x2, w2, bias, target2, class_weight, int(ignore_index), red, float(label_smoothing),
         float(z_loss), float(softcap) if softcap is not None else 0.0, float(temperature),
-        seq_len, 0, _parse_strategy(strategy), -1 if memory_budget is None else int(memory_budget),
-        bool(accumulate), _grad_rows(dx, "dx", x.shape[-1]), dw, db,
+        seq_len, float(filter_eps), 0, _parse_strategy(strategy),
+        -1 if memory_budget is None else int(memory_budget), bool(accumulate),
+        _grad_rows(dx, "dx", x.shape[-1]), dw, db,
     )
     return outputs[1].view(lead) if red == _NONE else outputs[0]
 
@@ -619,12 +643,14 @@ def linear_cross_entropy_backward_into(
     shift: Union[bool, int] = False,
     strategy: str = "auto",
     memory_budget: Optional[int] = None,
+    filter_eps: float = 0.0,
 ) -> None:
     """The backward alone, outside autograd (lce::backward), from the lse a forward returned
     (``linear_cross_entropy(..., return_lse=True).lse``) with the same options. ``grad`` is
     the upstream gradient (a scalar for mean/sum, x's leading shape for none; None means 1).
     Writes (or, with ``accumulate=True``, adds into) dx, dw and db as
-    linear_cross_entropy_forward_backward_into does."""
+    linear_cross_entropy_forward_backward_into does; ``filter_eps`` > 0 filters them
+    (approximate) as linear_cross_entropy documents."""
     red = _parse_reduction(reduction)
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
@@ -632,7 +658,7 @@ def linear_cross_entropy_backward_into(
     _ops.backward_into(
         x2, w2, bias, target2, lse.reshape(-1), grad, class_weight, int(ignore_index), red,
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 0.0,
-        float(temperature), seq_len, _parse_strategy(strategy),
+        float(temperature), seq_len, float(filter_eps), _parse_strategy(strategy),
         -1 if memory_budget is None else int(memory_budget), bool(accumulate),
         _grad_rows(dx, "dx", x.shape[-1]), dw, db,
     )

@@ -5,8 +5,9 @@ Run from the repository root (the extension is built in place or JIT-compiled on
     python -m pytest examples/pytorch/tests -q -rs
 
 Every comparison is a relative Frobenius error against an fp64 reference computed by PyTorch
-(F.cross_entropy and autograd in float64, on the GPU) from the very same rounded inputs. The
-tolerances are the library's (DESIGN.md §4): float32 1e-5 for the loss and the gradients;
+(F.cross_entropy and autograd in float64, on the GPU) from the very same rounded inputs; for
+the gradient filter (filter_eps), the same reference with the filtered entries of dZ set to 0.
+The tolerances are the library's (DESIGN.md §4): float32 1e-5 for the loss and the gradients;
 float16/bfloat16 1e-4 for the loss, 1e-2 for the gradients. PyTorch computing in the input
 dtype is measured against the same reference and reported beside lce (conftest.py prints the
 largest errors at the end). Data are fresh random draws every run; the seed is in every
@@ -86,12 +87,8 @@ def shifted_targets(y, ignore_index):
     return torch.cat([y[..., 1:], pad], dim=-1)
 
 
-def torch_loss(x, w, b, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-               z_loss=0.0, softcap=None, temperature=1.0, class_weight=None, shift=False,
-               dtype=None):
-    """What lce computes, written with PyTorch ops on the full logits, in `dtype` (the inputs'
-    own by default; float64 for the reference). Returns the loss (per token for 'none')."""
-    dtype = dtype or x.dtype
+def logits(x, w, b, *, temperature=1.0, softcap=None, dtype):
+    """The logits lce scores, [rows, V] in `dtype`: (x·wᵀ + b)/τ, then the softcap."""
     d = x.shape[-1]
     z = x.to(dtype).reshape(-1, d) @ w.to(dtype).T
     if b is not None:
@@ -99,7 +96,14 @@ def torch_loss(x, w, b, y, *, ignore_index=-100, reduction="mean", label_smoothi
     z = z / temperature
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    t = (shifted_targets(y, ignore_index) if shift else y).reshape(-1)
+    return z
+
+
+def loss_of_logits(z, t, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                   z_loss=0.0, class_weight=None):
+    """What lce computes from the logits z [rows, V] and the scored targets t [rows], in z's
+    dtype (flat per-token losses for 'none')."""
+    dtype = z.dtype
     cw = class_weight.to(dtype) if class_weight is not None else None
     loss = F.cross_entropy(z, t, weight=cw, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing)
@@ -112,6 +116,19 @@ def torch_loss(x, w, b, y, *, ignore_index=-100, reduction="mean", label_smoothi
         elif reduction == "sum":
             term = term.sum()
         loss = loss + term.to(loss.dtype)
+    return loss
+
+
+def torch_loss(x, w, b, y, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+               z_loss=0.0, softcap=None, temperature=1.0, class_weight=None, shift=False,
+               dtype=None):
+    """What lce computes, written with PyTorch ops on the full logits, in `dtype` (the inputs'
+    own by default; float64 for the reference). Returns the loss (per token for 'none')."""
+    z = logits(x, w, b, temperature=temperature, softcap=softcap, dtype=dtype or x.dtype)
+    t = (shifted_targets(y, ignore_index) if shift else y).reshape(-1)
+    loss = loss_of_logits(z, t, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, z_loss=z_loss,
+                          class_weight=class_weight)
     return loss.reshape(y.shape) if reduction == "none" else loss
 
 
@@ -309,6 +326,240 @@ def test_all_rows_ignored(dtype, reduction):
     loss.sum().backward()
     for grad in (xs.grad, ws.grad, bs.grad):
         assert torch.all(grad == 0)
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient filter (filter_eps): opt-in, approximate, backward only
+
+
+def filtered_reference(x, w, b, y, upstream, filter_eps, *, ignore_index=-100, reduction="mean",
+                       label_smoothing=0.0, z_loss=0.0, softcap=None, temperature=1.0,
+                       class_weight=None, shift=False):
+    """fp64 loss and gradients (dx, dw, db) of lce with `filter_eps`, and the fraction of dZ
+    entries the filter zeroes. dZ, the gradient of the loss w.r.t. the scored logits z (for
+    'mean' without options: (P − Y)/n_valid), comes from autograd through the same
+    loss_of_logits as the exact reference; every entry of it other than the target's whose
+    p_v = softmax(z)_v is below filter_eps is set to 0 (its label-smoothing and z-loss terms
+    with it), and autograd carries the result back through the softcap and temperature to
+    x, w and b."""
+    xs = x.detach().double().requires_grad_()
+    ws = w.detach().double().requires_grad_()
+    bs = b.detach().double().requires_grad_() if b is not None else None
+    z = logits(xs, ws, bs, temperature=temperature, softcap=softcap, dtype=torch.float64)
+    scored = z.detach().requires_grad_()
+    t = (shifted_targets(y, ignore_index) if shift else y).reshape(-1)
+    loss = loss_of_logits(scored, t, ignore_index=ignore_index, reduction=reduction,
+                          label_smoothing=label_smoothing, z_loss=z_loss,
+                          class_weight=class_weight)
+    loss = loss.reshape(y.shape) if reduction == "none" else loss
+    loss.backward(upstream.to(loss.dtype))
+    keep = torch.softmax(scored.detach(), dim=-1) >= filter_eps
+    rows = torch.arange(t.numel(), device=t.device)
+    in_vocab = (t >= 0) & (t < z.shape[1])
+    keep[rows[in_vocab], t[in_vocab]] = True  # the target's entry is never filtered
+    z.backward(scored.grad * keep)
+    filtered = 1.0 - keep.double().mean().item()
+    return (loss.detach(), xs.grad, ws.grad, bs.grad if bs is not None else None), filtered
+
+
+def ignore_rows_near_eps(x, w, b, y, filter_eps, *, ignore_index=-100, softcap=None,
+                         temperature=1.0, shift=False, margin=5e-4, **unused_options):
+    """y with every row that has a probability within a relative `margin` of filter_eps
+    ignored. lce compares fp32 probabilities with filter_eps, the reference fp64 ones, so such
+    an entry may fall on either side; one entry moves dX by about filter_eps/sqrt(rows)
+    relative, above the fp32 tolerance. An ignored row's dZ is 0 with or without the filter."""
+    z = logits(x, w, b, temperature=temperature, softcap=softcap, dtype=torch.float64)
+    near = ((torch.log_softmax(z, dim=-1) - math.log(filter_eps)).abs() < margin).any(dim=-1)
+    y = y.clone()
+    if shift:  # row t of a sequence is scored against target t + 1
+        seq = y.view(-1, y.shape[-1])
+        seq[:, 1:][near.view(seq.shape)[:, :-1]] = ignore_index
+    else:
+        y.view(-1)[near] = ignore_index
+    return y
+
+
+def check_filtered(check, x, w, b, y, filter_eps, *, seed, options, lce_options=None):
+    """lce with filter_eps against filtered_reference: the loss unchanged (bitwise equal to
+    lce's without the filter), dx/dw/db within the gradient tolerance of the filtered
+    reference and measurably away from the exact one (the filter must have changed them)."""
+    lce_options = dict(lce_options or {})
+    dtype = x.dtype
+    reduction = options.get("reduction", "mean")
+    upstream = torch.randn(y.shape, device=DEVICE, dtype=torch.float64) if reduction == "none" \
+        else torch.tensor(0.37, device=DEVICE, dtype=torch.float64)
+    ref, filtered = filtered_reference(x, w, b, y, upstream, filter_eps, **options)
+    exact_ref = run(lambda a, c, e: torch_loss(a, c, e, y, dtype=torch.float64, **options),
+                    x.double(), w.double(), b.double() if b is not None else None, upstream)
+
+    def lce(eps):
+        return run(lambda a, c, e: lce_torch.linear_cross_entropy(
+            a, c, y, e, **options, **lce_options, filter_eps=eps), x, w, b, upstream)
+
+    got, exact = lce(filter_eps), lce(0.0)
+    context = (f"[{check}, {DTYPE_NAMES[dtype]}, filter_eps {filter_eps}, seed {seed}, options "
+               f"{options} {lce_options}]")
+    # The data must make the filter bite: many entries of dZ are below eps
+    assert filtered >= 0.4, f"only {filtered:.1%} of dZ is filtered {context}"
+    assert torch.equal(got[0], exact[0]), f"the filter changed the loss {context}"
+    error = rel(got[0], ref[0])
+    record(check, dtype, "loss", error)
+    assert error <= loss_tolerance(dtype), f"loss: relative error {error:.3e} {context}"
+    for name, g, r, r_exact in zip(("dx", "dw", "db"), got[1:], ref[1:], exact_ref[1:]):
+        if r is None:
+            assert g is None, f"{name} should be None {context}"
+            continue
+        assert g is not None and g.dtype == dtype, f"{name} missing or of the wrong dtype {context}"
+        assert torch.isfinite(g).all(), f"{name} is not finite {context}"
+        error = rel(g, r)
+        record(check, dtype, name, error)
+        assert error <= grad_tolerance(dtype), (
+            f"{name}: relative error {error:.3e} > {grad_tolerance(dtype):.0e} against the "
+            f"filtered reference {context}")
+        # The filter moved the gradient by `effect`; lce must be nearer the filtered reference
+        # than the exact one, and about that far from the exact one.
+        effect = rel(r, r_exact)
+        error_exact = rel(g, r_exact)
+        assert error_exact > error and error_exact >= 0.5 * effect, (
+            f"{name}: {error_exact:.3e} from the exact gradient, {error:.3e} from the filtered "
+            f"one (the filter's effect: {effect:.3e}): was the filter applied? {context}")
+
+
+FILTER_EPS = [2**-12, 1e-2]  # Cut Cross-Entropy's default in bf16, and one that bites harder
+FILTER_OPTION_SETS = {
+    "plain": {},
+    "label_smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "class_weight_smoothing": {"class_weight": "random", "label_smoothing": 0.2},
+    "softcap_temperature": {"softcap": 5.0, "temperature": 0.7},
+    "everything": {"ignore_index": -100, "label_smoothing": 0.1, "class_weight": "random",
+                   "z_loss": 1e-3, "softcap": 5.0, "temperature": 1.3, "shift": True},
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("filter_eps", FILTER_EPS, ids=["2^-12", "1e-2"])
+@pytest.mark.parametrize("name", list(FILTER_OPTION_SETS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_filter_eps(dtype, filter_eps, name, reduction, seed):
+    """dZ entries other than the target's with p < filter_eps are 0 (smoothing and z-loss
+    terms too); dx, dw, db follow; the loss is unchanged."""
+    options = dict(FILTER_OPTION_SETS[name], reduction=reduction)
+    lead, d, v = (4, 75), 136, 1000
+    # Without bias and class weights the sm_90a backward takes its lean epilogue (exp2 and the
+    # softcap on the special-function unit), with them the general one: both filter.
+    bias = name not in ("plain", "softcap_temperature")
+    # Logits of standard deviation 4: most probabilities are far below either eps
+    x, w, b, y = make_problem(lead, d, v, dtype, bias=bias, logit_std=4.0, ignore_fraction=0.1)
+    if options.get("class_weight") == "random":
+        options["class_weight"] = torch.rand(v, device=DEVICE) * 1.5 + 0.5
+    y = ignore_rows_near_eps(x, w, b, y, filter_eps, **options)
+    check_filtered(f"filter:{name}", x, w, b, y, filter_eps, seed=seed, options=options)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("strategy,fp32_weight_grad,grad_in_forward,budget", [
+    ("auto", False, False, None),
+    ("vocab_chunked", False, False, 1),  # the smallest chunk: 128 columns
+    ("row_chunked", True, False, 1),  # one row per chunk
+    ("auto", True, True, None),
+    ("row_chunked", True, True, 1 << 20),  # one pass: each chunk's own lse
+])
+def test_filter_eps_strategy(dtype, strategy, fp32_weight_grad, grad_in_forward, budget, seed):
+    """Every backward strategy, and the gradients computed in the forward, filter alike."""
+    filter_eps = 2**-12
+    x, w, b, y = make_problem((300,), 200, 3001, dtype, logit_std=4.0, ignore_fraction=0.1)
+    y = ignore_rows_near_eps(x, w, b, y, filter_eps)
+    check_filtered(f"filter:{strategy}", x, w, b, y, filter_eps, seed=seed,
+                   options={"label_smoothing": 0.05, "z_loss": 1e-4},
+                   lce_options={"strategy": strategy, "fp32_weight_grad": fp32_weight_grad,
+                                "grad_in_forward": grad_in_forward, "memory_budget": budget})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("lce_options", [
+    {},
+    {"strategy": "vocab_chunked", "memory_budget": 1},
+    {"strategy": "row_chunked", "grad_in_forward": True},
+], ids=["default", "vocab_chunked", "row_chunked_in_forward"])
+def test_filter_eps_zero_is_exact(dtype, lce_options, seed):
+    """filter_eps=0 (the default, passed explicitly) gives bitwise the same loss and
+    gradients as not passing it."""
+    x, w, b, y = make_problem((2, 150), 136, 1000, dtype, bias=True, logit_std=4.0,
+                              ignore_fraction=0.1)
+    options = dict(lce_options, label_smoothing=0.1, z_loss=1e-3)
+    upstream = torch.tensor(0.37, device=DEVICE)
+    default = run(lambda a, c, e: lce_torch.linear_cross_entropy(a, c, y, e, **options),
+                  x, w, b, upstream)
+    zero = run(lambda a, c, e: lce_torch.linear_cross_entropy(a, c, y, e, **options,
+                                                              filter_eps=0.0), x, w, b, upstream)
+    for name, value, ref in zip(("loss", "dx", "dw", "db"), zero, default):
+        assert torch.equal(value, ref), f"{name} [{DTYPE_NAMES[dtype]}, {lce_options}, seed {seed}]"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+def test_filter_eps_entry_points(dtype, seed):
+    """The module and the functions without autograd pass filter_eps through."""
+    filter_eps = 1e-2
+    d, v = 96, 700
+    x, w, b, y = make_problem((2, 60), d, v, dtype, bias=True, logit_std=4.0)
+    y = ignore_rows_near_eps(x, w, b, y, filter_eps)
+    context = f"[{DTYPE_NAMES[dtype]}, seed {seed}]"
+
+    module = lce_torch.LinearCrossEntropy(label_smoothing=0.1, filter_eps=filter_eps)
+    assert "filter_eps=0.01" in repr(module)
+    one = torch.tensor(1.0, device=DEVICE)
+    by_module = run(lambda a, c, e: module(a, c, y, e), x, w, b, one)
+    by_function = run(lambda a, c, e: lce_torch.linear_cross_entropy(
+        a, c, y, e, label_smoothing=0.1, filter_eps=filter_eps), x, w, b, one)
+    for name, value, ref in zip(("loss", "dx", "dw", "db"), by_module, by_function):
+        assert torch.equal(value, ref), f"module {name} {context}"
+
+    # forward_backward_into: gradients of the loss (upstream 1) into fp32 buffers
+    ref, _ = filtered_reference(x, w, b, y, one.double(), filter_eps, label_smoothing=0.1)
+    dx = torch.zeros_like(x)
+    dw = torch.zeros(v, d, device=DEVICE)
+    db = torch.zeros(v, device=DEVICE)
+    loss = lce_torch.linear_cross_entropy_forward_backward_into(
+        x, w, y, b, dx=dx, dw=dw, db=db, label_smoothing=0.1, filter_eps=filter_eps)
+    assert rel(loss, ref[0]) <= loss_tolerance(dtype), f"forward_backward_into loss {context}"
+    for name, value, r in (("dx", dx, ref[1]), ("dw", dw, ref[2]), ("db", db, ref[3])):
+        error = rel(value, r)
+        record("filter:forward_backward_into", dtype, name, error)
+        assert error <= grad_tolerance(dtype), (
+            f"forward_backward_into {name}: {error:.3e} {context}")
+
+    # backward_into: per-token upstream gradients, from the forward's lse
+    grad = torch.randn(2, 60, device=DEVICE)
+    ref, _ = filtered_reference(x, w, b, y, grad.double(), filter_eps, reduction="none")
+    lse = lce_torch.linear_cross_entropy(x, w, y, b, reduction="none", return_lse=True).lse
+    dx = torch.zeros_like(x)
+    dw = torch.zeros(v, d, device=DEVICE)
+    db = torch.zeros(v, device=DEVICE)
+    lce_torch.linear_cross_entropy_backward_into(x, w, y, lse, b, grad=grad, dx=dx, dw=dw, db=db,
+                                                 reduction="none", filter_eps=filter_eps)
+    for name, value, r in (("dx", dx, ref[1]), ("dw", dw, ref[2]), ("db", db, ref[3])):
+        error = rel(value, r)
+        record("filter:backward_into", dtype, name, error)
+        assert error <= grad_tolerance(dtype), f"backward_into {name}: {error:.3e} {context}"
+
+
+def test_filter_eps_errors():
+    """filter_eps outside [0, 1) (negative, NaN, 1 and above) is rejected by lce's own check,
+    as ValueError like the other option values, by every entry point."""
+    x, w, b, y = make_problem((16,), 32, 40, torch.float32, bias=True)
+    for bad in (-1e-3, float("nan"), 1.0, 2.0):
+        with pytest.raises(ValueError, match=r"lce: options\.filter_eps must be in \[0, 1\)"):
+            lce_torch.linear_cross_entropy(x, w, y, filter_eps=bad)
+    with pytest.raises(ValueError, match="lce: options.filter_eps"):
+        lce_torch.linear_cross_entropy_forward_backward_into(x, w, y, dx=torch.empty_like(x),
+                                                             filter_eps=-1.0)
+    lse = lce_torch.linear_cross_entropy(x, w, y, return_lse=True).lse
+    with pytest.raises(ValueError, match="lce: options.filter_eps"):
+        lce_torch.linear_cross_entropy_backward_into(x, w, y, lse, dx=torch.empty_like(x),
+                                                     filter_eps=float("nan"))
+    # The failed calls left nothing behind; an eps just below 1 is accepted
+    assert torch.isfinite(lce_torch.linear_cross_entropy(x, w, y, filter_eps=0.999))
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ std::int64_t row_stride(const at::Tensor& t) {
 
 lce::loss_options make_options(std::int64_t ignore_index, std::int64_t reduction,
                                double label_smoothing, double z_loss, double softcap,
-                               double temperature, std::int64_t shift_seq_len) {
+                               double temperature, std::int64_t shift_seq_len, double filter_eps) {
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2,
                     "lce_torch: reduction must be 0 (mean), 1 (sum) or 2 (none), got ", reduction);
   lce::loss_options o;
@@ -76,6 +76,7 @@ lce::loss_options make_options(std::int64_t ignore_index, std::int64_t reduction
   o.softcap = static_cast<float>(softcap);
   o.temperature = static_cast<float>(temperature);
   o.shift_seq_len = shift_seq_len;
+  o.filter_eps = static_cast<float>(filter_eps);
   return o;  // lce validates the values (ranges, shift dividing n) and names the bad one
 }
 
@@ -313,10 +314,10 @@ forward_result forward_op(const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& class_weight, std::int64_t ignore_index,
                           std::int64_t reduction, double label_smoothing, double z_loss,
                           double softcap, double temperature, std::int64_t shift_seq_len,
-                          std::int64_t outputs) {
+                          double filter_eps, std::int64_t outputs) {
   const call c = make_call(x, weight, bias, target, class_weight,
                            make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                        temperature, shift_seq_len));
+                                        temperature, shift_seq_len, filter_eps));
   const forward_outputs o = make_forward_outputs(c, outputs);
   dispatch_forward(c, o);
   return to_result(c, o);
@@ -328,12 +329,12 @@ gradient_result backward_op(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& class_weight,
                             std::int64_t ignore_index, std::int64_t reduction,
                             double label_smoothing, double z_loss, double softcap,
-                            double temperature, std::int64_t shift_seq_len,
+                            double temperature, std::int64_t shift_seq_len, double filter_eps,
                             std::int64_t strategy, std::int64_t memory_budget, bool need_dx,
                             bool need_dw, bool need_db, bool fp32_weight_grad) {
   call c = make_call(x, weight, bias, target, class_weight,
                      make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                  temperature, shift_seq_len));
+                                  temperature, shift_seq_len, filter_eps));
   c.bopt = make_backward_options(strategy, memory_budget);
   gradients g = make_gradients(c, need_dx, need_dw, need_db, fp32_weight_grad);
   g.lse = checked_lse(lse, c);
@@ -346,12 +347,12 @@ forward_backward_result forward_backward_op(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
     std::int64_t ignore_index, std::int64_t reduction, double label_smoothing, double z_loss,
-    double softcap, double temperature, std::int64_t shift_seq_len, std::int64_t outputs,
-    std::int64_t strategy, std::int64_t memory_budget, bool need_dx, bool need_dw, bool need_db,
-    bool fp32_weight_grad) {
+    double softcap, double temperature, std::int64_t shift_seq_len, double filter_eps,
+    std::int64_t outputs, std::int64_t strategy, std::int64_t memory_budget, bool need_dx,
+    bool need_dw, bool need_db, bool fp32_weight_grad) {
   call c = make_call(x, weight, bias, target, class_weight,
                      make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                  temperature, shift_seq_len));
+                                  temperature, shift_seq_len, filter_eps));
   c.bopt = make_backward_options(strategy, memory_budget);
   const forward_outputs o = make_forward_outputs(c, outputs);
   const gradients g = make_gradients(c, need_dx, need_dw, need_db, fp32_weight_grad);
@@ -363,14 +364,14 @@ void backward_into_op(const at::Tensor& x, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, const at::Tensor& target,
                       const at::Tensor& lse, const std::optional<at::Tensor>& grad,
                       const std::optional<at::Tensor>& class_weight, std::int64_t ignore_index,
-                      std::int64_t reduction, double label_smoothing, double z_loss,
-                      double softcap, double temperature, std::int64_t shift_seq_len,
+                      std::int64_t reduction, double label_smoothing, double z_loss, double softcap,
+                      double temperature, std::int64_t shift_seq_len, double filter_eps,
                       std::int64_t strategy, std::int64_t memory_budget, bool accumulate,
                       const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dw,
                       const std::optional<at::Tensor>& db) {
   call c = make_call(x, weight, bias, target, class_weight,
                      make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                  temperature, shift_seq_len));
+                                  temperature, shift_seq_len, filter_eps));
   c.bopt = make_backward_options(strategy, memory_budget);
   gradients g = take_gradients(c, dx, dw, db, accumulate);
   g.lse = checked_lse(lse, c);
@@ -382,13 +383,13 @@ forward_result forward_backward_into_op(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const std::optional<at::Tensor>& class_weight,
     std::int64_t ignore_index, std::int64_t reduction, double label_smoothing, double z_loss,
-    double softcap, double temperature, std::int64_t shift_seq_len, std::int64_t outputs,
-    std::int64_t strategy, std::int64_t memory_budget, bool accumulate,
+    double softcap, double temperature, std::int64_t shift_seq_len, double filter_eps,
+    std::int64_t outputs, std::int64_t strategy, std::int64_t memory_budget, bool accumulate,
     const std::optional<at::Tensor>& dx, const std::optional<at::Tensor>& dw,
     const std::optional<at::Tensor>& db) {
   call c = make_call(x, weight, bias, target, class_weight,
                      make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                  temperature, shift_seq_len));
+                                  temperature, shift_seq_len, filter_eps));
   c.bopt = make_backward_options(strategy, memory_budget);
   const gradients g = take_gradients(c, dx, dw, db, accumulate);
   const forward_outputs o = make_forward_outputs(c, outputs);
@@ -469,7 +470,7 @@ std::int64_t forward_workspace_py(std::int64_t n, std::int64_t d, std::int64_t v
 
 #define LCE_TORCH_LOSS_ARGS                                                                      \
   "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "       \
-  "float temperature, int shift_seq_len"
+  "float temperature, int shift_seq_len, float filter_eps"
 #define LCE_TORCH_FORWARD_RETURNS                                                                \
   "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, "            \
   "Tensor argmax, Tensor correct, Tensor entropy, Tensor target_logprob"
