@@ -681,6 +681,16 @@ TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtere
   problem_data<TestType> data(spec, seed);
   data.use_unit_upstream();
   data.compute_reference(true);
+  // A p within 0.1% of eps may be rounded across it on the device (fp32 logits carry ~1e-6
+  // relative error, 16-bit recomputes the same) and flip one entry between kept and 0, which
+  // alone exceeds the fp32 tolerance: such rows are ignored here, in both references.
+  REQUIRE_FALSE(data.reference_on_gpu);
+  const std::vector<std::int64_t> boundary = data.ref_filter_boundary_rows;
+  CAPTURE(boundary.size());
+  if (!boundary.empty()) {
+    data.ignore_rows(boundary);
+    data.compute_reference(true);
+  }
   INFO(data.describe());
   // The filter must change the gradient here (else this test would not test it): the same
   // data's exact reference differs.
@@ -688,6 +698,7 @@ TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtere
   exact_spec.filter_eps = 0.0f;
   problem_data<TestType> exact(exact_spec, seed);
   exact.use_unit_upstream();
+  if (!boundary.empty()) exact.ignore_rows(boundary);
   exact.compute_reference(true);
   const std::vector<double> filtered_dw = data.ref_dw.download(), exact_dw = exact.ref_dw.download();
   double diff = 0.0, norm = 0.0;

@@ -447,6 +447,8 @@ struct problem_data {
   bool magnitudes = false;
   std::vector<double> ref_dx_mag, ref_dw_mag, ref_db_mag;
   double ref_ce_denom = 0.0;  ///< CPU reference only: Σ_valid w_{y_i}
+  /// CPU reference only: rows with a p within reference_options::filter_band of filter_eps.
+  std::vector<std::int64_t> ref_filter_boundary_rows;
 
   problem_data(const case_spec& s, std::uint64_t seed_) : spec(s), seed(seed_), shape(s.shape()) {
     options.ignore_index = s.ignore_index;
@@ -518,6 +520,17 @@ struct problem_data {
 
   /// Computes the reference, on the CPU when N·V·D ≤ cpu_reference_limit (or `force_cpu`),
   /// else on the GPU. Gradients only when asked.
+  /// Marks the rows ignored (targets ← ignore_index; without the causal shift only) and
+  /// re-derives the counts; compute_reference again afterwards.
+  void ignore_rows(const std::vector<std::int64_t>& rows) {
+    REQUIRE(spec.shift_seq_len == 0);
+    for (std::int64_t r : rows) h_targets[static_cast<std::size_t>(r)] = spec.ignore_index;
+    targets = device_buffer<std::int64_t>(h_targets);
+    h_effective_targets = h_targets;
+    n_valid = 0;
+    for (std::int64_t y : h_effective_targets) n_valid += y != spec.ignore_index ? 1 : 0;
+  }
+
   void compute_reference(bool gradients, bool force_gpu = false) {
     reference_on_gpu = force_gpu || spec.nvd() > cpu_reference_limit;
     if (reference_on_gpu) {
@@ -558,6 +571,7 @@ struct problem_data {
     ref_dw_mag = out.dw_mag;
     ref_db_mag = out.db_mag;
     ref_ce_denom = out.ce_denom;
+    ref_filter_boundary_rows = out.filter_boundary_rows;
     ref_loss = out.loss;
     ref_lse = device_buffer<double>(out.lse);
     ref_token_loss = device_buffer<double>(out.token_loss);

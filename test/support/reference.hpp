@@ -23,6 +23,10 @@ struct reference_options {
   double temperature = 1.0;        ///< τ: z ← z/τ before the softcap
   std::int64_t shift_seq_len = 0;  ///< T > 0: row r is scored against targets[r + 1]
   double filter_eps = 0.0;         ///< backward: dZ entries (not the target's) with p < it are 0
+  /// With filter_eps: rows with an entry (not the target's) whose p is within this relative
+  /// distance of filter_eps are listed in reference_output::filter_boundary_rows — there the
+  /// device's rounding of p may decide the other way than the fp64 reference.
+  double filter_band = 1e-3;
 };
 
 /// The reference options of a library lce::loss_options (float → double is exact).
@@ -78,6 +82,7 @@ struct reference_output {
   std::vector<double> dw;           ///< [v, d]
   std::vector<double> db;           ///< [v]
   std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv|: the magnitude db's sum cancels
+  std::vector<std::int64_t> filter_boundary_rows;  ///< see reference_options::filter_band
   /// With `magnitudes`: the same sums as dx, dw, db over m_iv·|·| instead of dZ_iv·(·), where
   /// m_iv is the sum of the magnitudes of the terms that form dZ_iv (g·p and g·[v = y] are
   /// both counted, so m stays large where p − onehot cancels). An error of relative size u in
@@ -337,8 +342,14 @@ inline reference_output reference(const reference_input& in, bool gradients,
     detail::row_raw_logits(in, static_cast<std::int64_t>(i), raw);
     const double* xi = in.x.data() + i * d;
     double* dxi = out.dx.data() + i * d;
+    bool near_boundary = false;
     for (std::size_t k = 0; k < v; ++k) {
       const double p = std::exp(detail::transform_logit(raw[k], opt) - lse);
+      if (k != y && opt.filter_eps > 0.0 && !near_boundary &&
+          std::fabs(p - opt.filter_eps) <= opt.filter_band * opt.filter_eps) {
+        near_boundary = true;
+        out.filter_boundary_rows.push_back(static_cast<std::int64_t>(i));
+      }
       if (k != y && p < opt.filter_eps) continue;  // gradient filtering: the entry is 0
       const double d_ce = (1.0 - alpha) * w_y * (p - (k == y ? 1.0 : 0.0)) +
                           alpha / static_cast<double>(v) *
