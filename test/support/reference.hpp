@@ -81,7 +81,7 @@ struct reference_output {
   std::vector<double> dx;           ///< [n, d]
   std::vector<double> dw;           ///< [v, d]
   std::vector<double> db;           ///< [v]
-  std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv|: the magnitude db's sum cancels
+  std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv| (the target's: |p term|): db's scale
   std::vector<std::int64_t> filter_boundary_rows;  ///< see reference_options::filter_band
   /// With `magnitudes`: the same sums as dx, dw, db over m_iv·|·| instead of dZ_iv·(·), where
   /// m_iv is the sum of the magnitudes of the terms that form dZ_iv (g·p and g·[v = y] are
@@ -364,7 +364,13 @@ inline reference_output reference(const reference_input& in, bool gradients,
         dwk[j] += dz * xi[j];
       }
       out.db[k] += dz;
-      out.db_abs[k] += std::fabs(dz);
+      // The target's entry p − 1 cancels within itself too (p ≈ 1: fp32 rounds p, not the
+      // difference), so its magnitude is that of its p term.
+      const double p_term =
+          k == y ? std::fabs(g_ce * (1.0 - alpha) * w_y * p *
+                             detail::transform_derivative(raw[k], opt))
+                 : 0.0;
+      out.db_abs[k] += std::max(std::fabs(dz), p_term);
       if (in.magnitudes) {
         const double m_ce = (1.0 - alpha) * w_y * (p + (k == y ? 1.0 : 0.0)) +
                             alpha / static_cast<double>(v) *
