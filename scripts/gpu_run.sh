@@ -69,8 +69,8 @@ if [[ " $steps " == *" profile "* ]]; then
   # Per-kernel time of one lce_bench row under Nsight Compute (hardware counters work on the
   # Firecracker machines; clocks left alone): PROFILE_FILTER picks the row (default: the Gemma 2
   # backward, vocab_chunked), PROFILE_LAUNCHES how many kernel launches to profile after the
-  # first PROFILE_SKIP (the floor's GEMMs and the warm-ups come first). Written 2026-11-28 after
-  # that session's device time ran out: not yet run.
+  # first PROFILE_SKIP (the floor's GEMMs and the warm-ups come first). First run 2026-11-28
+  # with PROFILE_SKIP=0 PROFILE_LAUNCHES=300 (bench/RESULTS.md: where the backward's time goes).
   exe=$(find "$build" -type f -name lce_bench -perm -u+x | head -1)
   start=$SECONDS
   timeout "${PROFILE_TIMEOUT_S:-300}" ncu --clock-control none --metrics gpu__time_duration.sum \
