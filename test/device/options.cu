@@ -715,17 +715,5 @@ TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtere
               static_cast<double>(spec.filter_eps), filter_effect);
 
   gpu_context ctx;
-  for (const run_spec& how : all_runs<float>()) {
-    run_outputs<TestType, float> out(data, how);
-    LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-    check_run(data, how, out);
-  }
-  if constexpr (!std::is_same_v<TestType, float>) {
-    for (const run_spec& how : all_runs<TestType>()) {
-      if (!how.gradients()) continue;
-      run_outputs<TestType, TestType> out(data, how);
-      LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-      check_run(data, how, out);
-    }
-  }
+  check_all_runs(data, ctx);
 }

@@ -251,19 +251,7 @@ TEMPLATE_TEST_CASE("robustness small: degenerate shapes v = 1, d = 1, n = 1",
   data.compute_reference(true);
   INFO(data.describe());
   gpu_context ctx;
-  for (const run_spec& how : all_runs<float>()) {
-    run_outputs<TestType, float> out(data, how);
-    LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-    check_run(data, how, out);
-  }
-  if constexpr (!std::is_same_v<TestType, float>) {
-    for (const run_spec& how : all_runs<TestType>()) {
-      if (!how.gradients()) continue;
-      run_outputs<TestType, TestType> out(data, how);
-      LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-      check_run(data, how, out);
-    }
-  }
+  check_all_runs(data, ctx);
 }
 
 TEMPLATE_TEST_CASE("robustness small: n = 0 launches no kernel; loss 0, dW and db 0",
@@ -374,19 +362,7 @@ TEMPLATE_TEST_CASE("robustness small: misaligned base pointers and odd leading d
   data.compute_reference(true);
   INFO(data.describe());
   gpu_context ctx;
-  for (const run_spec& how : all_runs<float>(true)) {
-    run_outputs<TestType, float> out(data, how);
-    LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-    check_run(data, how, out);
-  }
-  if constexpr (!std::is_same_v<TestType, float>) {
-    for (const run_spec& how : all_runs<TestType>(true)) {
-      if (!how.gradients()) continue;
-      run_outputs<TestType, TestType> out(data, how);
-      LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
-      check_run(data, how, out);
-    }
-  }
+  check_all_runs(data, ctx, true);
 }
 
 namespace {

@@ -282,6 +282,25 @@ std::vector<run_spec> all_runs(bool misaligned = false) {
   return out;
 }
 
+/// Runs every run_spec of all_runs against data's reference with the standard tolerances:
+/// fp32 gradients for every op, and for 16-bit inputs also gradients in the element type.
+template <class Element>
+void check_all_runs(const problem_data<Element>& data, gpu_context& ctx, bool misaligned = false) {
+  for (const run_spec& how : all_runs<float>(misaligned)) {
+    run_outputs<Element, float> out(data, how);
+    LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
+    check_run(data, how, out);
+  }
+  if constexpr (!std::is_same_v<Element, float>) {
+    for (const run_spec& how : all_runs<Element>(misaligned)) {
+      if (!how.gradients()) continue;
+      run_outputs<Element, Element> out(data, how);
+      LCE_TEST_REQUIRE_OK(run_op(data, how, ctx, out));
+      check_run(data, how, out);
+    }
+  }
+}
+
 /// `cases`, or only its first `quick` entries in quick_mode().
 template <class T>
 std::vector<T> quick_subset(std::vector<T> cases, std::size_t quick) {
