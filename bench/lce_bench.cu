@@ -22,6 +22,7 @@
 #include "common/cuda_check.cuh"
 #include "common/data.cuh"
 #include "common/naive.cuh"
+#include "lt_floor.cuh"
 
 /// Forward tile configurations besides the default: the mma.sync kernel everywhere (no sm_90a
 /// kernel), and the sm_90a kernel with 128-wide vocabulary tiles in every case (the default
@@ -45,9 +46,12 @@ using lce_bench_configs::mma_sync_config;
 using lce_bench_configs::sm90_narrow_config;
 using lce_bench_configs::sm90_single_config;
 using bf16 = __nv_bfloat16;
+using lce_bench::lt_gemm;
 
 constexpr int warmup_runs = 3;
-constexpr int floor_runs = 10;  // timed runs of each floor, once per shape
+constexpr int floor_runs = 10;  // timed runs of each floor, once per shape and data family
+constexpr int floor_candidates = 8;  // cuBLASLt heuristic algorithms timed for each floor GEMM
+constexpr std::size_t floor_workspace = std::size_t{64} << 20;  // cuBLASLt's, as torch's
 constexpr std::size_t memory_margin = std::size_t{512} << 20;  // cuBLAS workspace, fragmentation
 
 const lce::problem shapes[] = {
@@ -55,6 +59,14 @@ const lce::problem shapes[] = {
     {8192, 2304, 256000},  // Gemma 2
     {8192, 4096, 128256},  // Llama 3 8B
     {8192, 3584, 152064},  // Qwen 2 7B
+};
+
+/// The Llama 3 head at other token counts (8192 is in `shapes`): how each strategy scales
+/// with n, fwd+bwd rows of the LM family only.
+const lce::problem scaling_shapes[] = {
+    {2048, 4096, 128256},
+    {32768, 4096, 128256},  // 8 × 4096 tokens
+    {65536, 4096, 128256},
 };
 
 std::string shape_name(const lce::problem& s) {
@@ -69,6 +81,7 @@ double ndv(const lce::problem& s) {
 struct context {
   cuda_stream stream;
   cublas_handle handle;
+  cublasLtHandle_t lt = nullptr;  // for the floor; lives as long as the process
   l2_flusher flusher;
   event_timer timer;
   std::uint64_t seed = 0;
@@ -80,7 +93,8 @@ struct context {
 
  private:
   context() {
-    LCE_EXAMPLE_CHECK(cublasSetStream(handle, stream));  // for the floor and naive GEMMs
+    LCE_EXAMPLE_CHECK(cublasSetStream(handle, stream));  // for the naive GEMMs
+    lce_bench::lt_check(cublasLtCreate(&lt), "Create");
     const char* fixed = std::getenv("LCE_BENCH_SEED");
     seed = fixed != nullptr && *fixed != '\0' ? std::strtoull(fixed, nullptr, 0) : fresh_seed();
   }
@@ -127,40 +141,47 @@ struct dataset {
   }
 };
 
-/// The cuBLAS floor: the GEMMs alone, into preallocated buffers (dZ is the Z buffer: its
-/// contents do not change the GEMMs' cost), on flat random data.
+/// The floor: the three GEMMs alone, each with the fastest of cuBLASLt's heuristic algorithms
+/// (lt_floor.cuh) for its shape, timed on the data of the rows it divides (the data change the
+/// GEMMs' power draw, so their clocks), into preallocated buffers (dZ is the Z buffer: its
+/// contents do not change the GEMMs' work).
 struct floor_setup {
   lce::problem shape;
-  device_buffer<bf16> x, w, z, dx, dw;
+  const bf16* x = nullptr;
+  const bf16* w = nullptr;
+  device_buffer<bf16> z, dx, dw;
+  device_buffer<unsigned char> workspace;
+  std::unique_ptr<lt_gemm> z_gemm, dx_gemm, dw_gemm;
 
-  static std::size_t bytes(const lce::problem& s) {
+  floor_setup(const lce::problem& s, data_family f) : shape(s) {
     const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
                v = static_cast<std::size_t>(s.v);
-    return (2 * (n + v) * d + n * v) * sizeof(bf16) + n * sizeof(std::int64_t);
-  }
-
-  explicit floor_setup(const lce::problem& s) : shape(s) {
-    require_memory(bytes(s));
-    const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
-               v = static_cast<std::size_t>(s.v);
-    x = device_buffer<bf16>(n * d);
-    w = device_buffer<bf16>(v * d);
+    const dataset& data = dataset::get(s, f);
+    require_memory(((n + v) * d + n * v) * sizeof(bf16) + floor_workspace);
+    x = data.x.data();
+    w = data.w.data();
     z = device_buffer<bf16>(n * v);
     dx = device_buffer<bf16>(n * d);
     dw = device_buffer<bf16>(v * d);
-    device_buffer<std::int64_t> targets(n);
+    workspace = device_buffer<unsigned char>(floor_workspace);
     context& ctx = context::get();
-    generate(data_family::flat, s, detail::mix64(ctx.seed), x.data(), w.data(), targets.data(),
-             ctx.stream);
-    LCE_EXAMPLE_CHECK(cudaStreamSynchronize(ctx.stream));  // before `targets` is freed
+    constexpr cublasOperation_t N = CUBLAS_OP_N, T = CUBLAS_OP_T;
+    // Column-major, as naive.cuh: Zᵀ [v, n] = W·Xᵀ, dXᵀ [d, n] = Wᵀ·dZᵀ, dWᵀ [d, v] = Xᵀ·dZ.
+    z_gemm = std::make_unique<lt_gemm>(ctx.lt, T, N, s.v, s.n, s.d, s.d, s.d, s.v, CUDA_R_16BF);
+    dx_gemm = std::make_unique<lt_gemm>(ctx.lt, N, N, s.d, s.n, s.v, s.d, s.v, s.d, CUDA_R_16BF);
+    dw_gemm = std::make_unique<lt_gemm>(ctx.lt, N, T, s.d, s.v, s.n, s.d, s.v, s.d, CUDA_R_16BF);
+    z_gemm->tune(w, x, z.data(), workspace.data(), floor_workspace, floor_candidates, 3,
+                 ctx.stream, ctx.flusher);
+    dx_gemm->tune(w, z.data(), dx.data(), workspace.data(), floor_workspace, floor_candidates, 3,
+                  ctx.stream, ctx.flusher);
+    dw_gemm->tune(x, z.data(), dw.data(), workspace.data(), floor_workspace, floor_candidates, 3,
+                  ctx.stream, ctx.flusher);
   }
-  void forward(cublasHandle_t handle) {
-    naive::logits_gemm(handle, shape, x.data(), w.data(), z.data());
-  }
-  void forward_backward(cublasHandle_t handle) {
-    naive::logits_gemm(handle, shape, x.data(), w.data(), z.data());
-    naive::grad_x_gemm(handle, shape, z.data(), w.data(), dx.data());
-    naive::grad_w_gemm(handle, shape, z.data(), x.data(), dw.data());
+  void forward(cudaStream_t stream) { z_gemm->run(w, x, z.data(), stream); }
+  void forward_backward(cudaStream_t stream) {
+    z_gemm->run(w, x, z.data(), stream);
+    dx_gemm->run(w, z.data(), dx.data(), stream);
+    dw_gemm->run(x, z.data(), dw.data(), stream);
   }
 };
 
@@ -169,18 +190,19 @@ struct floor_times {
   double forward_backward_ms = 0.0;  ///< 3 GEMMs
 };
 
-/// The floor of `s`, measured on first use and kept for the rest of the process.
-const floor_times& floor_of(const lce::problem& s) {
+/// The floor of `s` on family `f`'s data, measured on first use and kept for the rest of the
+/// process.
+const floor_times& floor_of(const lce::problem& s, data_family f) {
   static std::map<std::string, floor_times> cache;
-  const std::string key = shape_name(s);
+  const std::string key = shape_name(s) + "/" + to_string(f);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   context& ctx = context::get();
-  floor_setup setup(s);
+  floor_setup setup(s, f);
   floor_times t;
-  t.forward_ms = median(time_runs([&](cudaStream_t) { setup.forward(ctx.handle); }, warmup_runs,
+  t.forward_ms = median(time_runs([&](cudaStream_t st) { setup.forward(st); }, warmup_runs,
                                   floor_runs, ctx.stream, ctx.flusher));
   t.forward_backward_ms =
-      median(time_runs([&](cudaStream_t) { setup.forward_backward(ctx.handle); }, warmup_runs,
+      median(time_runs([&](cudaStream_t st) { setup.forward_backward(st); }, warmup_runs,
                        floor_runs, ctx.stream, ctx.flusher));
   return cache.emplace(key, t).first->second;
 }
@@ -230,21 +252,21 @@ void guarded(benchmark::State& state, Body&& body) {
 
 void bm_floor_forward(benchmark::State& state, lce::problem s) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
-    floor_setup setup(s);
+    const floor_times& floor = floor_of(s, data_family::flat);
+    floor_setup setup(s, data_family::flat);
     context& ctx = context::get();
     measure(
-        state, [&] { setup.forward(ctx.handle); }, 2 * ndv(s), floor.forward_ms, 0);
+        state, [&] { setup.forward(ctx.stream); }, 2 * ndv(s), floor.forward_ms, 0);
   });
 }
 
 void bm_floor_forward_backward(benchmark::State& state, lce::problem s) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
-    floor_setup setup(s);
+    const floor_times& floor = floor_of(s, data_family::flat);
+    floor_setup setup(s, data_family::flat);
     context& ctx = context::get();
     measure(
-        state, [&] { setup.forward_backward(ctx.handle); }, 6 * ndv(s), floor.forward_backward_ms,
+        state, [&] { setup.forward_backward(ctx.stream); }, 6 * ndv(s), floor.forward_backward_ms,
         0);
   });
 }
@@ -253,7 +275,7 @@ template <class Config = lce::default_config<bf16>>
 void bm_lce_forward(benchmark::State& state, lce::problem s, data_family f,
                     lce::loss_options options = {}) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
+    const floor_times& floor = floor_of(s, f);
     const dataset& data = dataset::get(s, f);
     context& ctx = context::get();
     device_buffer<float> loss(1);
@@ -319,7 +341,7 @@ template <class Grad>
 void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
                      lce::backward_options bopt, lce::loss_options opt) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
+    const floor_times& floor = floor_of(s, f);
     const dataset& data = dataset::get(s, f);
     context& ctx = context::get();
     const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
@@ -380,7 +402,7 @@ template <class Grad>
 void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_family f,
                              lce::backward_options bopt) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
+    const floor_times& floor = floor_of(s, f);
     const dataset& data = dataset::get(s, f);
     context& ctx = context::get();
     const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
@@ -413,7 +435,7 @@ void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_famil
 
 void bm_naive_forward_backward(benchmark::State& state, lce::problem s, data_family f) {
   guarded(state, [&] {
-    const floor_times& floor = floor_of(s);
+    const floor_times& floor = floor_of(s, f);
     const dataset& data = dataset::get(s, f);
     context& ctx = context::get();
     const auto n = static_cast<std::size_t>(s.n), d = static_cast<std::size_t>(s.d),
@@ -530,6 +552,23 @@ void register_benchmarks() {
       }
     }
     add("fwdbwd/naive" + shape + "/lm", bm_naive_forward_backward, s, data_family::lm);
+  }
+  for (const lce::problem& s : scaling_shapes) {
+    const std::string rows = "/bf16/" + shape_name(s) + "/lm";
+    add("fwdbwd/cublas/bf16/" + shape_name(s), bm_floor_forward_backward, s);
+    add("fwd/lce" + rows, bm_lce_forward<>, s, data_family::lm, lce::loss_options{});
+    const variant variants[] = {{lce::backward_strategy::vocab_chunked, default_budget},
+                                {lce::backward_strategy::row_chunked, 1024},
+                                {lce::backward_strategy::row_chunked, 4096}};
+    for (const variant& c : variants) {
+      const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
+      const std::string name = rows + "/" + variant_name(c);
+      if (c.strategy == lce::backward_strategy::row_chunked)
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt);
+      else
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt);
+    }
+    add("fwdbwd/naive" + rows, bm_naive_forward_backward, s, data_family::lm);
   }
 }
 

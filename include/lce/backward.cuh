@@ -65,7 +65,8 @@ constexpr void check_backward_types() noexcept {
 }  // namespace detail
 
 /// @brief Workspace bytes lce::backward needs: a pure function of the shape and options.
-/// Within `bopt.memory_budget` unless one minimal chunk alone exceeds it (see backward()).
+/// Within `bopt.memory_budget` unless one minimal chunk alone exceeds it, or the fp32 dX
+/// accumulator of vocab_chunked would leave the chunk narrower than it (see backward_choice).
 template <class Element, class Grad = Element>
 [[nodiscard]] std::size_t backward_workspace_size(const problem& shape,
                                                   const backward_options& bopt = {}) noexcept {
@@ -79,8 +80,13 @@ template <class Element, class Grad = Element>
 /// row_chunked) and the workspace. A pure function; nothing is launched.
 struct backward_choice {
   backward_strategy strategy;
-  std::int64_t chunk;
-  std::size_t workspace_bytes;
+  std::int64_t chunk;  ///< planned extent; the sm_90a fused recompute takes twice as many
+  std::size_t workspace_bytes;  ///< everything the backward asks for, accumulators included
+  /// The part of workspace_bytes that is an fp32 accumulator (vocab_chunked with 16-bit inputs:
+  /// dX, n·d·4 bytes). It counts against memory_budget, except where it would narrow the chunk
+  /// below device::min_vocab_chunk columns: then it is allocated beyond the budget
+  /// (workspace_bytes > memory_budget says so).
+  std::size_t accumulator_bytes;
 };
 
 template <class Element, class Grad = Element>
@@ -89,7 +95,7 @@ template <class Element, class Grad = Element>
   detail::check_backward_types<Element, Grad>();
   detail::workspace_layout layout;
   const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
-  return {plan.strategy, plan.chunk, plan.bytes};
+  return {plan.strategy, plan.chunk, plan.bytes, plan.accumulator_bytes};
 }
 
 /// @brief Gradients of the linear cross-entropy: dX = dZ·W, dW = dZᵀ·X, db = Σ_i dZ_i with

@@ -247,3 +247,50 @@ TEMPLATE_TEST_CASE("backward accepts valid loss options and class weights",
   SECTION("Grad = Element") { check_valid_options<TestType, TestType>(); }
   SECTION("Grad = float") { check_valid_options<TestType, float>(); }
 }
+
+// The fp32 dX accumulator of vocab_chunked is n·d·4 bytes: at large n it alone exceeds the
+// default budget. It must not squeeze the vocabulary chunk to one granule (every chunk reads
+// and rewrites the accumulator: at 8 × 4096 tokens of Llama 3 that made the backward 2.7× the
+// GEMMs); it takes an allowance of its own instead, reported by choose_backward.
+TEMPLATE_TEST_CASE("backward plan: the dX accumulator never narrows the vocabulary chunk below "
+                   "min_vocab_chunk columns",
+                   "[contract][backward][plan]", __half, __nv_bfloat16) {
+  const lce::backward_options bopt{lce::backward_strategy::automatic,
+                                   lce::backward_options{}.memory_budget};
+  const std::int64_t d = 4096, v = 128256;  // Llama 3 head
+  std::int64_t previous_chunk = 0;
+  for (const std::int64_t n : {std::int64_t{2048}, std::int64_t{8192}, std::int64_t{16384},
+                               std::int64_t{32768}, std::int64_t{65536}}) {
+    CAPTURE(n);
+    const lce::problem shape{n, d, v};
+    const lce::backward_choice c = lce::choose_backward<TestType, TestType>(shape, bopt);
+    CHECK(c.strategy == lce::backward_strategy::vocab_chunked);
+    const std::size_t accumulator = static_cast<std::size_t>(n * d) * 4;
+    CHECK(c.accumulator_bytes == accumulator);
+    // What the whole budget holds of fp32 columns of all rows, in whole granules; the plan may
+    // get one granule less (the budget also holds the loss scalars and a column of ones).
+    const std::int64_t budget_cols =
+        static_cast<std::int64_t>(bopt.memory_budget / (static_cast<std::size_t>(n) * 4)) /
+        lce::device::vocab_chunk_granule * lce::device::vocab_chunk_granule;
+    CHECK(c.chunk >= std::min(lce::device::min_vocab_chunk, budget_cols - lce::device::vocab_chunk_granule));
+    CHECK(c.chunk % lce::device::vocab_chunk_granule == 0);
+    // The chunk buffer stays within the budget; only the accumulator may go beyond it.
+    const std::size_t chunk_bytes = static_cast<std::size_t>(n * c.chunk) * 4;
+    CHECK(chunk_bytes <= bopt.memory_budget);
+    CHECK(c.workspace_bytes >= chunk_bytes + accumulator);
+    CHECK(c.workspace_bytes - accumulator - chunk_bytes < (std::size_t{1} << 20));
+    if (accumulator + static_cast<std::size_t>(n * lce::device::min_vocab_chunk) * 4 <=
+        bopt.memory_budget) {
+      CHECK(c.workspace_bytes <= bopt.memory_budget);  // the accumulator fits beside the chunk
+    }
+    CHECK(lce::backward_workspace_size<TestType, TestType>(shape, bopt) == c.workspace_bytes);
+    if (previous_chunk != 0) CHECK(c.chunk <= previous_chunk);
+    previous_chunk = c.chunk;
+  }
+  // fp32 inputs accumulate dX in the caller's buffer: nothing of the kind in the workspace.
+  const lce::backward_choice f = lce::choose_backward<float, float>(
+      lce::problem{32768, 4096, 128256},
+      lce::backward_options{lce::backward_strategy::vocab_chunked, bopt.memory_budget});
+  CHECK(f.accumulator_bytes == 0);
+  CHECK(f.workspace_bytes <= bopt.memory_budget);
+}

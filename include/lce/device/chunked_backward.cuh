@@ -35,11 +35,17 @@ struct backward_plan {
   std::int64_t chunk = 0;     ///< vocabulary rows (vocab_chunked) or token rows (row_chunked)
   std::int64_t chunk_ld = 0;  ///< row stride of the fp32 chunk buffer, a multiple of 8
   bool dx_accumulator = false;
+  std::size_t accumulator_bytes = 0;  ///< fp32 accumulators in the workspace (vocab_chunked dX)
   std::size_t scalars = 0, ones = 0, dx = 0, logits = 0;
   std::size_t bytes = 0;
 };
 
 inline constexpr std::int64_t vocab_chunk_granule = 128;
+/// vocab_chunked reads and rewrites the fp32 dX accumulator (8·n·d bytes) once per chunk,
+/// against 6·n·d·Vc FLOPs of GEMMs over the chunk (twice the columns on the sm_90a fused
+/// path): below this many planned columns that pass costs more than ~5% of the chunk's GEMMs on
+/// an H100/H200, and the dW GEMM (d × Vc tiles) no longer fills the GPU.
+inline constexpr std::int64_t min_vocab_chunk = 2048;
 /// row_chunked reads and rewrites the fp32 dW once per row chunk: below this many rows per
 /// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
 inline constexpr std::int64_t min_row_chunk = 1024;
@@ -73,13 +79,22 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
     std::size_t left = avail;
     if (p.dx_accumulator) {
       p.dx = layout.reserve<float>(static_cast<std::size_t>(s.n * s.d));
-      const std::size_t dx_bytes = static_cast<std::size_t>(s.n * s.d) * 4;
-      left = left > dx_bytes ? left - dx_bytes : 0;
+      p.accumulator_bytes = static_cast<std::size_t>(s.n * s.d) * 4;
+      left = left > p.accumulator_bytes ? left - p.accumulator_bytes : 0;
     }
-    const auto cols_fit = static_cast<std::int64_t>(
-        left / (static_cast<std::size_t>(std::max<std::int64_t>(s.n, 1)) * 4));
-    const std::int64_t cols = std::max(cols_fit / vocab_chunk_granule * vocab_chunk_granule,
-                                       vocab_chunk_granule);
+    // Whole granules of fp32 columns of all n rows within `bytes`.
+    const auto cols_within = [&](std::size_t bytes) {
+      const auto cols = static_cast<std::int64_t>(
+          bytes / (static_cast<std::size_t>(std::max<std::int64_t>(s.n, 1)) * 4));
+      return cols / vocab_chunk_granule * vocab_chunk_granule;
+    };
+    // The accumulator is O(n·d), like X itself: where it crowds the chunk below
+    // min_vocab_chunk columns (large n), it takes an allowance of its own beyond the budget
+    // and the chunk keeps what the whole budget holds, up to min_vocab_chunk. Without that the
+    // chunks shrink to one granule and the passes over the accumulator dominate the backward.
+    const std::int64_t cols =
+        std::max({cols_within(left), std::min(min_vocab_chunk, cols_within(avail)),
+                  vocab_chunk_granule});
     p.chunk = std::min(cols, s.v);
     p.chunk_ld = round_up(p.chunk, 8);
     p.logits = layout.reserve<float>(static_cast<std::size_t>(s.n * p.chunk_ld));

@@ -449,6 +449,7 @@ pybind11::dict choose_backward_py(std::int64_t n, std::int64_t d, std::int64_t v
   out["strategy"] = strategy_name(info.strategy);
   out["chunk"] = info.chunk;
   out["workspace_bytes"] = info.workspace_bytes;
+  out["accumulator_bytes"] = info.accumulator_bytes;
   return out;
 }
 

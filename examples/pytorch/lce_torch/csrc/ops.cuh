@@ -188,7 +188,8 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
   else
     choice = lce::choose_backward<Element, Element>(shape, bopt);
   return {static_cast<std::int64_t>(choice.strategy), choice.chunk,
-          static_cast<std::int64_t>(choice.workspace_bytes)};
+          static_cast<std::int64_t>(choice.workspace_bytes),
+          static_cast<std::int64_t>(choice.accumulator_bytes)};
 }
 
 }  // namespace detail
