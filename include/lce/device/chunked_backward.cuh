@@ -104,11 +104,6 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
 }
 
 
-/// Enqueues the backward. Arguments are validated; the scope has set the handle's stream.
-/// With `fwd` (row_chunked only), each chunk's lse and every per-row forward output are
-/// computed from the recomputed rows before its dZ, so no separate forward is needed
-/// (fwd->lse must be a.lse).
-/// `o.accumulate`: the first write of dx, dw, db adds to what the caller's buffers hold.
 /// Enqueues the recompute of a chunk fused with its logit gradient on sm_90a (the chunk: X
 /// rows `x_rows` [rows, ldx], W rows `w_rows` [gp.cols, ldw]; dZ to `dz` [rows, ldz], divided
 /// by alpha), when it applies: 16-bit elements, an sm_90a device and operands the copy engine
@@ -174,15 +169,49 @@ cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   return cudaSuccess;
 }
 
+/// The vocabulary rows one backward covers: W, bias, dW and db hold `rows` rows whose global
+/// ids start at `begin`. lce::backward covers the whole vocabulary ({0, v}); lce::nccl a shard.
+/// Targets and class weights are always indexed by global id.
+struct vocab_window {
+  std::int64_t begin = 0;
+  std::int64_t rows = 0;
+};
+
+/// The bias of a window as the logit-gradient kernels index it, by global vocabulary id:
+/// rebased through an integer so that global id `begin` reads local 0 (only ids of the window
+/// are ever read).
+template <class Element>
+const Element* bias_by_global_id(const Element* bias, std::int64_t begin) noexcept {
+  if (bias == nullptr) return nullptr;
+  return reinterpret_cast<const Element*>(reinterpret_cast<std::uintptr_t>(bias) -
+                                          static_cast<std::uintptr_t>(begin) * sizeof(Element));
+}
+
+/// The one chunked backward driver, for lce::backward, lce::forward_backward and lce::nccl.
+/// Arguments are validated; the scope has set the handle's stream. `s` is the global problem
+/// (n, d, v, strides); `window` the vocabulary rows of a.w, a.bias, a.dw and a.db.
+/// dX: with `dx_partial` null, into the caller's a.dx (vocab_chunked accumulates in fp32 — the
+/// caller's buffer when Element is float, else the plan's accumulator, converted once at the
+/// end; row_chunked writes each chunk's rows once). With `dx_partial` (dense fp32 [n, d]), this
+/// window's partial sum is written there, unconverted, for a collective to reduce; a.dx only
+/// says whether dX is wanted.
+/// With `fwd` (row_chunked over the whole vocabulary only), each chunk's lse and every per-row
+/// forward output are computed from the recomputed rows before its dZ, so no separate forward
+/// is needed (fwd->lse must be a.lse).
+/// `o.accumulate`: the first write of dw, db (and dx without dx_partial) adds to what the
+/// caller's buffers hold.
 template <class Element, class Grad>
-cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
-                         const problem& s, const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
+cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
+                                 const backward_args<Element, Grad>& a, const problem& s,
+                                 const vocab_window& window, float* dx_partial,
+                                 const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
+                                 const kernel::row_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
   constexpr int grad_threads = 256;
   constexpr int grad_per_thread = 8;
+  const std::int64_t n = s.n, d = s.d, v_local = window.rows;
   const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
@@ -198,11 +227,13 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t ldz = plan.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
 
   const float* first_beta = o.accumulate ? one : zero;  // beta of a gradient's first write
+  // A partial dX starts from zero: the caller's dX is added once, after the reduction.
+  const float* dx_first_beta = dx_partial != nullptr ? zero : first_beta;
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, a.status, stream));
   if (a.db != nullptr) {
-    kernel::fill_kernel<Element><<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(
-        ones, s.n, 1.0f);
+    kernel::fill_kernel<Element><<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(
+        ones, n, 1.0f);
     LCE_CHECK_LAUNCH("fill_kernel");
   }
 
@@ -210,7 +241,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   gp.logits = logits;
   gp.ld = plan.chunk_ld;
   gp.v = s.v;
-  gp.bias = a.bias;
+  gp.bias = bias_by_global_id(a.bias, window.begin);
   gp.class_weight = a.class_weight;
   gp.targets = make_target_view(a.targets, o);
   gp.transform = make_transform(o);
@@ -224,16 +255,21 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   gp.filter_eps = o.filter_eps;
 
   if (plan.strategy == backward_strategy::vocab_chunked) {
-    // dX accumulates over chunks in fp32: in the caller's buffer when it is fp32, else in
-    // the workspace, converted once at the end.
-    float* dx_acc = nullptr;
-    std::int64_t dx_ld = s.d;
-    if constexpr (std::is_same_v<Element, float>) {
-      dx_acc = a.dx;
-      dx_ld = lddx;
-    } else {
-      dx_acc = detail::at<float>(ws, plan.dx);
+    // dX accumulates over chunks in fp32: in the partial buffer, in the caller's buffer when
+    // it is fp32, else in the workspace, converted once at the end.
+    float* dx_acc = dx_partial;
+    std::int64_t dx_ld = d;
+    if (dx_acc == nullptr) {
+      if constexpr (std::is_same_v<Element, float>) {
+        dx_acc = a.dx;
+        dx_ld = lddx;
+      } else {
+        dx_acc = detail::at<float>(ws, plan.dx);
+      }
     }
+    // The 16-bit accumulator adds the caller's dX once, in the final conversion.
+    const float* dx_beta0 =
+        dx_partial == nullptr && !std::is_same_v<Element, float> ? zero : dx_first_beta;
     // sm_90a: the recompute and dZ in one kernel, no fp32 chunk. dZ is then 16-bit, so the
     // chunk buffer holds twice the columns (rows keep the fp32 row's bytes: ldz = 2·chunk_ld
     // elements): half the chunks, half the passes over the fp32 dX accumulator. Tried on the
@@ -241,48 +277,44 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     // takes the fp32 route at the planned width.
     bool try_fused = true;
     std::int64_t vc = 0;
-    for (std::int64_t v0 = 0; v0 < s.v; v0 += vc) {
-      vc = std::min(try_fused ? 2 * plan.chunk : plan.chunk, s.v - v0);
+    for (std::int64_t v0 = 0; v0 < v_local; v0 += vc) {
+      vc = std::min(try_fused ? 2 * plan.chunk : plan.chunk, v_local - v0);
       const Element* w_c = a.w + v0 * ldw;
       gp.cols = vc;
       gp.row0 = 0;
-      gp.vocab0 = v0;
+      gp.vocab0 = window.begin + v0;
       bool fused = false;
       if (try_fused) {
-        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, s.n, ldx, w_c, ldw, s.d,
+        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, n, ldx, w_c, ldw, d,
                                                 const_cast<Element*>(dz), ldz, fused, stream));
         if (!fused) {
           try_fused = false;
-          vc = std::min(plan.chunk, s.v - v0);
+          vc = std::min(plan.chunk, v_local - v0);
           gp.cols = vc;
         }
       }
       if (!fused) {
         // Z_cᵀ [vc, n] = W_c · Xᵀ (column-major view of the row-major [n, vc] chunk)
-        LCE_RETURN_IF_ERROR(gemm(handle, T, N, vc, s.n, s.d, one, w_c, ldw, a.x, ldx, zero,
-                                 logits, plan.chunk_ld));
+        LCE_RETURN_IF_ERROR(
+            gemm(handle, T, N, vc, n, d, one, w_c, ldw, a.x, ldx, zero, logits, plan.chunk_ld));
         kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
-            <<<static_cast<unsigned>(s.n), grad_threads, 0, stream>>>(gp);
+            <<<static_cast<unsigned>(n), grad_threads, 0, stream>>>(gp);
         LCE_CHECK_LAUNCH("logit_grad_kernel");
       }
       if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, vc, s.n, alpha, a.x, ldx, dz, ldz, first_beta,
+        LCE_RETURN_IF_ERROR(gemm(handle, N, T, d, vc, n, alpha, a.x, ldx, dz, ldz, first_beta,
                                  a.dw + v0 * lddw, lddw));
       if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
         LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, vc, 1, s.n, alpha, dz, ldz, ones, s.n, first_beta, a.db + v0, vc));
-      if (a.dx != nullptr) {  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
-        // fp32 dX accumulates into the caller's buffer directly; the 16-bit path adds the
-        // caller's dX once, in the final conversion.
-        const float* beta = v0 > 0 ? one : (std::is_same_v<Element, float> ? first_beta : zero);
-        LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, s.d, s.n, vc, alpha, w_c, ldw, dz, ldz, beta, dx_acc, dx_ld));
-      }
+            gemm(handle, N, N, vc, 1, n, alpha, dz, ldz, ones, n, first_beta, a.db + v0, vc));
+      if (a.dx != nullptr)  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
+        LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, n, vc, alpha, w_c, ldw, dz, ldz,
+                                 v0 > 0 ? one : dx_beta0, dx_acc, dx_ld));
     }
-    if (a.dx != nullptr && plan.dx_accumulator) {
-      const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((s.n * s.d + 255) / 256, 4096));
+    if (a.dx != nullptr && dx_partial == nullptr && plan.dx_accumulator) {
+      const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((n * d + 255) / 256, 4096));
       kernel::convert_rows_kernel<Element>
-          <<<blocks, 256, 0, stream>>>(dx_acc, s.n, s.d, a.dx, lddx, o.accumulate);
+          <<<blocks, 256, 0, stream>>>(dx_acc, n, d, a.dx, lddx, o.accumulate);
       LCE_CHECK_LAUNCH("convert_rows_kernel");
     }
     return cudaSuccess;
@@ -294,28 +326,28 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
     // half the read-modify-write passes over the fp32 dW. Tried on the first chunk, as above.
     bool try_fused = fwd == nullptr;
     std::int64_t nr = 0;
-    for (std::int64_t r0 = 0; r0 < s.n; r0 += nr) {
-      nr = std::min(try_fused ? 2 * plan.chunk : plan.chunk, s.n - r0);
+    for (std::int64_t r0 = 0; r0 < n; r0 += nr) {
+      nr = std::min(try_fused ? 2 * plan.chunk : plan.chunk, n - r0);
       const Element* x_c = a.x + r0 * ldx;
       const float* beta = r0 == 0 ? first_beta : one;
-      gp.cols = s.v;
+      gp.cols = v_local;
       gp.row0 = r0;
-      gp.vocab0 = 0;
+      gp.vocab0 = window.begin;
       bool fused = false;
       std::int64_t ldz_c = ldz;
       if (try_fused) {
         ldz_c = plan.chunk_ld;
-        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, x_c, nr, ldx, a.w, ldw, s.d,
+        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, x_c, nr, ldx, a.w, ldw, d,
                                                 const_cast<Element*>(dz), ldz_c, fused, stream));
         if (!fused) {
           try_fused = false;
-          nr = std::min(plan.chunk, s.n - r0);
+          nr = std::min(plan.chunk, n - r0);
           ldz_c = ldz;
         }
       }
       if (!fused) {
-        // Z_cᵀ [v, nr] = W · X_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, T, N, s.v, nr, s.d, one, a.w, ldw, x_c, ldx, zero,
+        // Z_cᵀ [v_local, nr] = W · X_cᵀ
+        LCE_RETURN_IF_ERROR(gemm(handle, T, N, v_local, nr, d, one, a.w, ldw, x_c, ldx, zero,
                                  logits, plan.chunk_ld));
       }
       if (fwd != nullptr) {
@@ -332,18 +364,33 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
             <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
         LCE_CHECK_LAUNCH("logit_grad_kernel");
       }
-      if (a.dx != nullptr)  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, nr, s.v, alpha, a.w, ldw, dz, ldz_c, first_beta,
-                                 a.dx + r0 * lddx, lddx));
-      if (a.dw != nullptr)  // dWᵀ [d, v] += X_cᵀ · dZ_c
+      if (a.dx != nullptr) {  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
+        if (dx_partial != nullptr)
+          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
+                                   zero, dx_partial + r0 * d, d));
+        else
+          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
+                                   first_beta, a.dx + r0 * lddx, lddx));
+      }
+      if (a.dw != nullptr)  // dWᵀ [d, v_local] += X_cᵀ · dZ_c
         LCE_RETURN_IF_ERROR(
-            gemm(handle, N, T, s.d, s.v, nr, alpha, x_c, ldx, dz, ldz_c, beta, a.dw, lddw));
-      if (a.db != nullptr)  // db [v, 1] += dZ_cᵀ · 1
+            gemm(handle, N, T, d, v_local, nr, alpha, x_c, ldx, dz, ldz_c, beta, a.dw, lddw));
+      if (a.db != nullptr)  // db [v_local, 1] += dZ_cᵀ · 1
         LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, s.v, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, s.v));
+            gemm(handle, N, N, v_local, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, v_local));
     }
   }
   return cudaSuccess;
+}
+
+/// lce::backward's and lce::forward_backward's backward: the whole vocabulary, dX into the
+/// caller's buffer (run_chunked_backward).
+template <class Element, class Grad>
+cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
+                         const problem& s, const loss_options& o, cublasHandle_t handle,
+                         cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
+  return run_chunked_backward(ws, plan, a, s, vocab_window{0, s.v}, nullptr, o, handle, stream,
+                              fwd);
 }
 
 }  // namespace device

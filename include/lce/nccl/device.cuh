@@ -166,120 +166,21 @@ inline std::size_t backward_bytes_per_row(const problem& global) noexcept {
   return sizeof(float) * static_cast<std::size_t>(global.d);
 }
 
-/// The shard's bias as the core's logit_grad_kernel indexes it: by global vocabulary id (its
-/// chunks carry global ids so that the class weights, the target test and the smoothing
-/// constant are global). Rebased through an integer so that global id v_begin reads local 0;
-/// only ids of the shard are ever read.
-template <class Element>
-const Element* bias_by_global_id(const Element* bias, std::int64_t v_begin) noexcept {
-  if (bias == nullptr) return nullptr;
-  return reinterpret_cast<const Element*>(reinterpret_cast<std::uintptr_t>(bias) -
-                                          static_cast<std::uintptr_t>(v_begin) * sizeof(Element));
-}
-
-/// Enqueues the vocabulary-parallel backward: the core's chunked recomputation over the shard
-/// (dZ from the global lse and loss scalars), dW/db of the shard, the partial dX in fp32, then
-/// its all-reduce (or reduce-scatter) and the conversion into the caller's dX. The handle's
-/// scope is set.
+/// Enqueues the vocabulary-parallel backward: the core's chunked driver over the shard (dZ
+/// from the global lse and loss scalars; the sm_90a fused recompute where it applies), dW/db of
+/// the shard, the partial dX in fp32, then its all-reduce (or reduce-scatter) and the
+/// conversion into the caller's dX. The handle's scope is set.
 template <class Element, class Grad>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& global, const vocab_shard& shard, const comm_info& comm,
                          const loss_options& o, cublasHandle_t handle,
                          cudaStream_t stream) noexcept {
-  using lce::detail::gemm;
-  constexpr cublasOperation_t N = CUBLAS_OP_N;
-  constexpr cublasOperation_t T = CUBLAS_OP_T;
-  constexpr int grad_threads = 256;
-  constexpr int grad_per_thread = 8;
-  const lce::device::backward_plan& lp = plan.local;
-  const std::int64_t n = global.n, d = global.d, v_local = shard.rows();
-  const std::int64_t ldx = global.x_stride(), ldw = global.w_stride();
-  const std::int64_t lddx = global.dx_stride(), lddw = global.dw_stride();
-
-  auto* scalars = lce::detail::at<lce::kernel::loss_scalars>(ws, lp.scalars);
-  const float* one = &scalars->one;
-  const float* zero = &scalars->zero;
-  const float* alpha = &scalars->alpha;
-  const float* first_beta = o.accumulate ? one : zero;  // dW, db: the shard's own rows
-  auto* ones = lce::detail::at<Element>(ws, lp.ones);
-  auto* logits = lce::detail::at<float>(ws, lp.logits);
-  auto* dz = reinterpret_cast<const Element*>(logits);
-  const std::int64_t ldz = lp.chunk_ld * static_cast<std::int64_t>(4 / sizeof(Element));
+  const std::int64_t n = global.n, d = global.d;
+  const std::int64_t lddx = global.dx_stride();
   float* dx_acc = lce::detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
-
-  LCE_RETURN_IF_ERROR(lce::device::run_loss_scalars(a.targets, a.class_weight, a.grad, global, o,
-                                                    scalars, a.status, stream));
-  if (a.db != nullptr) {
-    lce::kernel::fill_kernel<Element>
-        <<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(ones, n, 1.0f);
-    LCE_CHECK_LAUNCH("fill_kernel");
-  }
-
-  lce::kernel::logit_grad_params<Element> gp{};
-  gp.logits = logits;
-  gp.ld = lp.chunk_ld;
-  gp.v = global.v;
-  gp.bias = bias_by_global_id(a.bias, shard.v_begin);
-  gp.class_weight = a.class_weight;
-  gp.targets = lce::device::make_target_view(a.targets, o);
-  gp.transform = lce::device::make_transform(o);
-  gp.smoothing = o.label_smoothing;
-  gp.z_loss = o.z_loss;
-  gp.lse = a.lse;
-  gp.grad = a.grad;
-  gp.grad_per_row = o.reduction == lce::reduction::none;
-  gp.scalars = scalars;
-  gp.reduction = o.reduction;
-  gp.filter_eps = o.filter_eps;
-
-  if (lp.strategy == backward_strategy::vocab_chunked) {
-    for (std::int64_t v0 = 0; v0 < v_local; v0 += lp.chunk) {
-      const std::int64_t vc = std::min(lp.chunk, v_local - v0);
-      const Element* w_c = a.w + v0 * ldw;
-      // Z_cᵀ [vc, n] = W_c · Xᵀ
-      LCE_RETURN_IF_ERROR(
-          gemm(handle, T, N, vc, n, d, one, w_c, ldw, a.x, ldx, zero, logits, lp.chunk_ld));
-      gp.cols = vc;
-      gp.row0 = 0;
-      gp.vocab0 = shard.v_begin + v0;
-      lce::kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
-          <<<static_cast<unsigned>(n), grad_threads, 0, stream>>>(gp);
-      LCE_CHECK_LAUNCH("logit_grad_kernel");
-      if (a.dw != nullptr)  // dW_cᵀ [d, vc] = Xᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(gemm(handle, N, T, d, vc, n, alpha, a.x, ldx, dz, ldz, first_beta,
-                                 a.dw + v0 * lddw, lddw));
-      if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, vc, 1, n, alpha, dz, ldz, ones, n, first_beta, a.db + v0, vc));
-      if (a.dx != nullptr)  // partial dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, n, vc, alpha, w_c, ldw, dz, ldz,
-                                 v0 > 0 ? one : zero, dx_acc, d));
-    }
-  } else if constexpr (std::is_same_v<Grad, float>) {
-    for (std::int64_t r0 = 0; r0 < n; r0 += lp.chunk) {
-      const std::int64_t nr = std::min(lp.chunk, n - r0);
-      const Element* x_c = a.x + r0 * ldx;
-      const float* beta = r0 == 0 ? first_beta : one;
-      // Z_cᵀ [v_local, nr] = W · X_cᵀ
-      LCE_RETURN_IF_ERROR(
-          gemm(handle, T, N, v_local, nr, d, one, a.w, ldw, x_c, ldx, zero, logits, lp.chunk_ld));
-      gp.cols = v_local;
-      gp.row0 = r0;
-      gp.vocab0 = shard.v_begin;
-      lce::kernel::logit_grad_kernel<Element, grad_threads, grad_per_thread>
-          <<<static_cast<unsigned>(nr), grad_threads, 0, stream>>>(gp);
-      LCE_CHECK_LAUNCH("logit_grad_kernel");
-      if (a.dx != nullptr)  // partial dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz, zero,
-                                 dx_acc + r0 * d, d));
-      if (a.dw != nullptr)  // dWᵀ [d, v_local] += X_cᵀ · dZ_c
-        LCE_RETURN_IF_ERROR(
-            gemm(handle, N, T, d, v_local, nr, alpha, x_c, ldx, dz, ldz, beta, a.dw, lddw));
-      if (a.db != nullptr)  // db [v_local, 1] += dZ_cᵀ · 1
-        LCE_RETURN_IF_ERROR(
-            gemm(handle, N, N, v_local, 1, nr, alpha, dz, ldz, ones, nr, beta, a.db, v_local));
-    }
-  }
+  LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad>(
+      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc,
+      o, handle, stream)));
   if (a.dx == nullptr) return cudaSuccess;
 
   // dX = Σ over ranks of the partial sums, in fp32 and in place; then rounded once into the
