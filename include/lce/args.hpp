@@ -76,4 +76,49 @@ struct forward_backward_args {
   device_status* status = nullptr;  ///< counted once per call, as in forward_args
 };
 
+namespace detail {
+/// The forward's part of forward_backward's arguments, field by field (by name, so that a
+/// reordered member cannot slip through).
+template <class Element, class Grad>
+forward_args<Element> forward_part(const forward_backward_args<Element, Grad>& a) noexcept {
+  forward_args<Element> f;
+  f.x = a.x;
+  f.w = a.w;
+  f.bias = a.bias;
+  f.targets = a.targets;
+  f.loss = a.loss;
+  f.token_loss = a.token_loss;
+  f.lse = a.lse;
+  f.class_weight = a.class_weight;
+  f.z_loss = a.z_loss;
+  f.token_z_loss = a.token_z_loss;
+  f.argmax = a.argmax;
+  f.correct = a.correct;
+  f.entropy = a.entropy;
+  f.target_logprob = a.target_logprob;
+  f.status = a.status;
+  return f;
+}
+
+/// The backward's part of forward_backward's arguments: the gradients of the returned loss
+/// (upstream gradient 1) from `lse`; `status` where this pass counts invalid targets.
+template <class Element, class Grad>
+backward_args<Element, Grad> backward_part(const forward_backward_args<Element, Grad>& a,
+                                           const float* lse, device_status* status) noexcept {
+  backward_args<Element, Grad> b;
+  b.x = a.x;
+  b.w = a.w;
+  b.bias = a.bias;
+  b.targets = a.targets;
+  b.lse = lse;
+  b.grad = nullptr;
+  b.dx = a.dx;
+  b.dw = a.dw;
+  b.db = a.db;
+  b.class_weight = a.class_weight;
+  b.status = status;
+  return b;
+}
+}  // namespace detail
+
 LCE_NAMESPACE_END

@@ -103,6 +103,9 @@ template <class Element, class Grad = Element>
 ///
 /// @tparam Element  float, __half or __nv_bfloat16 (x, w, bias, dx)
 /// @tparam Grad     Element or float (dw, db); float is required by row_chunked
+/// @tparam Config   tile configuration (config.hpp) of the sm_90a recompute; use the forward's
+///                  that built the lse (its tiles fix the accumulation order the recompute
+///                  repeats)
 /// @param[in]     d_workspace      device workspace (256-byte aligned) or null: size query,
 ///                                 launches nothing
 /// @param[in,out] workspace_bytes  in: available; out (size query): needed
@@ -129,7 +132,7 @@ template <class Element, class Grad = Element>
 /// The upstream gradient `grad` is [1] (mean/sum) or [n] (none); null means 1. Ignored rows
 /// get zero gradient; with mean, the cross-entropy part is divided by Σ_valid w_{y_i} (the
 /// number of valid rows without class weights) and the z-loss part by n_valid (0 if none).
-template <class Element, class Grad>
+template <class Element, class Grad, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t backward(void* d_workspace, std::size_t& workspace_bytes,
                                    const backward_args<Element, Grad>& args, const problem& shape,
                                    const loss_options& options, const backward_options& bopt,
@@ -158,8 +161,8 @@ template <class Element, class Grad>
   detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return detail::cublas_failure(scope.status(), "handle setup");
-  return device::run_backward<Element, Grad>(d_workspace, plan, args, shape, options, handle,
-                                             stream);
+  return device::run_backward<Element, Grad, Config>(d_workspace, plan, args, shape, options,
+                                                     handle, stream);
 }
 
 LCE_NAMESPACE_END

@@ -58,10 +58,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
                                            cudaStream_t stream = nullptr) noexcept {
   detail::check_backward_types<Element, Grad>();
   detail::clear_error();
-  const forward_args<Element> fa{args.x,          args.w,      args.bias,         args.targets,
-                                 args.loss,       args.token_loss, args.lse,     args.class_weight,
-                                 args.z_loss,     args.token_z_loss, args.argmax, args.correct,
-                                 args.entropy,    args.target_logprob, args.status};
+  const forward_args<Element> fa = detail::forward_part(args);
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
   LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
@@ -101,18 +98,17 @@ template <class Element, class Grad, class Config = default_config<Element>>
 
   // Invalid targets are counted once per call: by the forward's scalars when it runs, else by
   // the one-pass backward's.
-  const backward_args<Element, Grad> ba{args.x,  args.w,  args.bias, args.targets,      lse,
-                                        nullptr, args.dx, args.dw,   args.db, args.class_weight,
-                                        rows_in_one_pass ? args.status : nullptr};
+  const backward_args<Element, Grad> ba =
+      detail::backward_part(args, lse, rows_in_one_pass ? args.status : nullptr);
   const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
   void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   {
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)
       return detail::cublas_failure(scope.status(), "handle setup");
-    LCE_RETURN_IF_ERROR((device::run_backward<Element, Grad>(backward_ws, plan.backward_plan, ba,
-                                                             shape, options, handle, stream,
-                                                             rows_in_one_pass ? &rows : nullptr)));
+    LCE_RETURN_IF_ERROR((device::run_backward<Element, Grad, Config>(
+        backward_ws, plan.backward_plan, ba, shape, options, handle, stream,
+        rows_in_one_pass ? &rows : nullptr)));
   }
   if (!rows_in_one_pass) return cudaSuccess;
   // The backward's scalars (valid rows, weight sums) serve the reduction of the one pass.

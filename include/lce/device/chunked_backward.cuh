@@ -149,7 +149,7 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   return cudaSuccess;
 }
 
-template <class Element>
+template <class Element, class Config>
 cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
                                 const Element* x_rows, std::int64_t rows, std::int64_t ldx,
                                 const Element* w_rows, std::int64_t ldw, std::int64_t d,
@@ -158,11 +158,11 @@ cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   launched = false;
   if constexpr (sizeof(Element) == 2) {
     if (gp.bias == nullptr && gp.class_weight == nullptr) {
-      using config = typename sm90_config_of<default_config<Element>>::type;
+      using config = typename sm90_config_of<Config>::type;
       return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw,
                                                             d, dz, ldz, launched, stream);
     }
-    using config = typename sm90_general_config_of<default_config<Element>>::type;
+    using config = typename sm90_general_config_of<Config>::type;
     return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d,
                                                          dz, ldz, launched, stream);
   }
@@ -200,7 +200,7 @@ const Element* bias_by_global_id(const Element* bias, std::int64_t begin) noexce
 /// is needed (fwd->lse must be a.lse).
 /// `o.accumulate`: the first write of dw, db (and dx without dx_partial) adds to what the
 /// caller's buffers hold.
-template <class Element, class Grad>
+template <class Element, class Grad, class Config>
 cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
                                  const backward_args<Element, Grad>& a, const problem& s,
                                  const vocab_window& window, float* dx_partial,
@@ -285,8 +285,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       gp.vocab0 = window.begin + v0;
       bool fused = false;
       if (try_fused) {
-        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, a.x, n, ldx, w_c, ldw, d,
-                                                const_cast<Element*>(dz), ldz, fused, stream));
+        LCE_RETURN_IF_ERROR((run_logit_grad_sm90<Element, Config>(
+            gp, a.x, n, ldx, w_c, ldw, d, const_cast<Element*>(dz), ldz, fused, stream)));
         if (!fused) {
           try_fused = false;
           vc = std::min(plan.chunk, v_local - v0);
@@ -337,8 +337,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       std::int64_t ldz_c = ldz;
       if (try_fused) {
         ldz_c = plan.chunk_ld;
-        LCE_RETURN_IF_ERROR(run_logit_grad_sm90(gp, x_c, nr, ldx, a.w, ldw, d,
-                                                const_cast<Element*>(dz), ldz_c, fused, stream));
+        LCE_RETURN_IF_ERROR((run_logit_grad_sm90<Element, Config>(
+            gp, x_c, nr, ldx, a.w, ldw, d, const_cast<Element*>(dz), ldz_c, fused, stream)));
         if (!fused) {
           try_fused = false;
           nr = std::min(plan.chunk, n - r0);
@@ -385,12 +385,12 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
 
 /// lce::backward's and lce::forward_backward's backward: the whole vocabulary, dX into the
 /// caller's buffer (run_chunked_backward).
-template <class Element, class Grad>
+template <class Element, class Grad, class Config>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
                          cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
-  return run_chunked_backward(ws, plan, a, s, vocab_window{0, s.v}, nullptr, o, handle, stream,
-                              fwd);
+  return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v},
+                                                     nullptr, o, handle, stream, fwd);
 }
 
 }  // namespace device

@@ -170,7 +170,7 @@ inline std::size_t backward_bytes_per_row(const problem& global) noexcept {
 /// from the global lse and loss scalars; the sm_90a fused recompute where it applies), dW/db of
 /// the shard, the partial dX in fp32, then its all-reduce (or reduce-scatter) and the
 /// conversion into the caller's dX. The handle's scope is set.
-template <class Element, class Grad>
+template <class Element, class Grad, class Config>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& global, const vocab_shard& shard, const comm_info& comm,
                          const loss_options& o, cublasHandle_t handle,
@@ -178,7 +178,7 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t n = global.n, d = global.d;
   const std::int64_t lddx = global.dx_stride();
   float* dx_acc = lce::detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
-  LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad>(
+  LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad, Config>(
       ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc,
       o, handle, stream)));
   if (a.dx == nullptr) return cudaSuccess;

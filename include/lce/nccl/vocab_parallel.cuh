@@ -176,7 +176,7 @@ template <class Element, class Grad = Element>
 /// ncclReduceScatter (4·n·d bytes per rank), and rounded once into the caller's dX (added to
 /// it after the reduction with options.accumulate). Never allocates, synchronizes or reads
 /// back to the host.
-template <class Element, class Grad>
+template <class Element, class Grad, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t backward(void* d_workspace, std::size_t& workspace_bytes,
                                    const backward_args<Element, Grad>& args, const problem& shape,
                                    const vocab_shard& shard, const loss_options& options,
@@ -204,8 +204,8 @@ template <class Element, class Grad>
   lce::detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return lce::detail::cublas_failure(scope.status(), "handle setup");
-  return detail::run_backward<Element, Grad>(d_workspace, plan, args, shape, shard, comm, options,
-                                             handle, stream);
+  return detail::run_backward<Element, Grad, Config>(d_workspace, plan, args, shape, shard, comm,
+                                                     options, handle, stream);
 }
 
 /// @brief Workspace bytes of lce::nccl::forward_backward: the forward's, n floats for the lse,
@@ -234,10 +234,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
                                            cudaStream_t stream = nullptr) noexcept {
   lce::detail::check_backward_types<Element, Grad>();
   lce::detail::clear_error();
-  const forward_args<Element> fa{args.x,       args.w,         args.bias,         args.targets,
-                                 args.loss,    args.token_loss, args.lse,         args.class_weight,
-                                 args.z_loss,  args.token_z_loss, args.argmax,    args.correct,
-                                 args.entropy, args.target_logprob, args.status};
+  const forward_args<Element> fa = lce::detail::forward_part(args);
   LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
   LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
   LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(fa, shape, options));
@@ -260,14 +257,13 @@ template <class Element, class Grad, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR((detail::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
                                                             shard, options, stream)));
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
-  const backward_args<Element, Grad> ba{args.x,  args.w,  args.bias, args.targets,      lse,
-                                        nullptr, args.dx, args.dw,   args.db, args.class_weight};
+  const backward_args<Element, Grad> ba = lce::detail::backward_part(args, lse, nullptr);
   lce::detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return lce::detail::cublas_failure(scope.status(), "handle setup");
-  return detail::run_backward<Element, Grad>(lce::detail::at<char>(d_workspace, plan.backward),
-                                             plan.backward_plan, ba, shape, shard, comm, options,
-                                             handle, stream);
+  return detail::run_backward<Element, Grad, Config>(
+      lce::detail::at<char>(d_workspace, plan.backward), plan.backward_plan, ba, shape, shard,
+      comm, options, handle, stream);
 }
 
 }  // namespace nccl
