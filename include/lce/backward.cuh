@@ -83,9 +83,9 @@ struct backward_choice {
   std::int64_t chunk;  ///< planned extent; the sm_90a fused recompute takes twice as many
   std::size_t workspace_bytes;  ///< everything the backward asks for, accumulators included
   /// The part of workspace_bytes that is an fp32 accumulator (vocab_chunked with 16-bit inputs:
-  /// dX, n·d·4 bytes). It counts against memory_budget, except where it would narrow the chunk
-  /// below device::min_vocab_chunk columns: then it is allocated beyond the budget
-  /// (workspace_bytes > memory_budget says so).
+  /// dX, n·d·4 bytes). It counts against memory_budget, except where it would narrow the
+  /// vocabulary chunk below min(2048, max(d, what the whole budget holds)) columns: then it takes
+  /// an allowance beyond the budget (workspace_bytes > memory_budget says so).
   std::size_t accumulator_bytes;
 };
 

@@ -88,8 +88,8 @@ struct backward_options {
   /// Upper bound on the workspace the backward may ask for, in bytes. The chunk size is the
   /// largest that fits; the workspace never drops below what one minimal chunk needs. The fp32
   /// dX accumulator of vocab_chunked (n·d·4 bytes with 16-bit inputs, O(n·d) like X) counts
-  /// against it until it would narrow the vocabulary chunk below min(2048 columns, what the
-  /// whole budget holds); beyond that (large n) it is allocated in addition to the budget
+  /// against it until it would narrow the vocabulary chunk below min(2048, max(d, what the
+  /// whole budget holds)) columns; beyond that (large n) it takes an allowance of its own
   /// (lce::choose_backward reports it).
   std::size_t memory_budget = std::size_t{256} << 20;
 };

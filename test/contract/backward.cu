@@ -272,11 +272,12 @@ TEMPLATE_TEST_CASE("backward plan: the dX accumulator never narrows the vocabula
     const std::int64_t budget_cols =
         static_cast<std::int64_t>(bopt.memory_budget / (static_cast<std::size_t>(n) * 4)) /
         lce::device::vocab_chunk_granule * lce::device::vocab_chunk_granule;
-    CHECK(c.chunk >= std::min(lce::device::min_vocab_chunk, budget_cols - lce::device::vocab_chunk_granule));
+    CHECK(c.chunk >= std::min(lce::device::min_vocab_chunk,
+                              std::max(budget_cols - lce::device::vocab_chunk_granule, d)));
     CHECK(c.chunk % lce::device::vocab_chunk_granule == 0);
-    // The chunk buffer stays within the budget; only the accumulator may go beyond it.
+    // The chunk buffer is never larger than the larger of the budget and the accumulator.
     const std::size_t chunk_bytes = static_cast<std::size_t>(n * c.chunk) * 4;
-    CHECK(chunk_bytes <= bopt.memory_budget);
+    CHECK(chunk_bytes <= std::max<std::size_t>(bopt.memory_budget, accumulator));
     CHECK(c.workspace_bytes >= chunk_bytes + accumulator);
     CHECK(c.workspace_bytes - accumulator - chunk_bytes < (std::size_t{1} << 20));
     if (accumulator + static_cast<std::size_t>(n * lce::device::min_vocab_chunk) * 4 <=

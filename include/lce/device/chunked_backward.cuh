@@ -88,13 +88,16 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
           bytes / (static_cast<std::size_t>(std::max<std::int64_t>(s.n, 1)) * 4));
       return cols / vocab_chunk_granule * vocab_chunk_granule;
     };
-    // The accumulator is O(n·d), like X itself: where it crowds the chunk below
-    // min_vocab_chunk columns (large n), it takes an allowance of its own beyond the budget
-    // and the chunk keeps what the whole budget holds, up to min_vocab_chunk. Without that the
+    // The accumulator is O(n·d), like X itself: where it crowds the chunk (large n), it takes
+    // an allowance of its own beyond the budget, and the chunk keeps as many columns as the
+    // whole budget holds or as the accumulator has (d), up to min_vocab_chunk. Without that the
     // chunks shrink to one granule and the passes over the accumulator dominate the backward.
-    const std::int64_t cols =
-        std::max({cols_within(left), std::min(min_vocab_chunk, cols_within(avail)),
-                  vocab_chunk_granule});
+    const std::int64_t floor_cols =
+        p.dx_accumulator
+            ? std::min(min_vocab_chunk,
+                       std::max(cols_within(avail), s.d / vocab_chunk_granule * vocab_chunk_granule))
+            : 0;
+    const std::int64_t cols = std::max({cols_within(left), floor_cols, vocab_chunk_granule});
     p.chunk = std::min(cols, s.v);
     p.chunk_ld = round_up(p.chunk, 8);
     p.logits = layout.reserve<float>(static_cast<std::size_t>(s.n * p.chunk_ld));
