@@ -400,7 +400,7 @@ void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
 
 template <class Grad>
 void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_family f,
-                             lce::backward_options bopt) {
+                             lce::backward_options bopt, lce::loss_options options) {
   guarded(state, [&] {
     const floor_times& floor = floor_of(s, f);
     const dataset& data = dataset::get(s, f);
@@ -415,7 +415,7 @@ void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_famil
     args.loss = loss.data();
     std::size_t bytes = 0;
     LCE_EXAMPLE_CHECK(
-        lce::forward_backward(nullptr, bytes, args, s, {}, bopt, ctx.handle, ctx.stream));
+        lce::forward_backward(nullptr, bytes, args, s, options, bopt, ctx.handle, ctx.stream));
     require_memory(bytes + n * d * sizeof(bf16) + v * d * sizeof(Grad));
     device_buffer<bf16> dx(n * d);
     device_buffer<Grad> dw(v * d);
@@ -425,7 +425,7 @@ void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_famil
     measure(
         state,
         [&] {
-          LCE_EXAMPLE_CHECK(lce::forward_backward(workspace.data(), bytes, args, s, {}, bopt,
+          LCE_EXAMPLE_CHECK(lce::forward_backward(workspace.data(), bytes, args, s, options, bopt,
                                                   ctx.handle, ctx.stream));
         },
         6 * ndv(s), floor.forward_backward_ms, bytes);
@@ -469,6 +469,7 @@ struct variant {
 };
 
 std::string variant_name(const variant& c) {
+  if (c.strategy == lce::backward_strategy::stored) return "stored";  // n·v·2 bytes, any budget
   const char* strategy =
       c.strategy == lce::backward_strategy::row_chunked ? "row_chunked" : "vocab_chunked";
   return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
@@ -526,6 +527,7 @@ void register_benchmarks() {
         variants.push_back({lce::backward_strategy::row_chunked, 1024});  // target 3's budget
         variants.push_back({lce::backward_strategy::row_chunked, 4096});
       }
+      if (f != data_family::peaked) variants.push_back({lce::backward_strategy::stored, 0});
       // LCE_BENCH_VOCAB_BUDGETS="160,205": more vocab_chunked budgets (MiB) of the LM family,
       // for chunk-width experiments.
       if (f == data_family::lm) {
@@ -535,12 +537,19 @@ void register_benchmarks() {
       for (const variant& c : variants) {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
-        if (c.strategy == lce::backward_strategy::row_chunked) {
+        if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt, lce::loss_options{});
+          if (f == data_family::lm) {
+            lce::loss_options softcap;  // Gemma 2 as trained
+            softcap.softcap = 30.0f;
+            add("fwdbwd/lce_softcap30" + name, bm_lce_forward_backward<bf16>, s, f, bopt, softcap);
+          }
+        } else if (c.strategy == lce::backward_strategy::row_chunked) {
           add("bwd/lce" + name, bm_lce_backward<float>, s, f, bopt, lce::loss_options{});
-          add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt);
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt, lce::loss_options{});
         } else {
           add("bwd/lce" + name, bm_lce_backward<bf16>, s, f, bopt, lce::loss_options{});
-          add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt);
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt, lce::loss_options{});
           if (c.budget_mib == default_budget) {
             // Gradient filtering at Cut Cross-Entropy's bf16 threshold 2⁻¹², opt-in: its time
             // and its dX/dW error against the exact backward, per data family.
@@ -559,14 +568,15 @@ void register_benchmarks() {
     add("fwd/lce" + rows, bm_lce_forward<>, s, data_family::lm, lce::loss_options{});
     const variant variants[] = {{lce::backward_strategy::vocab_chunked, default_budget},
                                 {lce::backward_strategy::row_chunked, 1024},
-                                {lce::backward_strategy::row_chunked, 4096}};
+                                {lce::backward_strategy::row_chunked, 4096},
+                                {lce::backward_strategy::stored, 0}};
     for (const variant& c : variants) {
       const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
       const std::string name = rows + "/" + variant_name(c);
       if (c.strategy == lce::backward_strategy::row_chunked)
-        add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt);
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt, lce::loss_options{});
       else
-        add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt);
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt, lce::loss_options{});
     }
     add("fwdbwd/naive" + rows, bm_naive_forward_backward, s, data_family::lm);
   }

@@ -3,6 +3,8 @@
 /// callers that need no separate backward.
 #pragma once
 
+#include <algorithm>
+
 #include "backward.cuh"
 #include "forward.cuh"
 
@@ -13,7 +15,9 @@ struct forward_backward_plan {
   device::forward_plan forward;
   std::size_t lse = 0;
   std::size_t backward = 0;  ///< offset of the backward's workspace
-  device::backward_plan backward_plan;
+  device::backward_plan backward_plan;  ///< the chunked plan; with `stored`, its fallback
+  bool stored = false;                  ///< the stored strategy was asked for
+  device::stored_plan stored_plan;      ///< from the same offset as backward_plan
   std::size_t bytes = 0;
 };
 
@@ -28,6 +32,12 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   workspace_layout backward_layout;
   p.backward_plan = device::make_backward_plan<Element, Grad>(s, b, backward_layout);
   p.bytes = p.backward + p.backward_plan.bytes;
+  if (b.strategy == backward_strategy::stored) {
+    p.stored = true;
+    workspace_layout stored_layout;
+    p.stored_plan = device::make_stored_plan<Element>(s, stored_layout);
+    p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);
+  }
   return p;
 }
 }  // namespace detail
@@ -61,7 +71,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   const forward_args<Element> fa = detail::forward_part(args);
   LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(detail::validate_options(options, shape));
-  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_backward_options(bopt, std::is_same_v<Grad, float>, /*with_forward=*/true));
   LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, shape, options));
   detail::buffer_list inputs, outputs;
   detail::forward_buffers(fa, shape, options, inputs, outputs);
@@ -88,6 +99,34 @@ template <class Element, class Grad, class Config = default_config<Element>>
   forward_args<Element> fwd = fa;
   fwd.lse = lse;
   const bool gradients = args.dx != nullptr || args.dw != nullptr || args.db != nullptr;
+  void* backward_ws = detail::at<char>(d_workspace, plan.backward);
+  if (gradients && plan.stored) {
+    // The forward stores e^{z − m} where its lean sm_90a kernel runs; elsewhere it runs as
+    // usual and the fallback plan's backward follows, from its lse.
+    using sm90_config = typename sm90_config_of<Config>::type;
+    std::int64_t tile_cols = device::vocab_chunk_granule;
+    if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
+    const kernel::stored_exp<Element> st{
+        detail::at<Element>(backward_ws, plan.stored_plan.values),
+        detail::at<float>(backward_ws, plan.stored_plan.tile_max), plan.stored_plan.ld,
+        (shape.v + tile_cols - 1) / tile_cols, tile_cols};
+    bool stored = false;
+    LCE_RETURN_IF_ERROR((device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
+                                                              options, stream, &st, &stored)));
+    const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
+    detail::cublas_scope scope(handle, stream);
+    if (scope.status() != CUBLAS_STATUS_SUCCESS)
+      return detail::cublas_failure(scope.status(), "handle setup");
+    if (stored) {
+      return device::run_stored_backward(
+          backward_ws, plan.stored_plan, st,
+          detail::at<kernel::loss_scalars>(d_workspace, plan.forward.scalars),
+          detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape, options, handle,
+          stream);
+    }
+    return device::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
+                                                       options, handle, stream);
+  }
   const bool rows_in_one_pass =
       gradients && plan.backward_plan.strategy == backward_strategy::row_chunked;
   if (!rows_in_one_pass) {
@@ -101,7 +140,6 @@ template <class Element, class Grad, class Config = default_config<Element>>
   const backward_args<Element, Grad> ba =
       detail::backward_part(args, lse, rows_in_one_pass ? args.status : nullptr);
   const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
-  void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   {
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)

@@ -80,6 +80,13 @@ enum class backward_strategy : int {
   /// recompute whole rows of Z for a row slice; dW/db accumulate in fp32 across slices (fp32
   /// dW only). Backward: 3 GEMMs; forward_backward: 3 GEMMs, the lse taken from the same rows
   row_chunked = 2,
+  /// no recomputation (lce::forward_backward only): the sm_90a forward also stores, per logit,
+  /// e^{z − m} in the element type with the fp32 maximum m of its (row, vocabulary tile); a
+  /// pass turns them into dZ in place (the target's entry from the exact fp32 target logit),
+  /// then dX and dW are GEMMs over it: 3 GEMMs and about n·v·2 bytes of workspace, whatever
+  /// the budget. Where it does not apply (fp32 inputs, bias or class weights, no sm_90a kernel)
+  /// the automatic strategy of the same budget runs instead, in the same workspace.
+  stored = 3,
 };
 
 /// @brief Options of the backward pass that change cost, never the result (up to rounding).

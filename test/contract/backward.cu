@@ -107,6 +107,8 @@ void check_invalid_arguments() {
       {"args.targets", [](auto& a, auto&) { a.targets = nullptr; }},
       {"args.lse", [](auto& a, auto&) { a.lse = nullptr; }},
       {"handle", [](auto&, auto& c) { c.handle = nullptr; }},
+      {"strategy stored",
+       [](auto&, auto& c) { c.bopt.strategy = lce::backward_strategy::stored; }},
       {"reduction", [](auto&, auto& c) { c.options.reduction = static_cast<lce::reduction>(-1); }},
       {"strategy",
        [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(9); }},

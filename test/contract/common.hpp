@@ -155,6 +155,8 @@ inline const char* strategy_name(lce::backward_strategy s) {
       return "vocab_chunked";
     case lce::backward_strategy::row_chunked:
       return "row_chunked";
+    case lce::backward_strategy::stored:
+      return "stored";
   }
   return "?";
 }

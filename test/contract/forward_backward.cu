@@ -85,7 +85,7 @@ void check_invalid_arguments() {
        }},
       {"handle", [](auto&, auto& c) { c.handle = nullptr; }},
       {"strategy",
-       [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(3); }},
+       [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(4); }},
   };
   for (std::size_t i = 0; i < cases.size(); ++i) {
     const invalid_case& tc = cases[i];

@@ -103,6 +103,8 @@ fuzz_case draw_case(std::uint64_t case_seed) {
   c.how.op = op == 0 ? op_kind::forward : op == 1 ? op_kind::backward : op_kind::forward_backward;
   const int strategy = static_cast<int>(rng.integer(0, c.fp32_grad ? 2 : 1));
   c.how.strategy = static_cast<lce::backward_strategy>(strategy);
+  if (c.how.op == op_kind::forward_backward && rng.bernoulli(0.3))
+    c.how.strategy = lce::backward_strategy::stored;
   const std::size_t budgets[] = {lce::backward_options{}.memory_budget, std::size_t{1} << 20,
                                  std::size_t{64} << 10};
   c.how.budget = budgets[rng.integer(0, 2)];

@@ -257,7 +257,8 @@ inline const char* reduction_name(lce::reduction r) {
 inline const char* strategy_name(lce::backward_strategy s) {
   return s == lce::backward_strategy::automatic       ? "automatic"
          : s == lce::backward_strategy::vocab_chunked ? "vocab_chunked"
-                                                      : "row_chunked";
+         : s == lce::backward_strategy::row_chunked   ? "row_chunked"
+                                                      : "stored";
 }
 
 /// @brief One test problem. Built fluently: case_spec{4097, 2304, 50257}.no_bias().sum().

@@ -279,6 +279,7 @@ std::vector<run_spec> all_runs(bool misaligned = false) {
         out.push_back({op, lce::backward_strategy::row_chunked, std::size_t{1} << 20, misaligned});
     }
   }
+  out.push_back({op_kind::forward_backward, lce::backward_strategy::stored, budget, misaligned});
   return out;
 }
 

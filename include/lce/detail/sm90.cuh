@@ -150,6 +150,24 @@ __device__ inline void tma_prefetch_descriptor(const void* tensor_map) noexcept 
 
 // ---- fast math of the epilogues --------------------------------------------------------------
 
+/// Two floats rounded to a packed pair of the 16-bit element type (low half: `a`).
+template <class Element>
+__device__ __forceinline__ std::uint32_t pack_pair(float a, float b) noexcept {
+  if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  }
+}
+
+/// Stores two floats as a pair of the 16-bit element type at a 4-byte aligned `at`.
+template <class Element>
+__device__ __forceinline__ void store_pair(Element* at, float a, float b) noexcept {
+  *reinterpret_cast<std::uint32_t*>(at) = pack_pair<Element>(a, b);
+}
+
 /// 2^x on the special-function unit (`ex2.approx.ftz`: relative error about 2⁻²², results
 /// below 2⁻¹²⁶ flushed to zero).
 __device__ __forceinline__ float fast_exp2(float x) noexcept {

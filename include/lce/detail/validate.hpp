@@ -54,9 +54,16 @@ inline cudaError_t validate_options(const loss_options& o, const problem& s) noe
   return cudaSuccess;
 }
 
-inline cudaError_t validate_backward_options(const backward_options& b, bool fp32_grad) noexcept {
+/// `with_forward`: the caller is lce::forward_backward, whose forward can store what the
+/// `stored` strategy needs.
+inline cudaError_t validate_backward_options(const backward_options& b, bool fp32_grad,
+                                             bool with_forward = false) noexcept {
   const int s = static_cast<int>(b.strategy);
-  if (s < 0 || s > 2) return invalid("backward_options.strategy is not a known strategy");
+  if (s < 0 || s > 3) return invalid("backward_options.strategy is not a known strategy");
+  if (b.strategy == backward_strategy::stored && !with_forward)
+    return invalid(
+        "backward_options.strategy stored needs the forward's stored values: only "
+        "lce::forward_backward runs it");
   if (b.strategy == backward_strategy::row_chunked && !fp32_grad)
     return invalid("backward_options.strategy row_chunked needs fp32 dW/db (Grad = float)");
   return cudaSuccess;

@@ -23,6 +23,7 @@
 #include "../kernel/logit_grad.cuh"
 #include "../kernel/logit_grad_sm90.cuh"
 #include "../kernel/row_lse.cuh"
+#include "../kernel/stored_grad.cuh"
 #include "../options.hpp"
 #include "forward.cuh"
 
@@ -65,7 +66,8 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
   const std::int64_t row_ld = round_up(s.v, 8);
   const auto rows_fit = static_cast<std::int64_t>(avail / (static_cast<std::size_t>(row_ld) * 4));
   p.strategy = b.strategy;
-  if (p.strategy == backward_strategy::automatic) {
+  // stored: the plan is its fallback (forward_backward adds the stored regions).
+  if (p.strategy == backward_strategy::automatic || p.strategy == backward_strategy::stored) {
     p.strategy = fp32_grad && rows_fit >= std::min(s.n, min_row_chunk)
                      ? backward_strategy::row_chunked
                      : backward_strategy::vocab_chunked;
@@ -190,6 +192,29 @@ const Element* bias_by_global_id(const Element* bias, std::int64_t begin) noexce
                                           static_cast<std::uintptr_t>(begin) * sizeof(Element));
 }
 
+/// The logit-gradient parameters every dZ kernel takes (the chunk's extent aside).
+template <class Element, class Grad>
+kernel::logit_grad_params<Element> make_logit_grad_params(const backward_args<Element, Grad>& a,
+                                                          const problem& s, const loss_options& o,
+                                                          const kernel::loss_scalars* scalars,
+                                                          std::int64_t vocab_begin) noexcept {
+  kernel::logit_grad_params<Element> gp{};
+  gp.v = s.v;
+  gp.bias = bias_by_global_id(a.bias, vocab_begin);
+  gp.class_weight = a.class_weight;
+  gp.targets = make_target_view(a.targets, o);
+  gp.transform = make_transform(o);
+  gp.smoothing = o.label_smoothing;
+  gp.z_loss = o.z_loss;
+  gp.lse = a.lse;
+  gp.grad = a.grad;
+  gp.grad_per_row = o.reduction == lce::reduction::none;
+  gp.scalars = scalars;
+  gp.reduction = o.reduction;
+  gp.filter_eps = o.filter_eps;
+  return gp;
+}
+
 /// The one chunked backward driver, for lce::backward, lce::forward_backward and lce::nccl.
 /// Arguments are validated; the scope has set the handle's stream. `s` is the global problem
 /// (n, d, v, strides); `window` the vocabulary rows of a.w, a.bias, a.dw and a.db.
@@ -240,22 +265,9 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
     LCE_CHECK_LAUNCH("fill_kernel");
   }
 
-  kernel::logit_grad_params<Element> gp{};
+  kernel::logit_grad_params<Element> gp = make_logit_grad_params(a, s, o, scalars, window.begin);
   gp.logits = logits;
   gp.ld = plan.chunk_ld;
-  gp.v = s.v;
-  gp.bias = bias_by_global_id(a.bias, window.begin);
-  gp.class_weight = a.class_weight;
-  gp.targets = make_target_view(a.targets, o);
-  gp.transform = make_transform(o);
-  gp.smoothing = o.label_smoothing;
-  gp.z_loss = o.z_loss;
-  gp.lse = a.lse;
-  gp.grad = a.grad;
-  gp.grad_per_row = o.reduction == lce::reduction::none;
-  gp.scalars = scalars;
-  gp.reduction = o.reduction;
-  gp.filter_eps = o.filter_eps;
 
   if (plan.strategy == backward_strategy::vocab_chunked) {
     // dX accumulates over chunks in fp32: in the partial buffer, in the caller's buffer when
@@ -382,6 +394,69 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
         LCE_RETURN_IF_ERROR(
             gemm(handle, N, N, v_local, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, v_local));
     }
+  }
+  return cudaSuccess;
+}
+
+/// Workspace regions of the `stored` strategy's backward (lce::forward_backward): the values
+/// e^{z − m} [n, ld] in the element type, the tile maxima [n, tiles] and the ones of db. The
+/// tile count is an upper bound for every sm_90a tile width (≥ vocab_chunk_granule columns).
+struct stored_plan {
+  std::size_t ones = 0, values = 0, tile_max = 0;
+  std::int64_t ld = 0, tiles = 0;
+  std::size_t bytes = 0;
+};
+
+template <class Element>
+stored_plan make_stored_plan(const problem& s, detail::workspace_layout& layout) noexcept {
+  stored_plan p;
+  const auto n = static_cast<std::size_t>(s.n);
+  p.ones = layout.reserve<Element>(n);
+  p.ld = round_up(s.v, 8);
+  p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
+  p.values = layout.reserve<Element>(n * static_cast<std::size_t>(p.ld));
+  p.tile_max = layout.reserve<float>(n * static_cast<std::size_t>(p.tiles));
+  p.bytes = layout.bytes();
+  return p;
+}
+
+/// The stored strategy's backward, after the forward wrote `st` (with a.lse, the forward's
+/// `scalars` and fp32 `target_logit`): dZ in place over the stored values, then dX = dZ·W,
+/// dW = dZᵀ·X and db = dZᵀ·1, each written once (added with o.accumulate).
+template <class Element, class Grad>
+cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
+                                const kernel::stored_exp<Element>& st,
+                                const kernel::loss_scalars* scalars, const float* target_logit,
+                                const backward_args<Element, Grad>& a, const problem& s,
+                                const loss_options& o, cublasHandle_t handle,
+                                cudaStream_t stream) noexcept {
+  using detail::gemm;
+  constexpr cublasOperation_t N = CUBLAS_OP_N;
+  constexpr cublasOperation_t T = CUBLAS_OP_T;
+  constexpr int threads = 256;
+  const float* one = &scalars->one;
+  const float* zero = &scalars->zero;
+  const float* alpha = &scalars->alpha;
+  const float* first_beta = o.accumulate ? one : zero;
+  const kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, 0), st,
+                                               target_logit};
+  kernel::stored_grad_kernel<Element, threads>
+      <<<static_cast<unsigned>(s.n), threads, 0, stream>>>(sp);
+  LCE_CHECK_LAUNCH("stored_grad_kernel");
+  const Element* dz = st.values;
+  if (a.dx != nullptr)  // dXᵀ [d, n] = Wᵀ · dZᵀ
+    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, s.n, s.v, alpha, a.w, s.w_stride(), dz, st.ld,
+                             first_beta, a.dx, s.dx_stride()));
+  if (a.dw != nullptr)  // dWᵀ [d, v] = Xᵀ · dZ
+    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, s.n, alpha, a.x, s.x_stride(), dz, st.ld,
+                             first_beta, a.dw, s.dw_stride()));
+  if (a.db != nullptr) {  // db [v, 1] = dZᵀ · 1
+    auto* ones = detail::at<Element>(ws, plan.ones);
+    kernel::fill_kernel<Element>
+        <<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(ones, s.n, 1.0f);
+    LCE_CHECK_LAUNCH("fill_kernel");
+    LCE_RETURN_IF_ERROR(
+        gemm(handle, N, N, s.v, 1, s.n, alpha, dz, st.ld, ones, s.n, first_beta, a.db, s.v));
   }
   return cudaSuccess;
 }

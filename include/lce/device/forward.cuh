@@ -224,12 +224,12 @@ cudaError_t launch_sm90(void (*kernel)(Params), dim3 blocks, int threads, int sm
 /// Whether the sm_90a kernel of `SM90Config` runs this forward: a device of compute capability
 /// 9.0 with the kernel's sm_90a code loaded, and operands the copy engine can read (then `fp`
 /// holds their tensor maps).
-template <class Element, class SM90Config, bool General>
+template <class Element, class SM90Config, bool General, bool Store>
 bool prepare_sm90_forward(
-    typename kernel::fused_forward_sm90<Element, SM90Config, General>::params& fp,
+    typename kernel::fused_forward_sm90<Element, SM90Config, General, Store>::params& fp,
     const forward_args<Element>& a, const problem& s) noexcept {
   if (!sm90_kernel_runs(reinterpret_cast<const void*>(
-          kernel::fused_forward_sm90_kernel<Element, SM90Config, General>))) {
+          kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>))) {
     return false;
   }
   return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
@@ -239,18 +239,19 @@ bool prepare_sm90_forward(
 }
 
 /// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
-/// `launched` and `splits`.
-template <class Element, class SM90Config, bool General>
+/// `launched` and `splits`. Store: the kernel also writes `*store` (stored_exp).
+template <class Element, class SM90Config, bool General, bool Store = false>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
                                    std::int64_t vocab_offset, thread::row_stats* partial, float* target_logit,
-                                   bool& launched, std::int64_t& splits,
-                                   cudaStream_t stream) noexcept {
-  using fused = kernel::fused_forward_sm90<Element, SM90Config, General>;
-  constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General>;
+                                   bool& launched, std::int64_t& splits, cudaStream_t stream,
+                                   const kernel::stored_exp<Element>* store = nullptr) noexcept {
+  using fused = kernel::fused_forward_sm90<Element, SM90Config, General, Store>;
+  constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>;
   typename fused::params fp{};
   launched = false;
-  if (!prepare_sm90_forward<Element, SM90Config, General>(fp, a, s)) return cudaSuccess;
+  if (!prepare_sm90_forward<Element, SM90Config, General, Store>(fp, a, s)) return cudaSuccess;
+  if constexpr (Store) fp.store = *store;
   fp.n = s.n;
   fp.v = s.v;
   fp.d = s.d;
@@ -280,17 +281,31 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
 /// `splits` to the number of vocabulary splits it wrote. `vocab_offset` is the global id of
 /// column 0 of `a.w` when it holds a vocabulary shard (lce/nccl/; a.w, a.bias, a.class_weight
 /// and s.v are then the shard's), 0 otherwise.
+/// With `store` (the stored strategy), the lean sm_90a kernel also writes it, when it runs
+/// (16-bit elements, no bias or class weights, an sm_90a device): `*stored` says whether it did.
 template <class Element, class Config>
 cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
                               const forward_args<Element>& a, const problem& s,
                               const loss_options& o, std::int64_t vocab_offset,
-                              std::int64_t& splits, cudaStream_t stream) noexcept {
+                              std::int64_t& splits, cudaStream_t stream,
+                              const kernel::stored_exp<Element>* store = nullptr,
+                              bool* stored = nullptr) noexcept {
   auto* partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   auto* target_logit = detail::at<float>(d_workspace, plan.target_logit);
+  if (stored != nullptr) *stored = false;
 
   using sm90_config = typename sm90_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config> && sizeof(Element) == 2) {
     bool launched = false;
+    if (store != nullptr && a.bias == nullptr && a.class_weight == nullptr) {
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config, false, true>(
+          plan.sm90, a, s, o, vocab_offset, partial, target_logit, launched, splits, stream,
+          store)));
+      if (launched) {
+        if (stored != nullptr) *stored = true;
+        return cudaSuccess;
+      }
+    }
     if (a.bias == nullptr && a.class_weight == nullptr) {
       LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, sm90_config, false>(
           plan.sm90, a, s, o, vocab_offset, partial, target_logit, launched, splits, stream)));
@@ -332,18 +347,21 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
   return cudaSuccess;
 }
 
-/// Enqueues the forward. Arguments are already validated.
+/// Enqueues the forward. Arguments are already validated. `store`, `stored`: see
+/// run_fused_forward.
 template <class Element, class Config>
 cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
                         const forward_args<Element>& a, const problem& s,
-                        const loss_options& o, cudaStream_t stream) noexcept {
+                        const loss_options& o, cudaStream_t stream,
+                        const kernel::stored_exp<Element>* store = nullptr,
+                        bool* stored = nullptr) noexcept {
   auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, a.status, stream));
 
   std::int64_t splits = 0;
-  LCE_RETURN_IF_ERROR(
-      (run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, 0, splits, stream)));
+  LCE_RETURN_IF_ERROR((run_fused_forward<Element, Config>(d_workspace, plan, a, s, o, 0, splits,
+                                                          stream, store, stored)));
 
   constexpr int combine_threads = 256;
   const kernel::combine_params cp{detail::at<thread::row_stats>(d_workspace, plan.partial),

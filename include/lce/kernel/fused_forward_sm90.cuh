@@ -22,11 +22,28 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
+/// Where the forward of the `stored` backward strategy keeps, for every row and vocabulary tile
+/// of `tile_cols` columns, the tile's row maximum m (fp32) and e^{z − m} of each of its logits
+/// in the element type: values in (0, 1], so 16 bits keep a relative precision of 2⁻⁹ (bf16)
+/// whatever the logit's magnitude, where a 16-bit logit would lose |z|·2⁻⁹ of z itself. With
+/// the row's lse, p = e^{z − m}·e^{m − lse} (kernel/stored_grad.cuh).
+template <class Element>
+struct stored_exp {
+  Element* values = nullptr;     ///< [n, ld]
+  float* tile_max = nullptr;     ///< [n, tiles]
+  std::int64_t ld = 0;           ///< even
+  std::int64_t tiles = 0;        ///< ⌈v / tile_cols⌉
+  std::int64_t tile_cols = 0;    ///< the forward kernel's block_v
+};
+
 /// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
 /// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
 /// the lean one's registers are not sized for the general fold (which spills at 256 columns).
-template <class Element, class Config, bool General = false>
+/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (stored_exp), for
+/// the `stored` backward strategy.
+template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
+  static_assert(!(General && Store), "the stored values come from the lean epilogue");
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
   static constexpr int block_m = pipeline::block_m;
@@ -49,6 +66,7 @@ struct fused_forward_sm90 {
     /// Σp·z, Σw·z and the argmax are wanted (entropy, label smoothing, argmax or correct);
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
+    stored_exp<Element> store;  ///< Store only
   };
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
@@ -85,14 +103,14 @@ struct fused_forward_sm90 {
     __device__ __forceinline__ void lean(float (&acc)[frag], std::int64_t vocab0) {
       if (p.transform.softcap > 0.0f) {
         if (p.extras) {
-          fold_plain_tile<true, true, Masked>(p, acc, vocab0, quad, rows, target, stats);
+          fold_plain_tile<true, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
         } else {
-          fold_plain_tile<true, false, Masked>(p, acc, vocab0, quad, rows, target, stats);
+          fold_plain_tile<true, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
         }
       } else if (p.extras) {
-        fold_plain_tile<false, true, Masked>(p, acc, vocab0, quad, rows, target, stats);
+        fold_plain_tile<false, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
       } else {
-        fold_plain_tile<false, false, Masked>(p, acc, vocab0, quad, rows, target, stats);
+        fold_plain_tile<false, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
       }
     }
 
@@ -164,7 +182,7 @@ struct fused_forward_sm90 {
   /// z − max does not); so does −inf (through Σe·z with Extras, else through the tile's
   /// minimum). Without Extras a logit costs 6 instructions: scale, max, subtract, multiply,
   /// ex2, add. Masked (the last tile): columns at or past v become −inf and add nothing.
-  template <bool Softcap, bool Extras, bool Masked>
+  template <bool Softcap, bool Extras, bool Masked, bool Stored>
   __device__ __forceinline__ static void fold_plain_tile(const params& p, float (&acc)[frag],
                                                          std::int64_t vocab0, int quad,
                                                          const std::int64_t (&rows)[2],
@@ -213,6 +231,7 @@ struct fused_forward_sm90 {
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
           const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
+          if constexpr (Stored) acc[4 * j + 2 * h + e] = ez;  // z is not read again
           sum += ez;
           if constexpr (Extras) {
             // Masked: −inf columns (masked, or a −inf logit, which the minimum catches) add
@@ -234,6 +253,30 @@ struct fused_forward_sm90 {
       }
       if constexpr (!Extras) first = 0;
       merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
+    }
+    if constexpr (Stored) store_tile(p, acc, vocab0, quad, rows, mx);
+  }
+
+  /// Store: the tile's e^{z − m} (in acc) as pairs of the element type, and m of each row.
+  __device__ __forceinline__ static void store_tile(const params& p, const float (&acc)[frag],
+                                                    std::int64_t vocab0, int quad,
+                                                    const std::int64_t (&rows)[2],
+                                                    const float (&mx)[2]) {
+    const stored_exp<Element>& st = p.store;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (rows[h] >= p.n) continue;
+      if (quad == 0) st.tile_max[rows[h] * st.tiles + vocab0 / block_v] = mx[h];
+      Element* out = st.values + rows[h] * st.ld + vocab0;
+#pragma unroll
+      for (int j = 0; j < block_v / 8; ++j) {
+        const int c = 8 * j + 2 * quad;
+        if (vocab0 + c + 1 < p.v) {
+          detail::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        } else if (vocab0 + c < p.v) {
+          out[c] = static_cast<Element>(acc[4 * j + 2 * h]);
+        }
+      }
     }
   }
 
@@ -300,11 +343,11 @@ struct fused_forward_sm90 {
 
 /// Dynamic shared memory of fused_forward_sm90<Element, Config, General>::smem_bytes; one block
 /// per SM.
-template <class Element, class Config, bool General>
+template <class Element, class Config, bool General, bool Store = false>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     fused_forward_sm90_kernel(
-        const __grid_constant__ typename fused_forward_sm90<Element, Config, General>::params p) {
-  using kernel_t = fused_forward_sm90<Element, Config, General>;
+        const __grid_constant__ typename fused_forward_sm90<Element, Config, General, Store>::params p) {
+  using kernel_t = fused_forward_sm90<Element, Config, General, Store>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];
   kernel_t{}(p, kernel_t::pipeline::storage(smem));

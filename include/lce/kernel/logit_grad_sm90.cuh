@@ -136,7 +136,7 @@ struct logit_grad_sm90 {
             d[e] = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + e], r, c + e == target_col);
           }
           if (c + 1 < p.grad.cols) {
-            store_pair(out + c, d[0], d[1]);
+            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }
@@ -170,7 +170,7 @@ struct logit_grad_sm90 {
             const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
             const float d1 =
                 lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
-            w[k] = pack_pair(d0, d1);
+            w[k] = lce::detail::sm90::pack_pair<Element>(d0, d1);
           }
           // Swap lane bit 0 with word bit 0, then lane bit 1 with word bit 1.
 #pragma unroll
@@ -198,16 +198,6 @@ struct logit_grad_sm90 {
             *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
           }
         }
-      }
-    }
-
-    __device__ __forceinline__ static std::uint32_t pack_pair(float a, float b) {
-      if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-        const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-        return *reinterpret_cast<const std::uint32_t*>(&v);
-      } else {
-        const __half2 v = __floats2half2_rn(a, b);
-        return *reinterpret_cast<const std::uint32_t*>(&v);
       }
     }
 
@@ -243,7 +233,7 @@ struct logit_grad_sm90 {
           }
           Element* out = p.dz + rows[h] * p.ldz;
           if (c + 1 < g.cols) {
-            store_pair(out + c, d[0], d[1]);
+            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }
@@ -252,14 +242,6 @@ struct logit_grad_sm90 {
     }
 
     __device__ __forceinline__ void finish() {}
-
-    __device__ __forceinline__ static void store_pair(Element* at, float a, float b) {
-      if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-        *reinterpret_cast<__nv_bfloat162*>(at) = __floats2bfloat162_rn(a, b);
-      } else {
-        *reinterpret_cast<__half2*>(at) = __floats2half2_rn(a, b);
-      }
-    }
   };
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {

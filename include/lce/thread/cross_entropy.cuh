@@ -140,14 +140,21 @@ __host__ __device__ inline float softmax_prob(float z, float lse) noexcept {
   return expf(d > 0.0f ? 0.0f : d);
 }
 
-/// @brief One element of the gradient w.r.t. the transformed logit z. With `filter_eps` > 0
-/// (loss_options::filter_eps) an entry other than the target's whose p is below it is 0.
+/// @brief One element of the gradient w.r.t. the transformed logit, from its probability p.
+/// With `filter_eps` > 0 (loss_options::filter_eps) an entry other than the target's whose p is
+/// below it is 0.
+__host__ __device__ inline float logit_grad_of_prob(const grad_coeffs& c, float p, bool is_target,
+                                                    float w_v, float filter_eps = 0.0f) noexcept {
+  if (!is_target && p < filter_eps) return 0.0f;
+  return c.p * p - (is_target ? c.target : 0.0f) - c.weight * w_v;
+}
+
+/// @brief One element of the gradient w.r.t. the transformed logit z (logit_grad_of_prob of
+/// p = e^{z − lse}).
 __host__ __device__ inline float logit_grad(const grad_coeffs& c, float z, float lse,
                                             bool is_target, float w_v,
                                             float filter_eps = 0.0f) noexcept {
-  const float p = softmax_prob(z, lse);
-  if (!is_target && p < filter_eps) return 0.0f;
-  return c.p * p - (is_target ? c.target : 0.0f) - c.weight * w_v;
+  return logit_grad_of_prob(c, softmax_prob(z, lse), is_target, w_v, filter_eps);
 }
 
 /// @brief One element of the logit gradient without options: g·(exp(z − lse) − [is_target]).
