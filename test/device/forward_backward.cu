@@ -34,6 +34,9 @@ std::vector<variant> variants(bool with_small_budget) {
           {lce::backward_strategy::row_chunked, std::size_t{1} << 20, "row_chunked/1MiB"});
     }
   }
+  // No recomputation: the sm_90a forward's stored values (elsewhere, and with bias or class
+  // weights, its fallback: the automatic plan).
+  out.push_back({lce::backward_strategy::stored, default_budget, "stored"});
   return out;
 }
 

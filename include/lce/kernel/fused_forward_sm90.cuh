@@ -18,6 +18,7 @@
 #include "../block/tile_pipeline_sm90.cuh"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
+#include "../warp/quad_store.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -29,9 +30,9 @@ namespace kernel {
 /// the row's lse, p = e^{z − m}·e^{m − lse} (kernel/stored_grad.cuh).
 template <class Element>
 struct stored_exp {
-  Element* values = nullptr;     ///< [n, ld]
+  Element* values = nullptr;     ///< [n, ld], 16-byte aligned
   float* tile_max = nullptr;     ///< [n, tiles]
-  std::int64_t ld = 0;           ///< even
+  std::int64_t ld = 0;           ///< a multiple of 8
   std::int64_t tiles = 0;        ///< ⌈v / tile_cols⌉
   std::int64_t tile_cols = 0;    ///< the forward kernel's block_v
 };
@@ -263,11 +264,19 @@ struct fused_forward_sm90 {
                                                     const std::int64_t (&rows)[2],
                                                     const float (&mx)[2]) {
     const stored_exp<Element>& st = p.store;
+    const bool full = vocab0 + block_v <= p.v;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (rows[h] >= p.n) continue;
-      if (quad == 0) st.tile_max[rows[h] * st.tiles + vocab0 / block_v] = mx[h];
+      const bool row_in = rows[h] < p.n;
+      if (row_in && quad == 0) st.tile_max[rows[h] * st.tiles + vocab0 / block_v] = mx[h];
       Element* out = st.values + rows[h] * st.ld + vocab0;
+      if (full) {  // 16-byte stores (st.ld is a multiple of 8, so every tile start is aligned)
+        warp::quad_store_row<block_v>(out, quad, row_in, [&](int j) {
+          return detail::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+        });
+        continue;
+      }
+      if (!row_in) continue;
 #pragma unroll
       for (int j = 0; j < block_v / 8; ++j) {
         const int c = 8 * j + 2 * quad;

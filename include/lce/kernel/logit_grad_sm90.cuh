@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../warp/quad_store.cuh"
 #include "logit_grad.cuh"
 
 LCE_NAMESPACE_BEGIN
@@ -144,60 +145,23 @@ struct logit_grad_sm90 {
       }
     }
 
-    /// A full tile with 16-byte stores. For each row and each group of 4 column octets, the
-    /// quad's lanes hold 4 × 4 packed pairs (lane q: pairs 2q, 2q + 1 of every octet); two
-    /// butterfly exchanges (shfl.xor 1, then 2) transpose them so that lane q holds the whole
-    /// octet 4·g + q, which it writes with one 16-byte store: a quad writes 64 contiguous bytes
-    /// of a row (two full 32-byte sectors) where the pair stores wrote 4-byte pieces of eight
-    /// rows per instruction, half-filling each sector. Every lane takes part in the shuffles;
-    /// rows past the chunk only skip the store.
+    /// A full tile with 16-byte stores (warp::quad_store_row).
     template <bool Softcap, bool Filter>
     __device__ __forceinline__ void store_full_tile_wide(float (&acc)[frag], std::int64_t t) {
       const std::int64_t tile_col = t * block_v;
-      const bool b0 = (quad & 1) != 0, b1 = (quad & 2) != 0;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const row_grad& r = rg[h];
         const std::int64_t local = r.y - p.grad.vocab0 - tile_col;
         const int target_col = local >= 0 && local < block_v ? static_cast<int>(local) : -1;
-#pragma unroll
-        for (int g = 0; g < block_v / 32; ++g) {
-          std::uint32_t w[4];
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int j = 4 * g + k;
-            const int c = 8 * j + 2 * quad;  // tile-local column of the pair
-            const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
-            const float d1 =
-                lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
-            w[k] = lce::detail::sm90::pack_pair<Element>(d0, d1);
-          }
-          // Swap lane bit 0 with word bit 0, then lane bit 1 with word bit 1.
-#pragma unroll
-          for (int hi = 0; hi < 2; ++hi) {
-            const std::uint32_t send = b0 ? w[2 * hi] : w[2 * hi + 1];
-            const std::uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 1);
-            if (b0) {
-              w[2 * hi] = recv;
-            } else {
-              w[2 * hi + 1] = recv;
-            }
-          }
-#pragma unroll
-          for (int lo = 0; lo < 2; ++lo) {
-            const std::uint32_t send = b1 ? w[lo] : w[2 + lo];
-            const std::uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 2);
-            if (b1) {
-              w[lo] = recv;
-            } else {
-              w[2 + lo] = recv;
-            }
-          }
-          if (rows[h] < p.rows) {
-            Element* out = p.dz + rows[h] * p.ldz + tile_col + 8 * (4 * g + quad);
-            *reinterpret_cast<uint4*>(out) = make_uint4(w[0], w[1], w[2], w[3]);
-          }
-        }
+        warp::quad_store_row<block_v>(
+            p.dz + rows[h] * p.ldz + tile_col, quad, rows[h] < p.rows, [&](int j) {
+              const int c = 8 * j + 2 * quad;  // tile-local column of the pair
+              const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
+              const float d1 =
+                  lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
+              return lce::detail::sm90::pack_pair<Element>(d0, d1);
+            });
       }
     }
 
