@@ -598,8 +598,8 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   if (!listing) {
-    if (!has_cuda_device()) {
-      std::fprintf(stderr, "lce_bench: no CUDA device found\n");
+    if (const std::string why = cuda_device_problem(); !why.empty()) {
+      std::fprintf(stderr, "lce_bench: no usable CUDA device: %s\n", why.c_str());
       return 1;
     }
     try {

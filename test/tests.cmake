@@ -10,10 +10,16 @@ lce_add_test(NAME thread
     support/reference_options.cu)
 
 # CPU: argument validation and the workspace protocol of the public API (launches nothing),
-# and the robustness checks: n = 0, alignment, overlapping buffers, device_status.
+# the robustness checks (n = 0, alignment, overlapping buffers, device_status) and the verdicts
+# of the device check.
 lce_add_test(NAME contract
   SOURCES contract/forward.cu contract/backward.cu contract/forward_backward.cu
-    contract/robustness.cu)
+    contract/robustness.cu contract/device_check.cu)
+# The contract tests never launch a kernel, so their device code is built as compute_80 PTX
+# only: one device pass and no ptxas, 40% of the time of an "80;90a" build. The same kernels
+# (default configurations, every element and gradient type) are built for every architecture,
+# through ptxas, by the GPU tests below.
+set_property(TARGET contract PROPERTY CUDA_ARCHITECTURES 80-virtual)
 
 # GPU: against the fp64 references; the GPU reference's own check rides with the forward.
 lce_add_test(NAME device_forward GPU
@@ -51,6 +57,8 @@ if(TARGET lce::nccl)
 
   lce_add_test(NAME nccl_contract SOURCES nccl/contract.cu)
   target_link_libraries(nccl_contract PRIVATE lce::nccl)
+  # Launches nothing, as the contract test: PTX only (nccl_vocab_parallel builds the kernels).
+  set_property(TARGET nccl_contract PROPERTY CUDA_ARCHITECTURES 80-virtual)
   set_tests_properties(nccl_contract PROPERTIES LABELS "cpu;nccl")
 
   add_executable(nccl_vocab_parallel nccl/vocab_parallel.cu)
@@ -69,3 +77,9 @@ endif()
 lce_add_test(NAME device_arch_fallback GPU
   SOURCES device/arch_fallback.cu support/gpu_reference.cu)
 set_property(TARGET device_arch_fallback PROPERTY CUDA_ARCHITECTURES 80 90)
+
+# GPU: a binary with sm_80 SASS only (no PTX): on a device of another major architecture the
+# launcher's device check must refuse with a message that names the fix (an 8.x device runs it).
+lce_add_test(NAME device_no_kernel_image GPU
+  SOURCES device/no_kernel_image.cu)
+set_property(TARGET device_no_kernel_image PROPERTY CUDA_ARCHITECTURES 80-real)

@@ -46,12 +46,17 @@ inline void check(cublasStatus_t status, const char* what, const char* file, int
 
 namespace lce_example {
 
-/// Whether a usable CUDA device is present (false when the driver or the device is missing).
-inline bool has_cuda_device() noexcept {
+/// Why no CUDA device is usable (CUDA's error name and reason: a missing driver, a driver
+/// older than the runtime, devices hidden by CUDA_VISIBLE_DEVICES, ...), or an empty string
+/// when one is.
+inline std::string cuda_device_problem() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) (void)cudaGetLastError();
-  return status == cudaSuccess && count > 0;
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::string(cudaGetErrorName(status)) + " (" + cudaGetErrorString(status) + ")";
+  }
+  return count > 0 ? std::string() : std::string("the runtime reports 0 devices");
 }
 
 constexpr double mib(std::size_t bytes) noexcept { return static_cast<double>(bytes) / (1 << 20); }

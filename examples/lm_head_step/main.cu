@@ -276,8 +276,8 @@ int run_with_grad(const settings& s) {
 
 int main(int argc, char** argv) {
   const settings s = parse(argc, argv);
-  if (!has_cuda_device()) {
-    std::fprintf(stderr, "lm_head_step: no CUDA device found\n");
+  if (const std::string why = cuda_device_problem(); !why.empty()) {
+    std::fprintf(stderr, "lm_head_step: no usable CUDA device: %s\n", why.c_str());
     return 1;
   }
   try {

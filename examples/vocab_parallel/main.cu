@@ -270,8 +270,8 @@ int main(int argc, char** argv) {
   const int rank = env_int("RANK", 0);
   const int world = env_int("WORLD_SIZE", 1);
   const int local_rank = env_int("LOCAL_RANK", rank);
-  if (!has_cuda_device()) {
-    std::fprintf(stderr, "vocab_parallel: no CUDA device\n");
+  if (const std::string why = cuda_device_problem(); !why.empty()) {
+    std::fprintf(stderr, "vocab_parallel: no usable CUDA device: %s\n", why.c_str());
     return 1;
   }
   try {

@@ -158,6 +158,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) return device::run_empty_backward(args, shape, options, stream);
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  LCE_RETURN_IF_ERROR(device::check_current_device());
   detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return detail::cublas_failure(scope.status(), "handle setup");

@@ -94,6 +94,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
     empty.db = args.db;
     return device::run_empty_backward(empty, shape, options, stream);
   }
+  LCE_RETURN_IF_ERROR(device::check_current_device());
 
   float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;

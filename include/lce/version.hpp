@@ -2,6 +2,13 @@
 /// @brief Library version and the ABI-versioned namespace macros.
 #pragma once
 
+// Every lce header includes this one, so a translation unit compiled for a target below sm_80
+// stops here with the fix, not deep inside the kernels (cp.async, bf16 tensor cores and
+// __reduce_*_sync need sm_80; nvcc's and CMake's default target is older).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "lce needs compute capability 8.0 or newer: compile for sm_80 or newer (nvcc -arch=sm_80; in CMake, CUDA_ARCHITECTURES or CMAKE_CUDA_ARCHITECTURES 80;90a)"
+#endif
+
 #define LCE_VERSION_MAJOR 0
 #define LCE_VERSION_MINOR 1
 #define LCE_VERSION_PATCH 0

@@ -129,6 +129,37 @@ TEMPLATE_TEST_CASE("forward rejects invalid arguments by name", "[contract][forw
   }
 }
 
+TEMPLATE_TEST_CASE("forward: the size bound in the message is the bound enforced",
+                   "[contract][forward][limits]", float, __half, __nv_bfloat16) {
+  // (2^31 - 65) / 2: cuBLAS takes int sizes, and a 16-bit view of an fp32 chunk doubles its
+  // leading dimension (docs/api.md, lce::problem).
+  constexpr std::int64_t bound = 1073741791;
+  // Small other extents, so that the fake buffers (64 GiB apart) stay disjoint.
+  struct extent_case {
+    const char* name;
+    std::int64_t lce::problem::*member;
+    const char* message;
+  };
+  const extent_case cases[] = {
+      {"n", &lce::problem::n, "shape.n, shape.d and shape.v must each be at most 1073741791"},
+      {"d", &lce::problem::d, "shape.n, shape.d and shape.v must each be at most 1073741791"},
+      {"v", &lce::problem::v, "shape.n, shape.d and shape.v must each be at most 1073741791"},
+      {"ldx", &lce::problem::ldx, "leading dimensions must be at most 1073741791"},
+      {"ldw", &lce::problem::ldw, "leading dimensions must be at most 1073741791"},
+  };
+  const lce::forward_args<TestType> args = valid_forward_args<TestType>();
+  for (const extent_case& tc : cases) {
+    CAPTURE(tc.name);
+    lce::problem shape{2, 1, 3};
+    shape.*tc.member = bound;
+    std::size_t bytes = 0;
+    check_success(lce::forward<TestType>(nullptr, bytes, args, shape));
+    CHECK(bytes > 0);
+    shape.*tc.member = bound + 1;
+    check_invalid(lce::forward<TestType>(nullptr, bytes, args, shape), tc.message);
+  }
+}
+
 TEMPLATE_TEST_CASE("forward: workspace pointer and error-message lifetime", "[contract][forward]",
                    float, __half, __nv_bfloat16) {
   const lce::forward_args<TestType> args = valid_forward_args<TestType>();

@@ -285,3 +285,34 @@ TEMPLATE_TEST_CASE("outputs must not overlap inputs, other outputs or the worksp
                   "args.dx overlaps args.x");
   }
 }
+
+TEMPLATE_TEST_CASE("without a usable device, a launch that passes every argument check stops at "
+                   "the device check, before any kernel or cuBLAS call",
+                   "[contract][device_check]", float, __half, __nv_bfloat16) {
+  int devices = 0;
+  const cudaError_t count = cudaGetDeviceCount(&devices);
+  (void)cudaGetLastError();
+  if (count == cudaSuccess && devices > 0) {
+    WARN("a CUDA device is present: fake pointers must not reach it, so this case is skipped");
+    return;
+  }
+  const lce::problem shape{300, 72, 127};
+  // Each failure must come from the device check ("lce: cudaGetDevice: ..." or the attribute
+  // query), not from a launch ("lce: <kernel>: ...") or the fake cuBLAS handle (a crash).
+  auto check_refused = [](cudaError_t status) {
+    const std::string message = lce::last_error_message();
+    CAPTURE(message);
+    CHECK(status != cudaSuccess);
+    CHECK(status != cudaErrorInvalidValue);
+    CHECK((message.rfind("lce: cudaGetDevice: ", 0) == 0 ||
+           message.rfind("lce: cudaDeviceGetAttribute: ", 0) == 0));
+  };
+  std::size_t ample = lce_test::unlimited_bytes;
+  check_refused(lce::forward<TestType>(fake_workspace(), ample, forward_args_all<TestType>(),
+                                       shape));
+  check_refused(lce::backward(fake_workspace(), ample, backward_args_all<TestType, float>(),
+                              shape, {}, {}, fake_handle()));
+  check_refused(lce::forward_backward(fake_workspace(), ample,
+                                      forward_backward_args_all<TestType, float>(), shape, {},
+                                      {}, fake_handle()));
+}

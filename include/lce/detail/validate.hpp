@@ -18,20 +18,21 @@ namespace detail {
 /// Largest extent the GEMMs accept (cuBLAS takes int sizes; a 16-bit view of an fp32 chunk
 /// doubles its leading dimension).
 inline constexpr std::int64_t max_extent = (std::int64_t{INT_MAX} - 64) / 2;
+static_assert(max_extent == 1073741791, "the messages below state max_extent: keep them true");
 
 inline cudaError_t validate_problem(const problem& s) noexcept {
   if (s.n < 0) return invalid("shape.n (tokens) must be >= 0");
   if (s.d <= 0) return invalid("shape.d (hidden size) must be positive");
   if (s.v <= 0) return invalid("shape.v (vocabulary size) must be positive");
   if (s.n > max_extent || s.d > max_extent || s.v > max_extent)
-    return invalid("shape.n, shape.d and shape.v must each be below 2^30");
+    return invalid("shape.n, shape.d and shape.v must each be at most 1073741791");
   if (s.ldx != 0 && s.ldx < s.d) return invalid("shape.ldx must be 0 (dense) or >= shape.d");
   if (s.ldw != 0 && s.ldw < s.d) return invalid("shape.ldw must be 0 (dense) or >= shape.d");
   if (s.lddx != 0 && s.lddx < s.d) return invalid("shape.lddx must be 0 (dense) or >= shape.d");
   if (s.lddw != 0 && s.lddw < s.d) return invalid("shape.lddw must be 0 (dense) or >= shape.d");
   if (s.x_stride() > max_extent || s.w_stride() > max_extent || s.dx_stride() > max_extent ||
       s.dw_stride() > max_extent)
-    return invalid("leading dimensions must be below 2^30");
+    return invalid("leading dimensions must be at most 1073741791");
   return cudaSuccess;
 }
 

@@ -4,11 +4,13 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "../args.hpp"
 #include "../config.hpp"
+#include "../detail/device_check.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
@@ -154,6 +156,16 @@ inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* cl
   kernel::loss_scalars_kernel<threads><<<1, threads, 0, stream>>>(p);
   LCE_CHECK_LAUNCH("loss_scalars_kernel");
   return cudaSuccess;
+}
+
+/// @brief Whether the current device runs this translation unit's lce kernels
+/// (detail::check_device), probed with loss_scalars_kernel: every call that launches kernels
+/// launches it, and without this check its launch would be the first to fail, with a bare
+/// "no kernel image".
+inline cudaError_t check_current_device() noexcept {
+  static std::atomic<std::uint64_t> verified{0};
+  return detail::check_device(reinterpret_cast<const void*>(kernel::loss_scalars_kernel<512>),
+                              verified);
 }
 
 /// Enqueues the deterministic reduction: loss, z_loss (mean/sum only) and correct.

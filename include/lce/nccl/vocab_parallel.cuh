@@ -141,6 +141,7 @@ template <class Element, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   return detail::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options,
                                               stream);
 }
@@ -201,6 +202,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   lce::detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return lce::detail::cublas_failure(scope.status(), "handle setup");
@@ -250,6 +252,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(lce::device::check_current_device());
 
   float* lse = args.lse ? args.lse : lce::detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;
