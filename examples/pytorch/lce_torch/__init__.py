@@ -70,8 +70,10 @@ _STRATEGIES = {
     "vocab": 1,
     "row_chunked": 2,
     "row": 2,
+    "stored": 3,
 }
 _ROW_CHUNKED = 2
+_STORED = 3
 # Devices the operators have kernels for: CUDA, and meta (shape inference through the fake
 # implementations below).
 _DEVICE_TYPES = ("cuda", "meta")
@@ -275,7 +277,7 @@ def _parse_strategy(strategy: str) -> int:
         return _STRATEGIES[strategy]
     except KeyError:
         raise ValueError(
-            "lce_torch: strategy must be 'auto', 'vocab_chunked' or 'row_chunked', "
+            "lce_torch: strategy must be 'auto', 'vocab_chunked', 'row_chunked' or 'stored', "
             f"got {strategy!r}"
         ) from None
 
@@ -421,8 +423,11 @@ def linear_cross_entropy(
             against target t + 1 of the same sequence (x [B, T, D] or [T, D], target of the
             same leading shape, unshifted) and ignores the last position; an int T does the
             same on rows grouped by T. No copy of the targets is made.
-        strategy: the backward's organisation, 'auto', 'vocab_chunked' or 'row_chunked'
-            (docs/algorithm.md). row_chunked computes dW in fp32 (see fp32_weight_grad).
+        strategy: the backward's organisation, 'auto', 'vocab_chunked', 'row_chunked' or
+            'stored' (docs/algorithm.md). row_chunked computes dW in fp32 (see
+            fp32_weight_grad). 'stored' keeps e^(z - m) of every logit in 16 bits from the
+            forward instead of recomputing (n·V·2 bytes, whatever memory_budget says): it
+            computes the gradients in the forward (grad_in_forward), so 'mean' or 'sum' only.
         memory_budget: upper bound in bytes on the backward's workspace (default 256 MiB).
         fp32_weight_grad: compute dW/db in fp32 (one rounding instead of one per chunk, and
             what 'auto' needs to choose row_chunked); autograd casts them to the parameter's
@@ -448,6 +453,13 @@ def linear_cross_entropy(
     """
     red = _parse_reduction(reduction)
     strat = _parse_strategy(strategy)
+    if strat == _STORED:
+        if red == _NONE:
+            raise ValueError(
+                "lce_torch: strategy='stored' computes the gradients in the forward, which "
+                "needs reduction 'mean' or 'sum'"
+            )
+        grad_in_forward = True
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
     )

@@ -271,6 +271,23 @@ def test_strategy(dtype, strategy, fp32_weight_grad, grad_in_forward, budget, re
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("bias", [False, True])  # with a bias: its fallback (automatic)
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_strategy_stored(dtype, bias, softcap, seed):
+    """The stored strategy (gradients in the forward, no recomputation)."""
+    x, w, b, y = make_problem((300,), 200, 3001, dtype, bias=bias, ignore_fraction=0.1)
+    compare("strategy:stored", x, w, b, y, seed=seed,
+            options={"label_smoothing": 0.05, "z_loss": 1e-4, "softcap": softcap},
+            lce_options={"strategy": "stored"}, compare_torch=False)
+
+
+def test_strategy_stored_needs_a_reduction():
+    x, w, b, y = make_problem((8,), 16, 33, torch.bfloat16, bias=False)
+    with pytest.raises(ValueError, match="stored"):
+        lce_torch.linear_cross_entropy(x, w, y, strategy="stored", reduction="none")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_NAMES.get)
 def test_outputs(dtype, seed):
     """lse, z-loss, token loss, argmax, accuracy, entropy and target log-probability."""
     lead, d, v = (2, 50), 96, 777

@@ -81,9 +81,9 @@ lce::loss_options make_options(std::int64_t ignore_index, std::int64_t reduction
 }
 
 lce::backward_options make_backward_options(std::int64_t strategy, std::int64_t memory_budget) {
-  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 2,
-                    "lce_torch: strategy must be 0 (auto), 1 (vocab_chunked) or 2 "
-                    "(row_chunked), got ",
+  TORCH_CHECK_VALUE(strategy >= 0 && strategy <= 3,
+                    "lce_torch: strategy must be 0 (auto), 1 (vocab_chunked), 2 (row_chunked) "
+                    "or 3 (stored), got ",
                     strategy);
   lce::backward_options b;
   b.strategy = static_cast<lce::backward_strategy>(strategy);
@@ -423,6 +423,8 @@ const char* strategy_name(std::int64_t s) {
       return "vocab_chunked";
     case 2:
       return "row_chunked";
+    case 3:
+      return "stored";
     default:
       return "auto";
   }
