@@ -16,7 +16,7 @@ struct forward_backward_plan {
   std::size_t lse = 0;
   std::size_t backward = 0;  ///< offset of the backward's workspace
   device::backward_plan backward_plan;  ///< the chunked plan; with `stored`, its fallback
-  bool stored = false;                  ///< the stored strategy was asked for
+  bool stored = false;  ///< the stored strategy: asked for, or automatic's choice
   device::stored_plan stored_plan;      ///< from the same offset as backward_plan
   std::size_t bytes = 0;
 };
@@ -32,15 +32,41 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   workspace_layout backward_layout;
   p.backward_plan = device::make_backward_plan<Element, Grad>(s, b, backward_layout);
   p.bytes = p.backward + p.backward_plan.bytes;
-  if (b.strategy == backward_strategy::stored) {
-    p.stored = true;
-    workspace_layout stored_layout;
-    p.stored_plan = device::make_stored_plan<Element>(s, stored_layout);
+  workspace_layout stored_layout;
+  const device::stored_plan stored = device::make_stored_plan<Element>(s, stored_layout);
+  // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel;
+  // bias, class weights and the device are seen at the launch, which falls back to the chunked
+  // plan) and its workspace fits the budget: 3 GEMMs and no recomputation.
+  constexpr bool can_store =
+      sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
+  p.stored = b.strategy == backward_strategy::stored ||
+             (b.strategy == backward_strategy::automatic && can_store &&
+              stored.bytes <= b.memory_budget);
+  if (p.stored) {
+    p.stored_plan = stored;
     p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);
   }
   return p;
 }
 }  // namespace detail
+
+/// @brief What lce::forward_backward will do for a shape and options (as choose_backward for
+/// lce::backward): `stored` where asked for or where automatic takes it, else the chunked
+/// plan's strategy and chunk; workspace_bytes is the whole call's. With `bias_or_weights` (a
+/// bias or class weights are passed) the stored strategy cannot run and the chunked plan's
+/// strategy is reported, in the same workspace. The device is not consulted (a device without
+/// the sm_90a kernel also falls back).
+template <class Element, class Grad = Element, class Config = default_config<Element>>
+[[nodiscard]] backward_choice choose_forward_backward(const problem& shape,
+                                                      const backward_options& bopt = {},
+                                                      bool bias_or_weights = false) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
+  if (plan.stored && !bias_or_weights && sizeof(Element) == 2)
+    return {backward_strategy::stored, 0, plan.bytes, 0};
+  return {plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
+          plan.backward_plan.accumulator_bytes};
+}
 
 /// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and
 /// the backward's.

@@ -222,3 +222,39 @@ TEMPLATE_TEST_CASE("forward_backward accepts valid loss options and every option
   SECTION("Grad = Element") { check_valid_options<TestType, TestType>(); }
   SECTION("Grad = float") { check_valid_options<TestType, float>(); }
 }
+
+// forward_backward's choice: stored where asked for, or where automatic finds its n·v·2 bytes
+// within the budget (16-bit elements); the chunked plan otherwise, in the same workspace.
+TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fits the budget",
+                   "[contract][forward_backward][plan]", __half, __nv_bfloat16) {
+  const lce::problem shape{8192, 4096, 128256};  // Llama 3 head: stored values 2.1 GB
+  const std::size_t stored_values = 8192ull * 128256 * 2;
+  lce::backward_options bopt;  // automatic, 256 MiB: no room for stored
+  lce::backward_choice c = lce::choose_forward_backward<TestType>(shape, bopt);
+  CHECK(c.strategy == lce::backward_strategy::vocab_chunked);
+  CHECK(c.workspace_bytes == lce::forward_backward_workspace_size<TestType>(shape, bopt));
+  CHECK(c.workspace_bytes < stored_values);
+
+  bopt.memory_budget = std::size_t{4} << 30;
+  c = lce::choose_forward_backward<TestType>(shape, bopt);
+  CHECK(c.strategy == lce::backward_strategy::stored);
+  CHECK(c.workspace_bytes >= stored_values);
+  CHECK(c.workspace_bytes == lce::forward_backward_workspace_size<TestType>(shape, bopt));
+  // A bias or class weights: the chunked plan runs, in the same workspace.
+  const lce::backward_choice fallback =
+      lce::choose_forward_backward<TestType>(shape, bopt, /*bias_or_weights=*/true);
+  CHECK(fallback.strategy != lce::backward_strategy::stored);
+  CHECK(fallback.workspace_bytes == c.workspace_bytes);
+
+  bopt.strategy = lce::backward_strategy::stored;  // asked for: whatever the budget
+  bopt.memory_budget = std::size_t{1} << 20;
+  c = lce::choose_forward_backward<TestType>(shape, bopt);
+  CHECK(c.strategy == lce::backward_strategy::stored);
+  CHECK(c.workspace_bytes >= stored_values);
+
+  // fp32 inputs never store.
+  lce::backward_options big;
+  big.memory_budget = std::size_t{16} << 30;
+  CHECK(lce::choose_forward_backward<float>(shape, big).strategy !=
+        lce::backward_strategy::stored);
+}
