@@ -166,7 +166,7 @@ struct floor_setup {
     workspace = device_buffer<unsigned char>(floor_workspace);
     context& ctx = context::get();
     constexpr cublasOperation_t N = CUBLAS_OP_N, T = CUBLAS_OP_T;
-    // Column-major, as naive.cuh: Zᵀ [v, n] = W·Xᵀ, dXᵀ [d, n] = Wᵀ·dZᵀ, dWᵀ [d, v] = Xᵀ·dZ.
+    // Column-major, as naive.cuh: Zᵀ [v, n] = W·Xᵀ, dXᵀ [d, n] = Wᵀ·dZᵀ, dWᵀ [d, v] = Xᵀ·dZ
     z_gemm = std::make_unique<lt_gemm>(ctx.lt, T, N, s.v, s.n, s.d, s.d, s.d, s.v, CUDA_R_16BF);
     dx_gemm = std::make_unique<lt_gemm>(ctx.lt, N, N, s.d, s.n, s.v, s.d, s.v, s.d, CUDA_R_16BF);
     dw_gemm = std::make_unique<lt_gemm>(ctx.lt, N, T, s.d, s.v, s.n, s.d, s.v, s.d, CUDA_R_16BF);
@@ -574,9 +574,11 @@ void register_benchmarks() {
       const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
       const std::string name = rows + "/" + variant_name(c);
       if (c.strategy == lce::backward_strategy::row_chunked)
-        add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt, lce::loss_options{});
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt,
+            lce::loss_options{});
       else
-        add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt, lce::loss_options{});
+        add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt,
+            lce::loss_options{});
     }
     add("fwdbwd/naive" + rows, bm_naive_forward_backward, s, data_family::lm);
   }

@@ -57,9 +57,8 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
 /// strategy is reported, in the same workspace. The device is not consulted (a device without
 /// the sm_90a kernel also falls back).
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] backward_choice choose_forward_backward(const problem& shape,
-                                                      const backward_options& bopt = {},
-                                                      bool bias_or_weights = false) noexcept {
+[[nodiscard]] backward_choice choose_forward_backward(
+    const problem& shape, const backward_options& bopt = {}, bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (plan.stored && !bias_or_weights && sizeof(Element) == 2)

@@ -94,11 +94,9 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
     // an allowance of its own beyond the budget, and the chunk keeps as many columns as the
     // whole budget holds or as the accumulator has (d), up to min_vocab_chunk. Without that the
     // chunks shrink to one granule and the passes over the accumulator dominate the backward.
+    const std::int64_t d_cols = s.d / vocab_chunk_granule * vocab_chunk_granule;
     const std::int64_t floor_cols =
-        p.dx_accumulator
-            ? std::min(min_vocab_chunk,
-                       std::max(cols_within(avail), s.d / vocab_chunk_granule * vocab_chunk_granule))
-            : 0;
+        p.dx_accumulator ? std::min(min_vocab_chunk, std::max(cols_within(avail), d_cols)) : 0;
     const std::int64_t cols = std::max({cols_within(left), floor_cols, vocab_chunk_granule});
     p.chunk = std::min(cols, s.v);
     p.chunk_ld = round_up(p.chunk, 8);

@@ -355,7 +355,8 @@ struct fused_forward_sm90 {
 template <class Element, class Config, bool General, bool Store = false>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     fused_forward_sm90_kernel(
-        const __grid_constant__ typename fused_forward_sm90<Element, Config, General, Store>::params p) {
+        const __grid_constant__
+        typename fused_forward_sm90<Element, Config, General, Store>::params p) {
   using kernel_t = fused_forward_sm90<Element, Config, General, Store>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];

@@ -52,7 +52,9 @@ __device__ __forceinline__ void quad_store_row(Element* out, int quad, bool stor
 #pragma unroll
     for (int k = 0; k < 4; ++k) w[k] = pair(4 * g + k);
     quad_transpose(w, quad);
-    if (store) *reinterpret_cast<uint4*>(out + 8 * (4 * g + quad)) = make_uint4(w[0], w[1], w[2], w[3]);
+    if (store) {
+      *reinterpret_cast<uint4*>(out + 8 * (4 * g + quad)) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
   }
 }
 
