@@ -4,7 +4,7 @@
 // through cuBLAS, as PyTorch eager does), with time, memory and the difference between the two.
 //
 //   lm_head_step [--n 8192] [--d 2304] [--v 256000] [--dtype bf16|fp16|fp32]
-//                [--strategy auto|vocab|row] [--grad element|fp32] [--budget-mib 256]
+//                [--strategy auto|vocab|row|stored] [--grad element|fp32] [--budget-mib 256]
 //                [--family lm|flat|peaked] [--seed S] [--iters 10]
 //
 // Exit status: 0 when the two paths agree, 2 when they differ beyond the expected rounding,
@@ -53,6 +53,8 @@ const char* strategy_name(lce::backward_strategy s) {
       return "vocab_chunked";
     case lce::backward_strategy::row_chunked:
       return "row_chunked";
+    case lce::backward_strategy::stored:
+      return "stored";
   }
   return "?";
 }
@@ -196,7 +198,8 @@ int run(const settings& s) {
                "  --n, --d, --v   tokens, hidden size, vocabulary (8192, 2304, 256000: Gemma 2)\n"
                "  --dtype         bf16 | fp16 | fp32: X, W and dX (bf16)\n"
                "  --grad          element | fp32: dW (element)\n"
-               "  --strategy      auto | vocab | row: lce's backward (auto); row needs fp32 dW\n"
+               "  --strategy      auto | vocab | row | stored: lce's backward (auto); row needs\n"
+               "                  fp32 dW; stored keeps 16-bit values of the forward (n*v*2 B)\n"
                "  --budget-mib    memory budget of lce's backward in MiB (256)\n"
                "  --family        lm | flat | peaked: the random data (lm)\n"
                "  --seed          seed of the data (a fresh one by default, printed)\n"
@@ -253,9 +256,10 @@ settings parse(int argc, char** argv) {
       known = parse_family(value, s.family);
     } else if (flag == "--strategy") {
       known = value == "auto" || value == "vocab" || value == "row";
-      s.strategy = value == "vocab" ? lce::backward_strategy::vocab_chunked
-                   : value == "row" ? lce::backward_strategy::row_chunked
-                                    : lce::backward_strategy::automatic;
+      s.strategy = value == "vocab"    ? lce::backward_strategy::vocab_chunked
+                   : value == "row"    ? lce::backward_strategy::row_chunked
+                   : value == "stored" ? lce::backward_strategy::stored
+                                       : lce::backward_strategy::automatic;
     } else {
       usage(("unknown flag " + flag).c_str());
     }
