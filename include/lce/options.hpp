@@ -72,7 +72,8 @@ struct loss_options {
 /// @brief How the backward pass is organised (docs/algorithm.md, "Strategies").
 enum class backward_strategy : int {
   /// row_chunked when dW/db are fp32 and the budget holds chunks of at least
-  /// min(n, 1024) whole rows; vocab_chunked otherwise
+  /// min(n, 1024) whole rows; vocab_chunked otherwise. In lce::forward_backward, `stored`
+  /// first, where its workspace fits the budget (16-bit elements, a Config with an sm_90a kernel)
   automatic = 0,
   /// recompute a vocabulary slice of Z for all rows; dW written once per slice. Backward:
   /// 3 GEMMs (Z, dX, dW) + a GEMV for db; forward_backward: 4 GEMMs (the forward's Z too)
