@@ -321,17 +321,21 @@ TEMPLATE_TEST_CASE("a training step under stream capture: graph replays give the
             args.x, args.w, args.bias, args.targets, args.lse, nullptr, args.dx, args.dw, args.db};
         std::size_t f_bytes = 0;
         std::size_t b_bytes = 0;
+        // lce::backward has no forward to store from: stored is forward_backward's alone.
+        lce::backward_options b_opt = bopt;
+        if (b_opt.strategy == lce::backward_strategy::stored)
+          b_opt.strategy = lce::backward_strategy::automatic;
         LCE_TEST_REQUIRE_OK(
             lce::forward<TestType>(nullptr, f_bytes, f_args, data.shape, data.options));
         LCE_TEST_REQUIRE_OK(
-            lce::backward(nullptr, b_bytes, b_args, data.shape, data.options, bopt, ctx.handle()));
+            lce::backward(nullptr, b_bytes, b_args, data.shape, data.options, b_opt, ctx.handle()));
         device_buffer<unsigned char> f_ws(f_bytes > 0 ? f_bytes : 1);
         device_buffer<unsigned char> b_ws(b_bytes > 0 ? b_bytes : 1);
         const captured_graph graph(ctx.stream(), [&] {
           const cudaError_t status = lce::forward<TestType>(f_ws.data(), f_bytes, f_args,
                                                             data.shape, data.options, ctx.stream());
           if (status != cudaSuccess) return status;
-          return lce::backward(b_ws.data(), b_bytes, b_args, data.shape, data.options, bopt,
+          return lce::backward(b_ws.data(), b_bytes, b_args, data.shape, data.options, b_opt,
                                ctx.handle(), ctx.stream());
         });
         INFO("forward + backward, lce: " << graph.message());
