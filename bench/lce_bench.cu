@@ -521,7 +521,7 @@ void register_benchmarks() {
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};
       // row_chunked re-reads and re-writes the fp32 dW once per row chunk: with the default
-      // budget that is ~30 chunks at full scale; 1 GiB (issue 4's budget of the fast path) and
+      // budget that is ~30 chunks at full scale; 1 GiB (the fast path's budget) and
       // 4 GiB show the cost of fewer chunks.
       if (f == data_family::lm) {
         variants.push_back({lce::backward_strategy::row_chunked, 1024});  // target 3's budget

@@ -62,8 +62,8 @@ struct sm90_tile_config {
 template <class Element>
 struct default_config : tile_config<128, 128, 32, 2, 4, 4> {
   /// Without bias and class weights (softcap and temperature allowed): 256-wide tiles, in
-  /// clusters of two blocks that share each W box (2–3% faster than single blocks on the
-  /// H200: bench/NOTES.md v7).
+  /// clusters of two blocks that share each W box by multicast, which halves that operand's
+  /// L2-to-SM traffic.
   using sm90 = sm90_tile_config<256, 4, 2>;
   /// With a bias or class weights: their per-column loads need the registers of a narrower
   /// tile.

@@ -63,9 +63,8 @@ struct loss_options {
   /// backward, every entry of dZ whose softmax probability p_v is below filter_eps, except the
   /// target's, is taken as 0 (its label-smoothing and z-loss terms with it). 0, the default,
   /// computes every entry. In [0, 1). The forward and the loss do not depend on it. lce's
-  /// gradient GEMMs do not skip zero tiles (no work is saved; on an H200 the mostly-zero dZ
-  /// still made the backward 13–15% faster through the GEMMs' lower power): it exists to
-  /// compare with filtering peers (bench/RESULTS.md reports its speed and gradient error).
+  /// gradient GEMMs do not skip zero tiles, so no work is saved: it exists to compare with
+  /// filtering peers (bench/RESULTS.md reports its speed and gradient error).
   float filter_eps = 0.0f;
 };
 

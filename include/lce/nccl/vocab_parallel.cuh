@@ -66,9 +66,8 @@ inline cudaError_t validate_common(const problem& shape, const vocab_shard& shar
 }
 }  // namespace detail
 
-/// @brief Bytes per row that one rank contributes to the collectives of a call: what the
-/// issue's communication budget counts (a ring all-reduce moves about 2·(k − 1)/k times this
-/// over each rank's links).
+/// @brief Bytes per row that one rank contributes to the collectives of a call (a ring
+/// all-reduce moves about 2·(k − 1)/k times this over each rank's links).
 struct communication_volume {
   std::size_t forward_bytes_per_row;   ///< row max, Σ exp, target logit (12 B) + options
   std::size_t backward_bytes_per_row;  ///< the fp32 dX row: 4·d B
