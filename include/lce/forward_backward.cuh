@@ -61,7 +61,9 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
     const problem& shape, const backward_options& bopt = {}, bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
-  if (plan.stored && !bias_or_weights && sizeof(Element) == 2)
+  constexpr bool can_store =
+      sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
+  if (plan.stored && can_store && !bias_or_weights)
     return {backward_strategy::stored, 0, plan.bytes, 0};
   return {plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
           plan.backward_plan.accumulator_bytes};

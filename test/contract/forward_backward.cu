@@ -223,6 +223,9 @@ TEMPLATE_TEST_CASE("forward_backward accepts valid loss options and every option
   SECTION("Grad = float") { check_valid_options<TestType, float>(); }
 }
 
+/// A tile configuration without an sm_90a kernel: the stored forward cannot run with it.
+struct contract_mma_sync_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+
 // forward_backward's choice: stored where asked for, or where automatic finds its n·v·2 bytes
 // within the budget (16-bit elements); the chunked plan otherwise, in the same workspace.
 TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fits the budget",
@@ -251,6 +254,9 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   c = lce::choose_forward_backward<TestType>(shape, bopt);
   CHECK(c.strategy == lce::backward_strategy::stored);
   CHECK(c.workspace_bytes >= stored_values);
+  // ... but not with a Config that has no sm_90a kernel: its chunked plan runs.
+  CHECK(lce::choose_forward_backward<TestType, TestType, contract_mma_sync_config>(shape, bopt)
+            .strategy != lce::backward_strategy::stored);
 
   // fp32 inputs never store.
   lce::backward_options big;
