@@ -11,6 +11,12 @@
 LCE_NAMESPACE_BEGIN
 
 namespace detail {
+/// Whether the stored forward can run with these types (bias, class weights and the device
+/// are only known at the launch): 16-bit elements and a Config with an sm_90a kernel.
+template <class Element, class Config>
+inline constexpr bool can_store =
+    sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
+
 struct forward_backward_plan {
   device::forward_plan forward;
   std::size_t lse = 0;
@@ -37,10 +43,8 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel;
   // bias, class weights and the device are seen at the launch, which falls back to the chunked
   // plan) and its workspace fits the budget: 3 GEMMs and no recomputation.
-  constexpr bool can_store =
-      sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
   p.stored = b.strategy == backward_strategy::stored ||
-             (b.strategy == backward_strategy::automatic && can_store &&
+             (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
               stored.bytes <= b.memory_budget);
   if (p.stored) {
     p.stored_plan = stored;
@@ -61,9 +65,7 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
     const problem& shape, const backward_options& bopt = {}, bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
-  constexpr bool can_store =
-      sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
-  if (plan.stored && can_store && !bias_or_weights)
+  if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights)
     return {backward_strategy::stored, 0, plan.bytes, 0};
   return {plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
           plan.backward_plan.accumulator_bytes};

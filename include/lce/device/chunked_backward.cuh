@@ -10,6 +10,8 @@
 /// On sm_90a with 16-bit inputs the recompute and dZ are one lce kernel instead
 /// (kernel/logit_grad_sm90.cuh) writing 16-bit dZ, no fp32 chunk, so each chunk covers twice
 /// the plan's columns (vocab_chunked) or rows (row_chunked with the lse given).
+/// The stored strategy's backward (forward_backward only: dZ from the forward's stored values,
+/// no recompute) is here too: stored_plan, run_stored_backward.
 #pragma once
 
 #include <algorithm>
