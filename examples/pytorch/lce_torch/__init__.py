@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ._targets import _check_targets, _parse_check_targets
+
 __all__ = [
     "LinearCrossEntropy",
     "LinearCrossEntropyFunction",
@@ -385,6 +387,7 @@ def linear_cross_entropy(
     return_target_logprob: bool = False,
     *,
     filter_eps: float = 0.0,
+    check_targets: Union[str, bool] = "device",
 ) -> Union[Tensor, LinearCrossEntropyOutput]:
     """Cross-entropy of the logits ``x @ weight.T + bias`` against ``target``, fused.
 
@@ -407,7 +410,7 @@ def linear_cross_entropy(
         weight: [V, D] classifier (the LM head), x's dtype. A row-strided view (a slice of a
             padded embedding) is read in place.
         target: x's leading shape (or as many elements), int64 or int32 token ids in [0, V)
-            or ``ignore_index``. A target outside [0, V) is treated as ignored (no host check).
+            or ``ignore_index``; any other value fails (see check_targets).
         bias: optional [V] bias, x's dtype.
         ignore_index: rows with this target contribute nothing and are not counted.
         reduction: 'mean' (over valid rows; 0 when all are ignored, never NaN), 'sum' or
@@ -446,6 +449,13 @@ def linear_cross_entropy(
             Cross-Entropy filters by default with eps(dtype)/32, 2**-12 in bfloat16; pass
             filter_eps=2**-12 to compare with it. lce's gradient GEMMs do not skip the zeroed
             entries, so filtering saves no time.
+        check_targets: what a scored target outside [0, V) that is not ignore_index does
+            (keyword only). 'device' (default): a device-side assertion, as F.cross_entropy
+            makes on CUDA: no host synchronization, legal under CUDA graph capture and
+            torch.compile; it costs a few tiny kernels (a few microseconds) and a failure ends
+            the process's CUDA context. 'host': a ValueError with the count, at the price of
+            a host synchronization (not under graph capture). 'off': no check; such a row is
+            treated as ignored (lce's C++ behaviour).
 
     Returns:
         The loss (float32: a scalar, or per-token losses with reduction 'none'), or a
@@ -478,6 +488,8 @@ def linear_cross_entropy(
         outputs |= _WANT_ENTROPY
     if return_target_logprob:
         outputs |= _WANT_TARGET_LOGPROB
+    _check_targets(_parse_check_targets(check_targets), target2, w2.shape[0], int(ignore_index),
+                   seq_len)
     fp32_grad = bool(fp32_weight_grad or strat == _ROW_CHUNKED)
     results = LinearCrossEntropyFunction.apply(
         x2, w2, bias, target2, class_weight, int(ignore_index), red, float(label_smoothing),
@@ -512,7 +524,7 @@ class LinearCrossEntropy(nn.Module):
     """Module form of linear_cross_entropy: ``loss = LinearCrossEntropy(...)(x, weight, target)``.
 
     Holds the options (class_weight as a buffer; filter_eps, the opt-in approximate gradient
-    filter, as linear_cross_entropy documents it); forward(x, weight, target, bias=None)
+    filter, and check_targets as linear_cross_entropy documents them); forward(x, weight, target, bias=None)
     returns what linear_cross_entropy returns. The weight is an argument, not a parameter, so
     that a tied or sharded LM head stays where the model keeps it (Liger-Kernel's
     LigerFusedLinearCrossEntropyLoss does the same, with (weight, x, target) order).
@@ -533,10 +545,12 @@ class LinearCrossEntropy(nn.Module):
         fp32_weight_grad: bool = False,
         grad_in_forward: bool = False,
         filter_eps: float = 0.0,
+        check_targets: Union[str, bool] = "device",
     ):
         super().__init__()
         _parse_reduction(reduction)
         _parse_strategy(strategy)
+        _parse_check_targets(check_targets)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -549,6 +563,7 @@ class LinearCrossEntropy(nn.Module):
         self.fp32_weight_grad = fp32_weight_grad
         self.grad_in_forward = grad_in_forward
         self.filter_eps = filter_eps
+        self.check_targets = check_targets
         self.register_buffer("class_weight", class_weight, persistent=False)
 
     def forward(self, x: Tensor, weight: Tensor, target: Tensor,
@@ -560,14 +575,14 @@ class LinearCrossEntropy(nn.Module):
             temperature=self.temperature, class_weight=self.class_weight, shift=self.shift,
             strategy=self.strategy, memory_budget=self.memory_budget,
             fp32_weight_grad=self.fp32_weight_grad, grad_in_forward=self.grad_in_forward,
-            filter_eps=self.filter_eps, **returns,
+            filter_eps=self.filter_eps, check_targets=self.check_targets, **returns,
         )
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, "
                 f"softcap={self.softcap}, temperature={self.temperature}, shift={self.shift}, "
-                f"strategy={self.strategy!r}"
+                f"strategy={self.strategy!r}, check_targets={self.check_targets!r}"
                 + (f", filter_eps={self.filter_eps}" if self.filter_eps else ""))
 
 
@@ -608,6 +623,7 @@ def linear_cross_entropy_forward_backward_into(
     strategy: str = "auto",
     memory_budget: Optional[int] = None,
     filter_eps: float = 0.0,
+    check_targets: Union[str, bool] = "device",
 ) -> Tensor:
     """Loss and gradients in one call, outside autograd (lce::forward_backward).
 
@@ -617,12 +633,14 @@ def linear_cross_entropy_forward_backward_into(
     accumulation over micro-batches into fp32 "main grad" buffers, Megatron-style. dw and db
     may be float32 or x's dtype (float32 allows row_chunked). Returns the loss (per-token for
     'none'). ``filter_eps`` > 0 filters the gradients (approximate; the loss is unchanged) as
-    linear_cross_entropy documents.
+    linear_cross_entropy documents, and so does ``check_targets``.
     """
     red = _parse_reduction(reduction)
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
     )
+    _check_targets(_parse_check_targets(check_targets), target2, w2.shape[0], int(ignore_index),
+                   seq_len)
     outputs = _ops.forward_backward_into(
         x2, w2, bias, target2, class_weight, int(ignore_index), red, float(label_smoothing),
         float(z_loss), float(softcap) if softcap is not None else 0.0, float(temperature),
@@ -656,17 +674,20 @@ def linear_cross_entropy_backward_into(
     strategy: str = "auto",
     memory_budget: Optional[int] = None,
     filter_eps: float = 0.0,
+    check_targets: Union[str, bool] = "device",
 ) -> None:
     """The backward alone, outside autograd (lce::backward), from the lse a forward returned
     (``linear_cross_entropy(..., return_lse=True).lse``) with the same options. ``grad`` is
     the upstream gradient (a scalar for mean/sum, x's leading shape for none; None means 1).
     Writes (or, with ``accumulate=True``, adds into) dx, dw and db as
     linear_cross_entropy_forward_backward_into does; ``filter_eps`` > 0 filters them
-    (approximate) as linear_cross_entropy documents."""
+    (approximate) as linear_cross_entropy documents, and so does ``check_targets``."""
     red = _parse_reduction(reduction)
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
     )
+    _check_targets(_parse_check_targets(check_targets), target2, w2.shape[0], int(ignore_index),
+                   seq_len)
     _ops.backward_into(
         x2, w2, bias, target2, lse.reshape(-1), grad, class_weight, int(ignore_index), red,
         float(label_smoothing), float(z_loss), float(softcap) if softcap is not None else 0.0,

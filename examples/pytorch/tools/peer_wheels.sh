@@ -7,6 +7,8 @@
 #
 #   bash examples/pytorch/tools/peer_wheels.sh            # Liger-Kernel, CCE: one batch
 #   CUTEDSL=1 bash examples/pytorch/tools/peer_wheels.sh  # + quack-kernels, CuTe DSL: two
+#   HF=1 bash examples/pytorch/tools/peer_wheels.sh       # + transformers and its dependencies
+#                                                         #   (tests/test_hf.py; ~45 MiB)
 #
 # The versions are the ones bench/peers.py was written against. Target: CPython 3.12,
 # manylinux x86_64, CUDA 13 (PYVER overrides the Python version). --no-deps: torch, triton,
@@ -27,6 +29,15 @@ if [[ ${CUTEDSL:-0} == 1 ]]; then
 fi
 pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" \
   --platform manylinux_2_28_x86_64 -d "$tmp" "${wheels[@]}"
+if [[ ${HF:-0} == 1 ]]; then
+  # With its dependencies (tokenizers, huggingface-hub, ...), less those torch brings along:
+  # a second numpy or typing_extensions on PYTHONPATH would shadow the machine's own.
+  pip download --quiet --only-binary=:all: --python-version "$pyver" \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d "$tmp" \
+    -r "$root/examples/pytorch/tests/requirements-hf.txt"
+  rm -f "$tmp"/numpy-* "$tmp"/typing_extensions-* "$tmp"/filelock-* "$tmp"/fsspec-*
+fi
 
 # Wheels over the limit are cut into parts (name.whl.part-00, -01, ...; cat restores them).
 for w in "$tmp"/*.whl; do
