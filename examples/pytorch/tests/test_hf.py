@@ -15,55 +15,21 @@ lce's kernels. Needs transformers (tests/requirements-hf.txt pins the tested ver
 import importlib
 import math
 import os
-import pathlib
 import random
-import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+import lce_standin
+from lce_standin import ON_GPU
 
 transformers = pytest.importorskip("transformers")
 
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]  # examples/pytorch
-ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
-def _reference_linear_cross_entropy(x, weight, target, bias=None, *, ignore_index=-100,
-                                    reduction="mean", softcap=None, shift=False,
-                                    label_smoothing=0.0, z_loss=0.0, **unused):
-    """What lce computes, with materialized fp32 logits (the CPU stand-in for lce)."""
-    z = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    if shift:
-        pad = torch.full_like(target[..., :1], ignore_index)
-        target = torch.cat([target[..., 1:], pad], dim=-1)
-    z, target = z.reshape(-1, z.shape[-1]), target.reshape(-1)
-    loss = F.cross_entropy(z, target, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=label_smoothing)
-    if z_loss:
-        valid = target != ignore_index
-        term = z_loss * torch.logsumexp(z, -1) ** 2 * valid
-        loss = loss + (term.sum() / valid.sum().clamp(min=1) if reduction == "mean"
-                       else term.sum())
-    return loss
-
-
-if ON_GPU:
-    sys.path.insert(0, str(PACKAGE_DIR))
-    import lce_torch  # noqa: E402
-    import lce_torch.hf as hf  # noqa: E402
-else:
-    # The package's __init__ loads the CUDA extension; on the CPU only hf.py is imported,
-    # under a stand-in package whose linear_cross_entropy is the reference above.
-    stub = types.ModuleType("lce_torch")
-    stub.__path__ = [str(PACKAGE_DIR / "lce_torch")]
-    stub.linear_cross_entropy = _reference_linear_cross_entropy
-    sys.modules.setdefault("lce_torch", stub)
-    hf = importlib.import_module("lce_torch.hf")
+lce_torch = lce_standin.load()
+hf = importlib.import_module("lce_torch.hf")
 
 VOCAB = 503  # prime: no tile divides it
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -8,29 +8,19 @@ process.
 """
 
 import importlib
-import pathlib
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 import torch
 
-PACKAGE_DIR = pathlib.Path(__file__).resolve().parents[1]  # examples/pytorch
-ON_GPU = torch.cuda.is_available()
+import lce_standin
+from lce_standin import ON_GPU, PACKAGE_DIR
+
 DEVICES = ["cpu"] + (["cuda"] if ON_GPU else [])
-
-if ON_GPU:
-    sys.path.insert(0, str(PACKAGE_DIR))
-    import lce_torch  # noqa: E402
-
-    targets = importlib.import_module("lce_torch._targets")
-else:  # the package's __init__ needs the CUDA extension; _targets.py does not
-    stub = types.ModuleType("lce_torch")
-    stub.__path__ = [str(PACKAGE_DIR / "lce_torch")]
-    sys.modules.setdefault("lce_torch", stub)
-    targets = importlib.import_module("lce_torch._targets")
+lce_torch = lce_standin.load()
+targets = importlib.import_module("lce_torch._targets")
 
 V = 50
 
