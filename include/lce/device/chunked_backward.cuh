@@ -399,66 +399,185 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
 }
 
 /// Workspace regions of the `stored` strategy's backward (lce::forward_backward): the values
-/// e^{z − m} [n, ld] in the element type, the tile maxima [n, tiles] and the ones of db. The
-/// tile count is an upper bound for every sm_90a tile width (≥ vocab_chunk_granule columns).
+/// e^{z − m} [rows, ld] in the element type, the tile maxima [rows, tiles] and the ones of db,
+/// for `rows` rows at a time. rows = n: one chunk, after a forward over all rows. rows < n
+/// (row chunks, when the n rows do not fit the budget; fp32 dW): the forward runs chunk by
+/// chunk, each chunk's kernel writing its vocabulary-split statistics to `partial` (`splits`
+/// per row at most). The tile count is an upper bound for every sm_90a tile width
+/// (≥ vocab_chunk_granule columns).
 struct stored_plan {
-  std::size_t ones = 0, values = 0, tile_max = 0;
-  std::int64_t ld = 0, tiles = 0;
+  std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
+  std::int64_t ld = 0, tiles = 0, rows = 0;
   std::size_t bytes = 0;
 };
 
+/// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
+/// forward uses (0 for one chunk, whose forward is lce's own).
 template <class Element>
-stored_plan make_stored_plan(const problem& s, detail::workspace_layout& layout) noexcept {
+stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
+                             detail::workspace_layout& layout) noexcept {
   stored_plan p;
-  const auto n = static_cast<std::size_t>(s.n);
-  p.ones = layout.reserve<Element>(n);
+  p.rows = rows;
+  const auto r = static_cast<std::size_t>(rows);
+  p.ones = layout.reserve<Element>(r);
   p.ld = round_up(s.v, 8);
   p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
-  p.values = layout.reserve<Element>(n * static_cast<std::size_t>(p.ld));
-  p.tile_max = layout.reserve<float>(n * static_cast<std::size_t>(p.tiles));
+  p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
+  p.tile_max = layout.reserve<float>(r * static_cast<std::size_t>(p.tiles));
+  p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
   return p;
 }
 
-/// The stored strategy's backward, after the forward wrote `st` (with a.lse, the forward's
-/// `scalars` and fp32 `target_logit`): dZ in place over the stored values, then dX = dZ·W,
-/// dW = dZᵀ·X and db = dZᵀ·1, each written once (added with o.accumulate).
+/// The stored plan in row chunks within `budget` (Element 16-bit, Config with an sm_90a
+/// kernel): as many rows per chunk as the budget holds, in whole row tiles of the kernel. rows
+/// is 0 where no chunk fits or where every row does (then one chunk is the plan).
+template <class Element, class Config>
+stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcept {
+  using config = typename sm90_config_of<Config>::type;
+  const std::int64_t granule = std::int64_t{config::block_m} * config::cluster_m;
+  const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
+  const auto tiles = static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
+  const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
+                              static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
+  const std::size_t slack = 4 * detail::workspace_layout::alignment;
+  std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
+  rows = rows / granule * granule;
+  if (rows <= 0 || rows >= s.n) return {};
+  problem chunk = s;
+  chunk.n = rows;
+  std::int64_t splits =
+      make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m).splits;
+  if (s.n % rows != 0) {  // the last, shorter chunk may take more splits
+    chunk.n = s.n % rows;
+    splits = std::max(splits, make_balanced_grid(chunk, config::block_m, config::block_v,
+                                                  config::cluster_m).splits);
+  }
+  detail::workspace_layout layout;
+  return make_stored_plan<Element>(s, rows, splits, layout);
+}
+
+/// The stored strategy's backward over rows [r0, r0 + rows) of the problem, after the forward
+/// wrote their values into `st` (with a.lse, the forward's `scalars` and fp32 `target_logit`,
+/// both by global row): dZ in place over the stored values, then dX's rows = dZ·W, and
+/// dW += dZᵀ·X, db += dZᵀ·1 — written (or, with o.accumulate, added) by the first chunk
+/// (r0 = 0), added to by the others (fp32 dW and db when there are several chunks).
 template <class Element, class Grad>
 cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
                                 const kernel::stored_exp<Element>& st,
                                 const kernel::loss_scalars* scalars, const float* target_logit,
                                 const backward_args<Element, Grad>& a, const problem& s,
-                                const loss_options& o, cublasHandle_t handle,
-                                cudaStream_t stream) noexcept {
+                                const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
+                                std::int64_t r0 = 0, std::int64_t rows = -1) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
   constexpr int threads = 256;
+  if (rows < 0) rows = s.n;
   const float* one = &scalars->one;
   const float* zero = &scalars->zero;
   const float* alpha = &scalars->alpha;
   const float* first_beta = o.accumulate ? one : zero;
-  const kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, 0), st,
-                                               target_logit};
+  const float* beta = r0 == 0 ? first_beta : one;
+  kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, 0), st,
+                                         target_logit};
+  sp.grad.row0 = r0;
   kernel::stored_grad_kernel<Element, threads>
-      <<<static_cast<unsigned>(s.n), threads, 0, stream>>>(sp);
+      <<<static_cast<unsigned>(rows), threads, 0, stream>>>(sp);
   LCE_CHECK_LAUNCH("stored_grad_kernel");
   const Element* dz = st.values;
-  if (a.dx != nullptr)  // dXᵀ [d, n] = Wᵀ · dZᵀ
-    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, s.n, s.v, alpha, a.w, s.w_stride(), dz, st.ld,
-                             first_beta, a.dx, s.dx_stride()));
-  if (a.dw != nullptr)  // dWᵀ [d, v] = Xᵀ · dZ
-    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, s.n, alpha, a.x, s.x_stride(), dz, st.ld,
-                             first_beta, a.dw, s.dw_stride()));
-  if (a.db != nullptr) {  // db [v, 1] = dZᵀ · 1
+  const Element* x_c = a.x + r0 * s.x_stride();
+  if (a.dx != nullptr)  // dX_cᵀ [d, rows] = Wᵀ · dZ_cᵀ
+    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, s.v, alpha, a.w, s.w_stride(), dz, st.ld,
+                             first_beta, a.dx + r0 * s.dx_stride(), s.dx_stride()));
+  if (a.dw != nullptr)  // dWᵀ [d, v] (+)= X_cᵀ · dZ_c
+    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, rows, alpha, x_c, s.x_stride(), dz, st.ld,
+                             beta, a.dw, s.dw_stride()));
+  if (a.db != nullptr) {  // db [v, 1] (+)= dZ_cᵀ · 1
     auto* ones = detail::at<Element>(ws, plan.ones);
-    kernel::fill_kernel<Element>
-        <<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(ones, s.n, 1.0f);
-    LCE_CHECK_LAUNCH("fill_kernel");
+    if (r0 == 0) {
+      kernel::fill_kernel<Element>
+          <<<std::min<std::int64_t>((rows + 255) / 256, 1024), 256, 0, stream>>>(ones, rows, 1.0f);
+      LCE_CHECK_LAUNCH("fill_kernel");
+    }
     LCE_RETURN_IF_ERROR(
-        gemm(handle, N, N, s.v, 1, s.n, alpha, dz, st.ld, ones, s.n, first_beta, a.db, s.v));
+        gemm(handle, N, N, s.v, 1, rows, alpha, dz, st.ld, ones, rows, beta, a.db, s.v));
   }
   return cudaSuccess;
+}
+
+/// Per-row outputs of rows [r0, ...): each pointer moved to the chunk's first row.
+inline kernel::row_outputs rows_from(kernel::row_outputs r, std::int64_t r0) noexcept {
+  const auto from = [r0](auto* p) { return p != nullptr ? p + r0 : p; };
+  return {from(r.lse),     from(r.token_loss), from(r.token_z_loss), from(r.argmax),
+          from(r.entropy), from(r.target_logprob), from(r.ce)};
+}
+
+/// The stored strategy in row chunks (plan.rows < n; fp32 dW and db, which every chunk adds
+/// to): for each chunk, the lean sm_90a forward over its rows stores their values, the rows'
+/// statistics are combined into the lse and every per-row output, and run_stored_backward
+/// forms their gradients; the loss is reduced over all rows at the end. `fa` is the forward's
+/// arguments with fa.lse set (a.lse the same), `fplan` the forward plan of the whole problem
+/// in `fwd_ws` (its scalars, target logits and per-row regions serve every chunk).
+/// `launched` is false, with nothing enqueued, where the store kernel cannot run (a bias or
+/// class weights, a device without the sm_90a kernel, operands its copy engine cannot read).
+template <class Element, class Grad, class Config>
+cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
+                              const stored_plan& plan, const forward_args<Element>& fa,
+                              const backward_args<Element, Grad>& a, const problem& s,
+                              const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
+                              bool& launched) noexcept {
+  using config = typename sm90_config_of<Config>::type;
+  launched = false;
+  if constexpr (std::is_void_v<config> || sizeof(Element) != 2) {
+    return cudaSuccess;
+  } else {
+    if (fa.bias != nullptr || fa.class_weight != nullptr) return cudaSuccess;
+    {  // the checks of the first launch, before anything is enqueued
+      typename kernel::fused_forward_sm90<Element, config, false, true>::params probe{};
+      problem first = s;
+      first.n = std::min(plan.rows, s.n);
+      if (!prepare_sm90_forward<Element, config, false, true>(probe, fa, first))
+        return cudaSuccess;
+    }
+    launched = true;
+    auto* scalars = detail::at<kernel::loss_scalars>(fwd_ws, fplan.scalars);
+    auto* target_logit = detail::at<float>(fwd_ws, fplan.target_logit);
+    auto* partial = detail::at<thread::row_stats>(ws, plan.partial);
+    LCE_RETURN_IF_ERROR(
+        run_loss_scalars(fa.targets, nullptr, nullptr, s, o, scalars, fa.status, stream));
+    const kernel::row_outputs all_rows = make_row_outputs(fwd_ws, fplan, fa);
+    const kernel::stored_exp<Element> st{detail::at<Element>(ws, plan.values),
+                                         detail::at<float>(ws, plan.tile_max), plan.ld,
+                                         (s.v + config::block_v - 1) / config::block_v,
+                                         config::block_v};
+    constexpr int combine_threads = 256;
+    for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
+      problem chunk = s;
+      chunk.n = std::min(plan.rows, s.n - r0);
+      forward_args<Element> fc = fa;
+      fc.x = fa.x + r0 * s.x_stride();
+      const forward_grid grid =
+          make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m);
+      bool ran = false;
+      std::int64_t splits = 0;
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, config, false, true>(
+          grid, fc, chunk, o, 0, partial, target_logit + r0, ran, splits, stream, &st, r0)));
+      if (!ran) return detail::invalid("stored forward: the sm_90a kernel stopped launching");
+      kernel::row_loss_params loss = make_row_loss_params(fa.targets, s, o, nullptr, scalars);
+      loss.targets.row_offset = r0;
+      const kernel::combine_params cp{partial, target_logit + r0, chunk.n, splits, loss,
+                                      rows_from(all_rows, r0)};
+      const auto blocks =
+          static_cast<unsigned>((chunk.n + combine_threads - 1) / combine_threads);
+      kernel::combine_rows_kernel<combine_threads><<<blocks, combine_threads, 0, stream>>>(cp);
+      LCE_CHECK_LAUNCH("combine_rows_kernel");
+      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, a, s, o,
+                                              handle, stream, r0, chunk.n));
+    }
+    return run_reduce_loss(all_rows, fa.targets, s, o, scalars, fa.loss, fa.z_loss, fa.correct,
+                           stream);
+  }
 }
 
 /// lce::backward's and lce::forward_backward's backward: the whole vocabulary, dX into the

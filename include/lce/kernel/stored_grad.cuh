@@ -11,7 +11,8 @@
 /// the derivative factor 1 − (z/c)²). No bias and no class weights (the lean forward that
 /// stores the values has neither).
 ///
-/// One block per row; each thread reads and writes 8 elements (16 bytes) at a time.
+/// One block per row of a chunk of rows (grad.row0: its first global row; the stored values
+/// hold the chunk's rows); each thread reads and writes 8 elements (16 bytes) at a time.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,8 @@ template <class Element>
 struct stored_grad_params {
   logit_grad_params<Element> grad;  ///< lse, targets, scalars, options (logits, bias unused)
   stored_exp<Element> store;        ///< values in, dZ out
-  const float* target_logit;        ///< [n] the forward's fp32 target logits (transformed)
+  const float* target_logit;        ///< [n] the forward's fp32 target logits (transformed),
+                                    ///< by global row
 };
 
 template <class Element, int Threads>
@@ -36,11 +38,13 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     stored_grad_kernel(const stored_grad_params<Element> p) {
   constexpr float log2e = 1.4426950408889634f;
   constexpr int per = 8;  // elements per 16-byte access
-  const std::int64_t row = blockIdx.x;
+  // The stored values are the chunk's (local rows); everything else is indexed by global row.
+  const std::int64_t local = blockIdx.x;
+  const std::int64_t row = p.grad.row0 + local;
   const row_grad rg = make_row_grad(p.grad, row);
   const stored_exp<Element>& st = p.store;
-  Element* values = st.values + row * st.ld;
-  const float* tile_max = st.tile_max + row * st.tiles;
+  Element* values = st.values + local * st.ld;
+  const float* tile_max = st.tile_max + local * st.tiles;
   const std::int64_t v = p.grad.v;
   const thread::logit_transform& tf = p.grad.transform;
   const float cap = tf.softcap;
