@@ -173,8 +173,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
       return device::run_stored_backward(
           backward_ws, plan.stored_plan, st,
           detail::at<kernel::loss_scalars>(d_workspace, plan.forward.scalars),
-          detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape, options, handle,
-          stream);
+          detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape,
+          device::vocab_window{0, shape.v}, nullptr, options, handle, stream);
     }
     return device::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
                                                        options, handle, stream);

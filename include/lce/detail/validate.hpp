@@ -64,7 +64,7 @@ inline cudaError_t validate_backward_options(const backward_options& b, bool fp3
   if (b.strategy == backward_strategy::stored && !with_forward)
     return invalid(
         "backward_options.strategy stored needs the forward's stored values: only "
-        "lce::forward_backward runs it");
+        "lce::forward_backward and lce::nccl::forward_backward run it");
   if (b.strategy == backward_strategy::row_chunked && !fp32_grad)
     return invalid("backward_options.strategy row_chunked needs fp32 dW/db (Grad = float)");
   return cudaSuccess;

@@ -457,41 +457,60 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcep
   return make_stored_plan<Element>(s, rows, splits, layout);
 }
 
-/// The stored strategy's backward over rows [r0, r0 + rows) of the problem, after the forward
-/// wrote their values into `st` (with a.lse, the forward's `scalars` and fp32 `target_logit`,
-/// both by global row): dZ in place over the stored values, then dX's rows = dZ·W, and
-/// dW += dZᵀ·X, db += dZᵀ·1 — written (or, with o.accumulate, added) by the first chunk
-/// (r0 = 0), added to by the others (fp32 dW and db when there are several chunks).
+/// The rows of one stored backward: [r0, r0 + count) of the problem (count < 0: all n).
+struct row_range {
+  std::int64_t r0 = 0;
+  std::int64_t count = -1;
+};
+
+/// The stored strategy's backward over a range of rows and a vocabulary window (`window`: the
+/// rows of a.w, a.bias, a.dw and a.db, as run_chunked_backward takes it), after the forward
+/// wrote the range's values of the window into `st` (with a.lse, the forward's `scalars` and
+/// fp32 `target_logit`, by global row): dZ in place over the stored values, then dX's rows =
+/// dZ·W_window — into the caller's a.dx, or with `dx_partial` (dense fp32 [n, d]) the window's
+/// partial sum for a collective to reduce — and dW += dZᵀ·X, db += dZᵀ·1, written (or, with
+/// o.accumulate, added) by the first range (r0 = 0), added to by the others (fp32 dW and db
+/// when there are several).
 template <class Element, class Grad>
 cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
                                 const kernel::stored_exp<Element>& st,
                                 const kernel::loss_scalars* scalars, const float* target_logit,
                                 const backward_args<Element, Grad>& a, const problem& s,
+                                const vocab_window& window, float* dx_partial,
                                 const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
-                                std::int64_t r0 = 0, std::int64_t rows = -1) noexcept {
+                                row_range range = {}) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
   constexpr int threads = 256;
-  if (rows < 0) rows = s.n;
+  const std::int64_t r0 = range.r0;
+  const std::int64_t rows = range.count < 0 ? s.n : range.count;
+  const std::int64_t v = window.rows;
   const float* one = &scalars->one;
   const float* zero = &scalars->zero;
   const float* alpha = &scalars->alpha;
   const float* first_beta = o.accumulate ? one : zero;
   const float* beta = r0 == 0 ? first_beta : one;
-  kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, 0), st,
-                                         target_logit};
+  kernel::stored_grad_params<Element> sp{
+      make_logit_grad_params(a, s, o, scalars, window.begin), st, target_logit};
   sp.grad.row0 = r0;
+  sp.grad.vocab0 = window.begin;
+  sp.grad.cols = v;
   kernel::stored_grad_kernel<Element, threads>
       <<<static_cast<unsigned>(rows), threads, 0, stream>>>(sp);
   LCE_CHECK_LAUNCH("stored_grad_kernel");
   const Element* dz = st.values;
   const Element* x_c = a.x + r0 * s.x_stride();
-  if (a.dx != nullptr)  // dX_cᵀ [d, rows] = Wᵀ · dZ_cᵀ
-    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, s.v, alpha, a.w, s.w_stride(), dz, st.ld,
-                             first_beta, a.dx + r0 * s.dx_stride(), s.dx_stride()));
+  if (a.dx != nullptr) {  // dX_cᵀ [d, rows] = W_windowᵀ · dZ_cᵀ
+    if (dx_partial != nullptr)
+      LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, v, alpha, a.w, s.w_stride(), dz, st.ld,
+                               zero, dx_partial + r0 * s.d, s.d));
+    else
+      LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, v, alpha, a.w, s.w_stride(), dz, st.ld,
+                               first_beta, a.dx + r0 * s.dx_stride(), s.dx_stride()));
+  }
   if (a.dw != nullptr)  // dWᵀ [d, v] (+)= X_cᵀ · dZ_c
-    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, rows, alpha, x_c, s.x_stride(), dz, st.ld,
+    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, v, rows, alpha, x_c, s.x_stride(), dz, st.ld,
                              beta, a.dw, s.dw_stride()));
   if (a.db != nullptr) {  // db [v, 1] (+)= dZ_cᵀ · 1
     auto* ones = detail::at<Element>(ws, plan.ones);
@@ -501,7 +520,7 @@ cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
       LCE_CHECK_LAUNCH("fill_kernel");
     }
     LCE_RETURN_IF_ERROR(
-        gemm(handle, N, N, s.v, 1, rows, alpha, dz, st.ld, ones, rows, beta, a.db, s.v));
+        gemm(handle, N, N, v, 1, rows, alpha, dz, st.ld, ones, rows, beta, a.db, v));
   }
   return cudaSuccess;
 }
@@ -572,8 +591,9 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
           static_cast<unsigned>((chunk.n + combine_threads - 1) / combine_threads);
       kernel::combine_rows_kernel<combine_threads><<<blocks, combine_threads, 0, stream>>>(cp);
       LCE_CHECK_LAUNCH("combine_rows_kernel");
-      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, a, s, o,
-                                              handle, stream, r0, chunk.n));
+      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, a, s,
+                                              vocab_window{0, s.v}, nullptr, o, handle, stream,
+                                              row_range{r0, chunk.n}));
     }
     return run_reduce_loss(all_rows, fa.targets, s, o, scalars, fa.loss, fa.z_loss, fa.correct,
                            stream);

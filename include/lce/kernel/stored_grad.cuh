@@ -30,7 +30,8 @@ struct stored_grad_params {
   logit_grad_params<Element> grad;  ///< lse, targets, scalars, options (logits, bias unused)
   stored_exp<Element> store;        ///< values in, dZ out
   const float* target_logit;        ///< [n] the forward's fp32 target logits (transformed),
-                                    ///< by global row
+                                    ///< by global row; read for rows whose target is in the
+                                    ///< window (grad.vocab0, grad.cols) only
 };
 
 template <class Element, int Threads>
@@ -45,16 +46,19 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const stored_exp<Element>& st = p.store;
   Element* values = st.values + local * st.ld;
   const float* tile_max = st.tile_max + local * st.tiles;
-  const std::int64_t v = p.grad.v;
+  // Columns of the vocabulary window: v of them from global id vocab0 (the whole vocabulary,
+  // or an lce::nccl shard); the target is a global id.
+  const std::int64_t v = p.grad.cols;
+  const std::int64_t target = rg.y - p.grad.vocab0;
   const thread::logit_transform& tf = p.grad.transform;
   const float cap = tf.softcap;
-  // The target's probability from its exact fp32 logit (only read where the row has one).
-  const bool has_target = rg.active && rg.y >= 0 && rg.y < v;
+  // The target's probability from its exact fp32 logit (only read where the window has it).
+  const bool has_target = rg.active && target >= 0 && target < v;
   const float z_target = has_target ? p.target_logit[row] : 0.0f;
   const float p_target = thread::softmax_prob(z_target, rg.lse);
 
   auto grad_of = [&](float e, float m, std::int64_t c) {
-    const bool is_target = c == rg.y;
+    const bool is_target = c == target;
     const float prob =
         is_target ? p_target : e * lce::detail::sm90::fast_exp2((m - rg.lse) * log2e);
     float dzdraw = tf.inv_temperature;
