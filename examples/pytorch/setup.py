@@ -23,7 +23,7 @@ _spec = importlib.util.spec_from_file_location("lce_torch_build", HERE / "lce_to
 build_config = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build_config)
 nccl = build_config.find_nccl()
-print(f"lce_torch: NCCL {'at ' + str(nccl.include_dir) if nccl else 'not found'}: the "
+print(f"lce_torch: NCCL {'at ' + str(nccl.include_dir) if nccl else 'not used'}: the "
       f"vocabulary-parallel operators are {'built' if nccl else 'left out'}")
 
 setup(
