@@ -220,7 +220,8 @@ def compare(world, seed, dtype, *, lead=(96,), d=64, v=1037, uneven=False, expli
             assert (r is None) == (g is None), f"{name} {context}"
             if r is not None:
                 error = rel(g, r)
-                assert error <= loss_tolerance(dtype), f"{name}: relative error {error:.3e} {context}"
+                assert error <= loss_tolerance(dtype), \
+                    f"{name}: relative error {error:.3e} {context}"
                 identical[name] = g
         if ref.argmax is not None:
             mismatched = (got.argmax != ref.argmax).sum().item()

@@ -19,6 +19,8 @@
 // x [n, d], target [n] and class_weight [V] are global (the same on every rank); weight
 // [v_end - v_begin, d] and bias are this rank's rows of the global [V, d] head; `vocab_size`
 // is V. Every rank of the communicator makes the same call in the same order.
+#include "nccl_ops.h"
+
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,8 +32,6 @@
 #include <string>
 #include <tuple>
 #include <vector>
-
-#include "nccl_ops.h"
 
 #ifndef LCE_TORCH_WITH_NCCL
 #error "nccl_ops.cpp is compiled only with NCCL (load.py defines LCE_TORCH_WITH_NCCL)"
@@ -86,8 +86,9 @@ pybind11::bytes nccl_unique_id() {
 std::int64_t nccl_comm_init(const std::string& unique_id, std::int64_t ranks, std::int64_t rank,
                             std::int64_t device) {
   ncclUniqueId id;
-  TORCH_CHECK_VALUE(unique_id.size() == sizeof(id.internal), "lce_torch: the NCCL unique id must "
-                    "have ", sizeof(id.internal), " bytes, got ", unique_id.size());
+  TORCH_CHECK_VALUE(unique_id.size() == sizeof(id.internal),
+                    "lce_torch: the NCCL unique id must have ", sizeof(id.internal), " bytes, got ",
+                    unique_id.size());
   TORCH_CHECK_VALUE(ranks > 0 && rank >= 0 && rank < ranks, "lce_torch: rank ", rank,
                     " is not in [0, ", ranks, ")");
   TORCH_CHECK_VALUE(device >= 0, "lce_torch: device must be a CUDA device index, got ", device);
@@ -117,9 +118,7 @@ void nccl_comm_destroy(std::int64_t handle, bool abort) {
 // ----------------------------------------------------------------------------------------------
 // Argument checks
 
-bool supported(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 at::Tensor row_major(const at::Tensor& t) {
   const bool unit_columns = t.size(1) <= 1 || t.stride(1) == 1;
@@ -188,8 +187,8 @@ shard_call make_shard_call(const at::Tensor& x_in, const at::Tensor& weight_in,
   c.shape.ldx = row_stride(c.x);
   c.shape.ldw = row_stride(c.weight);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows, "lce_torch: bias must be [",
-                      rows, "] (this rank's rows), got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows, "lce_torch: bias must be [", rows,
+                      "] (this rank's rows), got ", bias->sizes());
     TORCH_CHECK_VALUE(bias->scalar_type() == x_in.scalar_type(),
                       "lce_torch: bias must have x's dtype (", x_in.scalar_type(), "), got ",
                       bias->scalar_type());
@@ -201,8 +200,8 @@ shard_call make_shard_call(const at::Tensor& x_in, const at::Tensor& weight_in,
                     " elements (one per row of x), got ", target.sizes());
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
                     "lce_torch: target must be int64 (or int32), got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ",
-                    target.device(), ", x on ", x_in.device());
+  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ", target.device(),
+                    ", x on ", x_in.device());
   c.targets = target.reshape({n}).to(at::kLong).contiguous();
   if (class_weight.has_value() && class_weight->defined()) {
     TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == vocab_size,
@@ -259,10 +258,10 @@ at::Tensor or_empty(const at::Tensor& t, const call& c, at::ScalarType dtype) {
 }
 
 forward_result to_result(const call& c, const forward_outputs& o) {
-  return {or_empty(o.loss, c, at::kFloat),         or_empty(o.token_loss, c, at::kFloat),
-          or_empty(o.lse, c, at::kFloat),          or_empty(o.z_loss, c, at::kFloat),
-          or_empty(o.token_z_loss, c, at::kFloat), or_empty(o.argmax, c, at::kLong),
-          or_empty(o.correct, c, at::kLong),       or_empty(o.entropy, c, at::kFloat),
+  return {or_empty(o.loss, c, at::kFloat),          or_empty(o.token_loss, c, at::kFloat),
+          or_empty(o.lse, c, at::kFloat),           or_empty(o.z_loss, c, at::kFloat),
+          or_empty(o.token_z_loss, c, at::kFloat),  or_empty(o.argmax, c, at::kLong),
+          or_empty(o.correct, c, at::kLong),        or_empty(o.entropy, c, at::kFloat),
           or_empty(o.target_logprob, c, at::kFloat)};
 }
 
@@ -285,8 +284,8 @@ at::Tensor checked_lse(const at::Tensor& lse, const call& c) {
   TORCH_CHECK_VALUE(lse.numel() == c.shape.n && lse.scalar_type() == at::kFloat,
                     "lce_torch: lse must be the forward's float32 [", c.shape.n, "], got ",
                     lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK_VALUE(lse.device() == c.x.device(), "lce_torch: lse is on ", lse.device(),
-                    ", x on ", c.x.device());
+  TORCH_CHECK_VALUE(lse.device() == c.x.device(), "lce_torch: lse is on ", lse.device(), ", x on ",
+                    c.x.device());
   return lse.reshape({c.shape.n}).contiguous();
 }
 
@@ -328,8 +327,7 @@ void dispatch_backward(const shard_call& s, const gradients& g) {
   }
 }
 
-void dispatch_forward_backward(const shard_call& s, const forward_outputs& o,
-                               const gradients& g) {
+void dispatch_forward_backward(const shard_call& s, const forward_outputs& o, const gradients& g) {
   switch (s.c.x.scalar_type()) {
     case at::kFloat:
       return nccl_forward_backward_fp32(s, o, g);
@@ -361,14 +359,16 @@ forward_result nccl_forward_op(const at::Tensor& x, const at::Tensor& weight,
   return to_result(s.c, o);
 }
 
-gradient_result nccl_backward_op(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& lse, const std::optional<at::Tensor>& grad,
-    const std::optional<at::Tensor>& class_weight, std::int64_t comm, std::int64_t ranks,
-    std::int64_t v_begin, std::int64_t vocab_size, bool scatter_dx, std::int64_t ignore_index,
-    std::int64_t reduction, double label_smoothing, double z_loss, double softcap,
-    double temperature, std::int64_t shift_seq_len, double filter_eps, std::int64_t strategy,
-    std::int64_t memory_budget, bool need_dx, bool need_dw, bool need_db, bool fp32_weight_grad) {
+gradient_result nccl_backward_op(const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                                 const at::Tensor& lse, const std::optional<at::Tensor>& grad,
+                                 const std::optional<at::Tensor>& class_weight, std::int64_t comm,
+                                 std::int64_t ranks, std::int64_t v_begin, std::int64_t vocab_size,
+                                 bool scatter_dx, std::int64_t ignore_index, std::int64_t reduction,
+                                 double label_smoothing, double z_loss, double softcap,
+                                 double temperature, std::int64_t shift_seq_len, double filter_eps,
+                                 std::int64_t strategy, std::int64_t memory_budget, bool need_dx,
+                                 bool need_dw, bool need_db, bool fp32_weight_grad) {
   shard_call s =
       make_shard_call(x, weight, bias, target, class_weight, comm, v_begin, vocab_size, scatter_dx,
                       make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -389,10 +389,10 @@ nccl_forward_backward_op(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& class_weight, std::int64_t comm,
                          std::int64_t ranks, std::int64_t v_begin, std::int64_t vocab_size,
                          bool scatter_dx, std::int64_t ignore_index, std::int64_t reduction,
-                         double label_smoothing, double z_loss, double softcap,
-                         double temperature, std::int64_t shift_seq_len, double filter_eps,
-                         std::int64_t outputs, std::int64_t strategy, std::int64_t memory_budget,
-                         bool need_dx, bool need_dw, bool need_db, bool fp32_weight_grad) {
+                         double label_smoothing, double z_loss, double softcap, double temperature,
+                         std::int64_t shift_seq_len, double filter_eps, std::int64_t outputs,
+                         std::int64_t strategy, std::int64_t memory_budget, bool need_dx,
+                         bool need_dw, bool need_db, bool fp32_weight_grad) {
   shard_call s =
       make_shard_call(x, weight, bias, target, class_weight, comm, v_begin, vocab_size, scatter_dx,
                       make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
@@ -439,8 +439,8 @@ at::Tensor nccl_all_gather_op(const at::Tensor& x, std::int64_t comm, std::int64
   sizes[0] *= ranks;
   at::Tensor out = at::empty(sizes, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  const ncclResult_t result = ncclAllGather(send.data_ptr(), out.data_ptr(),
-                                            static_cast<std::size_t>(send.numel()), type, c, stream);
+  const ncclResult_t result = ncclAllGather(
+      send.data_ptr(), out.data_ptr(), static_cast<std::size_t>(send.numel()), type, c, stream);
   check_nccl(result == ncclInProgress ? ncclSuccess : result, "ncclAllGather", c);
   return out;
 }
@@ -461,28 +461,32 @@ void define_nccl_functions(pybind11::module_& m) {
 }  // namespace lce_torch
 
 #define LCE_TORCH_NCCL_SHARD_ARGS "int comm, int ranks, int v_begin, int vocab_size"
-#define LCE_TORCH_NCCL_LOSS_ARGS                                                                 \
-  "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "       \
+#define LCE_TORCH_NCCL_LOSS_ARGS                                                          \
+  "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, " \
   "float temperature, int shift_seq_len, float filter_eps"
-#define LCE_TORCH_NCCL_FORWARD_RETURNS                                                           \
-  "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, "            \
+#define LCE_TORCH_NCCL_FORWARD_RETURNS                                               \
+  "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, " \
   "Tensor argmax, Tensor correct, Tensor entropy, Tensor target_logprob"
 
 TORCH_LIBRARY_FRAGMENT(lce_torch, m) {
   m.def("nccl_all_gather(Tensor x, int comm, int ranks) -> Tensor");
-  m.def("nccl_forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS ", " LCE_TORCH_NCCL_LOSS_ARGS
-        ", int outputs) -> (" LCE_TORCH_NCCL_FORWARD_RETURNS ")");
-  m.def("nccl_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
-        "Tensor? grad, Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS
-        ", bool scatter_dx, " LCE_TORCH_NCCL_LOSS_ARGS
-        ", int strategy, int memory_budget, bool need_dx, bool need_dw, bool need_db, "
-        "bool fp32_weight_grad) -> (Tensor dx, Tensor dw, Tensor db)");
-  m.def("nccl_forward_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS ", bool scatter_dx, "
-        LCE_TORCH_NCCL_LOSS_ARGS ", int outputs, int strategy, int memory_budget, bool need_dx, "
-        "bool need_dw, bool need_db, bool fp32_weight_grad) -> (" LCE_TORCH_NCCL_FORWARD_RETURNS
-        ", Tensor dx, Tensor dw, Tensor db)");
+  m.def(
+      "nccl_forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS ", " LCE_TORCH_NCCL_LOSS_ARGS
+      ", int outputs) -> (" LCE_TORCH_NCCL_FORWARD_RETURNS ")");
+  m.def(
+      "nccl_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor? grad, Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS
+      ", bool scatter_dx, " LCE_TORCH_NCCL_LOSS_ARGS
+      ", int strategy, int memory_budget, bool need_dx, bool need_dw, bool need_db, "
+      "bool fp32_weight_grad) -> (Tensor dx, Tensor dw, Tensor db)");
+  m.def(
+      "nccl_forward_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, " LCE_TORCH_NCCL_SHARD_ARGS
+      ", bool scatter_dx, " LCE_TORCH_NCCL_LOSS_ARGS
+      ", int outputs, int strategy, int memory_budget, bool need_dx, "
+      "bool need_dw, bool need_db, bool fp32_weight_grad) -> (" LCE_TORCH_NCCL_FORWARD_RETURNS
+      ", Tensor dx, Tensor dw, Tensor db)");
 }
 
 TORCH_LIBRARY_IMPL(lce_torch, CUDA, m) {

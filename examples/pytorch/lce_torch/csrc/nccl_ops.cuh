@@ -20,8 +20,8 @@ inline lce::nccl::vocab_shard make_shard(const shard_call& s) {
   shard.comm = s.comm;
   shard.v_begin = s.v_begin;
   shard.v_end = s.v_end;
-  shard.dx = s.scatter_dx ? lce::nccl::dx_reduction::reduce_scatter
-                          : lce::nccl::dx_reduction::all_reduce;
+  shard.dx =
+      s.scatter_dx ? lce::nccl::dx_reduction::reduce_scatter : lce::nccl::dx_reduction::all_reduce;
   return shard;
 }
 
@@ -131,16 +131,16 @@ void nccl_forward_backward(const shard_call& s, const forward_outputs& o, const 
 }  // namespace lce_torch
 
 /// Defines the entry points of nccl_ops.h for one element type.
-#define LCE_TORCH_DEFINE_NCCL_ENTRY_POINTS(suffix, Element)                              \
-  namespace lce_torch {                                                                  \
-  void nccl_forward_##suffix(const shard_call& s, const forward_outputs& out) {          \
-    detail::nccl_forward<Element>(s, out);                                               \
-  }                                                                                      \
-  void nccl_backward_##suffix(const shard_call& s, const gradients& g) {                 \
-    detail::nccl_backward<Element>(s, g);                                                \
-  }                                                                                      \
-  void nccl_forward_backward_##suffix(const shard_call& s, const forward_outputs& out,   \
-                                      const gradients& g) {                              \
-    detail::nccl_forward_backward<Element>(s, out, g);                                   \
-  }                                                                                      \
+#define LCE_TORCH_DEFINE_NCCL_ENTRY_POINTS(suffix, Element)                            \
+  namespace lce_torch {                                                                \
+  void nccl_forward_##suffix(const shard_call& s, const forward_outputs& out) {        \
+    detail::nccl_forward<Element>(s, out);                                             \
+  }                                                                                    \
+  void nccl_backward_##suffix(const shard_call& s, const gradients& g) {               \
+    detail::nccl_backward<Element>(s, g);                                              \
+  }                                                                                    \
+  void nccl_forward_backward_##suffix(const shard_call& s, const forward_outputs& out, \
+                                      const gradients& g) {                            \
+    detail::nccl_forward_backward<Element>(s, out, g);                                 \
+  }                                                                                    \
   }

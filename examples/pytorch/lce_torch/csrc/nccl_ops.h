@@ -22,9 +22,9 @@ struct shard_call {
 };
 
 // Defined once per element type (nccl_ops_fp32.cu, nccl_ops_fp16.cu, nccl_ops_bf16.cu).
-#define LCE_TORCH_DECLARE_NCCL_ENTRY_POINTS(suffix)                                   \
-  void nccl_forward_##suffix(const shard_call& s, const forward_outputs& out);        \
-  void nccl_backward_##suffix(const shard_call& s, const gradients& g);               \
+#define LCE_TORCH_DECLARE_NCCL_ENTRY_POINTS(suffix)                                    \
+  void nccl_forward_##suffix(const shard_call& s, const forward_outputs& out);         \
+  void nccl_backward_##suffix(const shard_call& s, const gradients& g);                \
   void nccl_forward_backward_##suffix(const shard_call& s, const forward_outputs& out, \
                                       const gradients& g);
 
