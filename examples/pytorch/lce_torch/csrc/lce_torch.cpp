@@ -469,6 +469,11 @@ std::int64_t forward_workspace_py(std::int64_t n, std::int64_t d, std::int64_t v
 }
 
 }  // namespace
+
+#ifdef LCE_TORCH_WITH_NCCL
+void define_nccl_functions(pybind11::module_& m);  // nccl_ops.cpp
+#endif
+
 }  // namespace lce_torch
 
 #define LCE_TORCH_LOSS_ARGS                                                                      \
@@ -519,4 +524,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_workspace_size", &lce_torch::forward_workspace_py, pybind11::arg("n"),
         pybind11::arg("d"), pybind11::arg("v"), pybind11::arg("dtype"),
         "lce::forward_workspace_size in bytes");
+#ifdef LCE_TORCH_WITH_NCCL
+  m.attr("with_nccl") = true;  // the vocabulary-parallel operators (lce_torch.distributed)
+  lce_torch::define_nccl_functions(m);
+#else
+  m.attr("with_nccl") = false;
+#endif
 }
