@@ -47,6 +47,7 @@ from . import (
     _parse_strategy,
     _rows,
 )
+from ._targets import _check_targets, _parse_check_targets
 
 __all__ = [
     "VocabParallelLinearCrossEntropy",
@@ -450,6 +451,7 @@ def vocab_parallel_linear_cross_entropy(
     return_entropy: bool = False,
     return_target_logprob: bool = False,
     filter_eps: float = 0.0,
+    check_targets: Union[str, bool] = "device",
 ) -> Union[Tensor, LinearCrossEntropyOutput]:
     """lce_torch.linear_cross_entropy of the full head, with its weight sharded by vocabulary
     rows across the ranks of ``group`` (lce::nccl; docs/vocab_parallel.md).
@@ -489,6 +491,8 @@ def vocab_parallel_linear_cross_entropy(
         class_weight: optional global [V] class weights (the same on every rank).
         filter_eps: opt-in approximate gradient filter, as in linear_cross_entropy (the
             probabilities are the global ones).
+        check_targets: as in linear_cross_entropy, against the global V ('device', the
+            default: a device-side assertion without host synchronization).
         Other arguments: as linear_cross_entropy. strategy 'stored' raises ValueError
         (lce::nccl recomputes the logits in the backward); grad_in_forward computes the
         gradients in the forward (lce::nccl::forward_backward) and saves no work there.
@@ -542,6 +546,10 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(
             f"lce_torch.distributed: shift={shift} must divide the {n_rows} rows of x"
         )
+    # This rank's targets (the gathered ones, or its own whole sequences) checked against V.
+    whole_sequences = not seq_len or target2.shape[0] % seq_len == 0
+    _check_targets(_parse_check_targets(check_targets), target2, vocab_size, int(ignore_index),
+                   seq_len if whole_sequences else 0)
     outputs = _outputs_mask(red, return_token_loss, return_lse, return_z_loss, return_argmax,
                             return_accuracy, return_entropy, return_target_logprob)
     spec = _Spec(
@@ -704,9 +712,11 @@ class VocabParallelLinearCrossEntropy(nn.Module):
         fp32_weight_grad: bool = False,
         grad_in_forward: bool = False,
         filter_eps: float = 0.0,
+        check_targets: Union[str, bool] = "device",
     ):
         super().__init__()
         _parse_reduction(reduction)
+        _parse_check_targets(check_targets)
         if _parse_strategy(strategy) == _STORED:
             raise ValueError(
                 "lce_torch.distributed: strategy='stored' is not supported with vocabulary "
@@ -731,6 +741,7 @@ class VocabParallelLinearCrossEntropy(nn.Module):
         self.fp32_weight_grad = fp32_weight_grad
         self.grad_in_forward = grad_in_forward
         self.filter_eps = filter_eps
+        self.check_targets = check_targets
         self._derived = None  # (rows, vocab_start, vocab_size) from vocab_range
         self.register_buffer("class_weight", class_weight, persistent=False)
 
@@ -757,7 +768,7 @@ class VocabParallelLinearCrossEntropy(nn.Module):
             temperature=self.temperature, class_weight=self.class_weight, shift=self.shift,
             strategy=self.strategy, memory_budget=self.memory_budget,
             fp32_weight_grad=self.fp32_weight_grad, grad_in_forward=self.grad_in_forward,
-            filter_eps=self.filter_eps, **returns,
+            filter_eps=self.filter_eps, check_targets=self.check_targets, **returns,
         )
 
     def extra_repr(self) -> str:

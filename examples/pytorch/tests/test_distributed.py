@@ -458,3 +458,22 @@ def test_errors(world):
         call(x, w.double(), y, vocab_start=10 * rank, vocab_size=10 * ranks)
     with pytest.raises(ValueError, match="stored"):
         lced.VocabParallelLinearCrossEntropy(strategy="stored")
+
+
+def test_check_targets(world):
+    """A target outside the global [0, V) fails ('host': ValueError with the count; 'off':
+    ignored as in lce's C++ API); ids of other ranks' shards are valid."""
+    rank, ranks, device = world
+    x = torch.randn(8, 16, device=device)
+    w = torch.randn(10, 16, device=device)
+    y = torch.randint(0, 10 * ranks, (8,), device=device)
+    call = lced.vocab_parallel_linear_cross_entropy
+    call(x, w, y, vocab_start=10 * rank, vocab_size=10 * ranks, check_targets="host")
+    y[3] = 10 * ranks
+    with pytest.raises(ValueError, match="1 scored target"):
+        call(x, w, y, vocab_start=10 * rank, vocab_size=10 * ranks, check_targets="host")
+    y[:] = 10 * ranks
+    loss = call(x, w, y, vocab_start=10 * rank, vocab_size=10 * ranks, check_targets="off")
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError, match="check_targets"):
+        lced.VocabParallelLinearCrossEntropy(check_targets="sometimes")
