@@ -136,10 +136,10 @@ template <class Element, class Grad, class Config = default_config<Element>>
     using sm90_config = typename sm90_config_of<Config>::type;
     std::int64_t tile_cols = device::vocab_chunk_granule;
     if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
-    const kernel::stored_exp<Element> st{
-        detail::at<Element>(backward_ws, plan.stored_plan.values),
-        detail::at<float>(backward_ws, plan.stored_plan.tile_max), plan.stored_plan.ld,
-        (shape.v + tile_cols - 1) / tile_cols, tile_cols};
+    const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
+                                         detail::at<float>(backward_ws, plan.stored_plan.tile_max),
+                                         plan.stored_plan.ld, (shape.v + tile_cols - 1) / tile_cols,
+                                         tile_cols};
     bool stored = false;
     LCE_RETURN_IF_ERROR((device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
                                                               options, stream, &st, &stored)));
@@ -150,7 +150,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
     if (stored) {
       return device::run_stored_backward(
           backward_ws, plan.stored_plan, st,
-          detail::at<kernel::loss_scalars>(d_workspace, plan.forward.scalars),
+          detail::at<thread::loss_scalars>(d_workspace, plan.forward.scalars),
           detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape, options, handle,
           stream);
     }
@@ -169,7 +169,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   // the one-pass backward's.
   const backward_args<Element, Grad> ba =
       detail::backward_part(args, lse, rows_in_one_pass ? args.status : nullptr);
-  const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
+  const thread::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
   {
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)
@@ -180,8 +180,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   if (!rows_in_one_pass) return cudaSuccess;
   // The backward's scalars (valid rows, weight sums) serve the reduction of the one pass.
-  const auto* scalars =
-      detail::at<kernel::loss_scalars>(backward_ws, plan.backward_plan.scalars);
+  const auto* scalars = detail::at<thread::loss_scalars>(backward_ws, plan.backward_plan.scalars);
   return device::run_reduce_loss(rows, args.targets, shape, options, scalars, args.loss,
                                  args.z_loss, args.correct, stream);
 }

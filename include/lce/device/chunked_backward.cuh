@@ -20,6 +20,7 @@
 
 #include "../args.hpp"
 #include "../detail/cublas.cuh"
+#include "../detail/stored_exp.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
@@ -27,6 +28,9 @@
 #include "../kernel/row_lse.cuh"
 #include "../kernel/stored_grad.cuh"
 #include "../options.hpp"
+#include "../thread/finish_row.cuh"
+#include "../thread/loss_scalars.cuh"
+#include "../thread/row_grad.cuh"
 #include "forward.cuh"
 
 LCE_NAMESPACE_BEGIN
@@ -60,7 +64,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
                                  detail::workspace_layout& layout) noexcept {
   constexpr bool fp32_grad = std::is_same_v<Grad, float>;
   backward_plan p;
-  p.scalars = layout.reserve<kernel::loss_scalars>(1);
+  p.scalars = layout.reserve<thread::loss_scalars>(1);
   p.ones = layout.reserve<Element>(static_cast<std::size_t>(s.n));
   const std::size_t fixed = layout.bytes() + 2 * detail::workspace_layout::alignment;
   const std::size_t avail = b.memory_budget > fixed ? b.memory_budget - fixed : 0;
@@ -117,7 +121,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
 /// accumulation order of the forward that built the lse (kernel/logit_grad_sm90.cuh says why
 /// that matters). Sets `launched`; if false, nothing was enqueued.
 template <class Element, class Config, bool General>
-cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
+cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
                                    const Element* x_rows, std::int64_t rows, std::int64_t ldx,
                                    const Element* w_rows, std::int64_t ldw, std::int64_t d,
                                    Element* dz, std::int64_t ldz, bool& launched,
@@ -155,11 +159,10 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
 }
 
 template <class Element, class Config>
-cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
-                                const Element* x_rows, std::int64_t rows, std::int64_t ldx,
-                                const Element* w_rows, std::int64_t ldw, std::int64_t d,
-                                Element* dz, std::int64_t ldz, bool& launched,
-                                cudaStream_t stream) noexcept {
+cudaError_t run_logit_grad_sm90(const thread::logit_grad_params<Element>& gp, const Element* x_rows,
+                                std::int64_t rows, std::int64_t ldx, const Element* w_rows,
+                                std::int64_t ldw, std::int64_t d, Element* dz, std::int64_t ldz,
+                                bool& launched, cudaStream_t stream) noexcept {
   launched = false;
   if constexpr (sizeof(Element) == 2) {
     if (gp.bias == nullptr && gp.class_weight == nullptr) {
@@ -194,11 +197,11 @@ const Element* bias_by_global_id(const Element* bias, std::int64_t begin) noexce
 
 /// The logit-gradient parameters every dZ kernel takes (the chunk's extent aside).
 template <class Element, class Grad>
-kernel::logit_grad_params<Element> make_logit_grad_params(const backward_args<Element, Grad>& a,
+thread::logit_grad_params<Element> make_logit_grad_params(const backward_args<Element, Grad>& a,
                                                           const problem& s, const loss_options& o,
-                                                          const kernel::loss_scalars* scalars,
+                                                          const thread::loss_scalars* scalars,
                                                           std::int64_t vocab_begin) noexcept {
-  kernel::logit_grad_params<Element> gp{};
+  thread::logit_grad_params<Element> gp{};
   gp.v = s.v;
   gp.bias = bias_by_global_id(a.bias, vocab_begin);
   gp.class_weight = a.class_weight;
@@ -233,7 +236,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
                                  const backward_args<Element, Grad>& a, const problem& s,
                                  const vocab_window& window, float* dx_partial,
                                  const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
-                                 const kernel::row_outputs* fwd = nullptr) noexcept {
+                                 const thread::row_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
@@ -243,7 +246,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
   const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
-  auto* scalars = detail::at<kernel::loss_scalars>(ws, plan.scalars);
+  auto* scalars = detail::at<thread::loss_scalars>(ws, plan.scalars);
   // Every GEMM takes alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
   // GEMMs multiply the alpha-normalized dZ back by alpha.
   const float* one = &scalars->one;
@@ -265,7 +268,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
     LCE_CHECK_LAUNCH("fill_kernel");
   }
 
-  kernel::logit_grad_params<Element> gp = make_logit_grad_params(a, s, o, scalars, window.begin);
+  thread::logit_grad_params<Element> gp = make_logit_grad_params(a, s, o, scalars, window.begin);
   gp.logits = logits;
   gp.ld = plan.chunk_ld;
 
@@ -425,8 +428,8 @@ stored_plan make_stored_plan(const problem& s, detail::workspace_layout& layout)
 /// dW = dZᵀ·X and db = dZᵀ·1, each written once (added with o.accumulate).
 template <class Element, class Grad>
 cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
-                                const kernel::stored_exp<Element>& st,
-                                const kernel::loss_scalars* scalars, const float* target_logit,
+                                const detail::stored_exp<Element>& st,
+                                const thread::loss_scalars* scalars, const float* target_logit,
                                 const backward_args<Element, Grad>& a, const problem& s,
                                 const loss_options& o, cublasHandle_t handle,
                                 cudaStream_t stream) noexcept {
@@ -466,7 +469,7 @@ cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
 template <class Element, class Grad, class Config>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
+                         cudaStream_t stream, const thread::row_outputs* fwd = nullptr) noexcept {
   return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v},
                                                      nullptr, o, handle, stream, fwd);
 }

@@ -11,13 +11,16 @@
 #include "../args.hpp"
 #include "../config.hpp"
 #include "../detail/device_check.hpp"
+#include "../detail/stored_exp.hpp"
+#include "../detail/tensor_map.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
-#include "../detail/tensor_map.hpp"
 #include "../kernel/fused_forward.cuh"
 #include "../kernel/fused_forward_sm90.cuh"
 #include "../status.hpp"
+#include "../thread/finish_row.cuh"
+#include "../thread/loss_scalars.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace device {
@@ -105,7 +108,7 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   const auto n = static_cast<std::size_t>(s.n);
   const auto splits = static_cast<std::size_t>(
       std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
-  p.scalars = layout.reserve<kernel::loss_scalars>(1);
+  p.scalars = layout.reserve<thread::loss_scalars>(1);
   p.partial = layout.reserve<thread::row_stats>(splits * n);
   p.target_logit = layout.reserve<float>(n);
   p.ce = layout.reserve<float>(n);
@@ -126,7 +129,7 @@ inline thread::logit_transform make_transform(const loss_options& o) noexcept {
 
 /// Per-row outputs: the caller's buffers, the workspace's where the reduction needs them.
 template <class Element>
-kernel::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
+thread::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
                                      const forward_args<Element>& a) noexcept {
   return {a.lse,
           a.token_loss,
@@ -137,10 +140,10 @@ kernel::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
           detail::at<float>(ws, plan.ce)};
 }
 
-inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets, const problem& s,
+inline thread::row_loss_params make_row_loss_params(const std::int64_t* targets, const problem& s,
                                                     const loss_options& o,
                                                     const float* class_weight,
-                                                    const kernel::loss_scalars* scalars) noexcept {
+                                                    const thread::loss_scalars* scalars) noexcept {
   return {make_target_view(targets, o), s.v, class_weight, o.label_smoothing, o.z_loss, scalars};
 }
 
@@ -148,7 +151,7 @@ inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets,
 /// invalid targets into `status` when it is not null.
 inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* class_weight,
                                     const float* grad, const problem& s, const loss_options& o,
-                                    kernel::loss_scalars* out, device_status* status,
+                                    thread::loss_scalars* out, device_status* status,
                                     cudaStream_t stream) noexcept {
   constexpr int threads = 512;
   const kernel::loss_scalars_params p{make_target_view(targets, o), s.n, s.v, class_weight, grad,
@@ -169,11 +172,10 @@ inline cudaError_t check_current_device() noexcept {
 }
 
 /// Enqueues the deterministic reduction: loss, z_loss (mean/sum only) and correct.
-inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::int64_t* targets,
+inline cudaError_t run_reduce_loss(const thread::row_outputs& rows, const std::int64_t* targets,
                                    const problem& s, const loss_options& o,
-                                   const kernel::loss_scalars* scalars, float* loss,
-                                   float* z_loss, std::int64_t* correct,
-                                   cudaStream_t stream) noexcept {
+                                   const thread::loss_scalars* scalars, float* loss, float* z_loss,
+                                   std::int64_t* correct, cudaStream_t stream) noexcept {
   const bool reduced = o.reduction != lce::reduction::none;
   if (!(reduced && (loss || z_loss)) && correct == nullptr) return cudaSuccess;
   constexpr int threads = 512;
@@ -255,9 +257,10 @@ bool prepare_sm90_forward(
 template <class Element, class SM90Config, bool General, bool Store = false>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
-                                   std::int64_t vocab_offset, thread::row_stats* partial, float* target_logit,
-                                   bool& launched, std::int64_t& splits, cudaStream_t stream,
-                                   const kernel::stored_exp<Element>* store = nullptr) noexcept {
+                                   std::int64_t vocab_offset, thread::row_stats* partial,
+                                   float* target_logit, bool& launched, std::int64_t& splits,
+                                   cudaStream_t stream,
+                                   const detail::stored_exp<Element>* store = nullptr) noexcept {
   using fused = kernel::fused_forward_sm90<Element, SM90Config, General, Store>;
   constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>;
   typename fused::params fp{};
@@ -300,7 +303,7 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
                               const forward_args<Element>& a, const problem& s,
                               const loss_options& o, std::int64_t vocab_offset,
                               std::int64_t& splits, cudaStream_t stream,
-                              const kernel::stored_exp<Element>* store = nullptr,
+                              const detail::stored_exp<Element>* store = nullptr,
                               bool* stored = nullptr) noexcept {
   auto* partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   auto* target_logit = detail::at<float>(d_workspace, plan.target_logit);
@@ -362,12 +365,11 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
 /// Enqueues the forward. Arguments are already validated. `store`, `stored`: see
 /// run_fused_forward.
 template <class Element, class Config>
-cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
-                        const forward_args<Element>& a, const problem& s,
-                        const loss_options& o, cudaStream_t stream,
-                        const kernel::stored_exp<Element>* store = nullptr,
+cudaError_t run_forward(void* d_workspace, const forward_plan& plan, const forward_args<Element>& a,
+                        const problem& s, const loss_options& o, cudaStream_t stream,
+                        const detail::stored_exp<Element>* store = nullptr,
                         bool* stored = nullptr) noexcept {
-  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
+  auto* scalars = detail::at<thread::loss_scalars>(d_workspace, plan.scalars);
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, a.status, stream));
 

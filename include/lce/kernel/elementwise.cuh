@@ -3,31 +3,18 @@
 /// normalizer), filling a vector, converting the fp32 dX accumulator to the element type.
 #pragma once
 
-#include <cub/block/block_reduce.cuh>
-
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
 
 #include "../block/reduce.cuh"
 #include "../options.hpp"
 #include "../status.hpp"
 #include "../thread/cross_entropy.cuh"
+#include "../thread/loss_scalars.cuh"
 #include "../thread/online_lse.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
-
-/// Scalars of a loss, computed on the device so that nothing is read back.
-struct loss_scalars {
-  long long n_valid;   ///< rows whose (shifted) target is not ignore_index and is in [0, v)
-  float weight_valid;  ///< Σ over valid rows of w_{y_i} (n_valid without class weights)
-  float weight_sum;    ///< Σ_v w_v (v without class weights)
-  /// The gradient normalizer: the largest |row scale| over valid rows. dZ is stored divided
-  /// by alpha and the gradient GEMMs multiply it back, so 16-bit dZ keeps its precision even
-  /// when the scales are tiny (fp16 with a mean over many rows).
-  float alpha;
-  float zero;  ///< 0, the beta of an overwriting GEMM (cuBLAS device pointer mode)
-  float one;   ///< 1, the beta of an accumulating GEMM
-};
 
 struct loss_scalars_params {
   thread::target_view targets;
@@ -35,7 +22,7 @@ struct loss_scalars_params {
   const float* class_weight;  ///< [v] or null
   const float* grad;          ///< upstream gradient ([1] or [n]) or null (= 1)
   lce::reduction reduction;
-  loss_scalars* out;
+  thread::loss_scalars* out;
   device_status* status;  ///< or null: invalid targets are added to status->invalid_targets
 };
 
@@ -85,7 +72,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   if (threadIdx.x == 0) {
     if (p.status != nullptr && invalid_rows > 0)
       atomicAdd(&p.status->invalid_targets, static_cast<unsigned long long>(invalid_rows));
-    loss_scalars s{};
+    thread::loss_scalars s{};
     s.n_valid = n_valid;
     s.weight_valid = p.class_weight != nullptr ? weight_valid : static_cast<float>(n_valid);
     s.weight_sum = p.class_weight != nullptr ? weight_sum : static_cast<float>(p.v);

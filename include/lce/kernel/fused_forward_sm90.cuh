@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
 #include "../warp/quad_store.cuh"
@@ -23,25 +24,11 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-/// Where the forward of the `stored` backward strategy keeps, for every row and vocabulary tile
-/// of `tile_cols` columns, the tile's row maximum m (fp32) and e^{z − m} of each of its logits
-/// in the element type: values in (0, 1], so 16 bits keep a relative precision of 2⁻⁹ (bf16)
-/// whatever the logit's magnitude, where a 16-bit logit would lose |z|·2⁻⁹ of z itself. With
-/// the row's lse, p = e^{z − m}·e^{m − lse} (kernel/stored_grad.cuh).
-template <class Element>
-struct stored_exp {
-  Element* values = nullptr;     ///< [n, ld], 16-byte aligned
-  float* tile_max = nullptr;     ///< [n, tiles]
-  std::int64_t ld = 0;           ///< a multiple of 8
-  std::int64_t tiles = 0;        ///< ⌈v / tile_cols⌉
-  std::int64_t tile_cols = 0;    ///< the forward kernel's block_v
-};
-
 /// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
 /// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
 /// the lean one's registers are not sized for the general fold (which spills at 256 columns).
-/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (stored_exp), for
-/// the `stored` backward strategy.
+/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (detail::stored_exp),
+/// for the `stored` backward strategy.
 template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
@@ -67,7 +54,7 @@ struct fused_forward_sm90 {
     /// Σp·z, Σw·z and the argmax are wanted (entropy, label smoothing, argmax or correct);
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
-    stored_exp<Element> store;  ///< Store only
+    detail::stored_exp<Element> store;  ///< Store only
   };
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
@@ -263,7 +250,7 @@ struct fused_forward_sm90 {
                                                     std::int64_t vocab0, int quad,
                                                     const std::int64_t (&rows)[2],
                                                     const float (&mx)[2]) {
-    const stored_exp<Element>& st = p.store;
+    const detail::stored_exp<Element>& st = p.store;
     const bool full = vocab0 + block_v <= p.v;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {

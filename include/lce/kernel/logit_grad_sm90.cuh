@@ -24,8 +24,9 @@
 #include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../thread/cross_entropy.cuh"
+#include "../thread/row_grad.cuh"
 #include "../warp/quad_store.cuh"
-#include "logit_grad.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -49,15 +50,15 @@ struct logit_grad_sm90 {
     std::int64_t ldz;   ///< even
     /// dz 16-byte aligned and ldz a multiple of 8: full tiles take 16-byte stores
     bool wide_stores;
-    logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
-                                      ///< weights only with General)
+    thread::logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
+                                              ///< weights only with General)
   };
 
   struct epilogue {
     const params& p;
     int quad;
     std::int64_t rows[2];  ///< chunk-local
-    row_grad rg[2];
+    thread::row_grad rg[2];
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
       quad = pipeline::fragment_quad();
@@ -65,8 +66,8 @@ struct logit_grad_sm90 {
       rows[1] = rows[0] + 8;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        rg[h] = rows[h] < p.rows ? make_row_grad(p.grad, p.grad.row0 + rows[h])
-                                 : row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
+        rg[h] = rows[h] < p.rows ? thread::make_row_grad(p.grad, p.grad.row0 + rows[h])
+                                 : thread::row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
       }
     }
 
@@ -90,7 +91,8 @@ struct logit_grad_sm90 {
     /// Filter: loss_options::filter_eps > 0 (entries other than the target's with p below it
     /// are stored as 0); a separate instantiation, so the exact path pays nothing for it.
     template <bool Softcap, bool Filter>
-    __device__ __forceinline__ float lean_grad(float raw, const row_grad& r, bool is_target) const {
+    __device__ __forceinline__ float lean_grad(float raw, const thread::row_grad& r,
+                                               bool is_target) const {
       constexpr float log2e = 1.4426950408889634f;
       const float inv_t = p.grad.transform.inv_temperature;
       float z, dzdraw;
@@ -123,7 +125,7 @@ struct logit_grad_sm90 {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (rows[h] >= p.rows) continue;
-        const row_grad& r = rg[h];
+        const thread::row_grad& r = rg[h];
         // The target's chunk-local column (or out of range), so the loop compares columns only.
         const std::int64_t target_col = r.y - p.grad.vocab0;
         Element* out = p.dz + rows[h] * p.ldz;
@@ -151,7 +153,7 @@ struct logit_grad_sm90 {
       const std::int64_t tile_col = t * block_v;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const row_grad& r = rg[h];
+        const thread::row_grad& r = rg[h];
         const std::int64_t local = r.y - p.grad.vocab0 - tile_col;
         const int target_col = local >= 0 && local < block_v ? static_cast<int>(local) : -1;
         warp::quad_store_row<block_v>(
@@ -168,7 +170,7 @@ struct logit_grad_sm90 {
     /// The general epilogue: z = transform(raw + b_v) and dZ as logit_grad_kernel forms it.
     __device__ __forceinline__ void store_tile_general(float (&acc)[frag], std::int64_t t) {
       const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
-      const logit_grad_params<Element>& g = p.grad;
+      const thread::logit_grad_params<Element>& g = p.grad;
 #pragma unroll
       for (int j = 0; j < block_v / 8; ++j) {
         float b[2], w[2];
@@ -182,7 +184,7 @@ struct logit_grad_sm90 {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if (rows[h] >= p.rows) continue;
-          const row_grad& r = rg[h];
+          const thread::row_grad& r = rg[h];
           const std::int64_t c = col0 + 8 * j;
           if (c >= g.cols) continue;
           float d[2];

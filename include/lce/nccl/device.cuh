@@ -81,7 +81,7 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
                         cudaStream_t stream) noexcept {
   const problem local = local_problem(global, shard);
   const std::int64_t n = global.n;
-  auto* scalars = lce::detail::at<lce::kernel::loss_scalars>(ws, plan.local.scalars);
+  auto* scalars = lce::detail::at<lce::thread::loss_scalars>(ws, plan.local.scalars);
   // Valid rows and weight sums over the global vocabulary: the same on every rank.
   LCE_RETURN_IF_ERROR(lce::device::run_loss_scalars(a.targets, a.class_weight, nullptr, global, o,
                                                     scalars, a.status, stream));
@@ -124,7 +124,7 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
   if (!nccl_ok(r)) return nccl_failure(r, "ncclAllReduce (row sums)", shard.comm);
   if (!nccl_ok(end)) return nccl_failure(end, "ncclGroupEnd (row sums)", shard.comm);
 
-  const lce::kernel::row_outputs out = lce::device::make_row_outputs(ws, plan.local, a);
+  const lce::thread::row_outputs out = lce::device::make_row_outputs(ws, plan.local, a);
   shard_finish_kernel<row_threads><<<row_blocks(n), row_threads, 0, stream>>>(shard_finish_params{
       row_max, packed, with_argmax ? argmax : nullptr, fields, n,
       lce::device::make_row_loss_params(a.targets, global, o, a.class_weight, scalars), out});

@@ -7,8 +7,8 @@
 
 #include <cstdint>
 
-#include "../kernel/forward_finalize.cuh"
 #include "../thread/cross_entropy.cuh"
+#include "../thread/finish_row.cuh"
 #include "../thread/row_stats.cuh"
 #include "shard.hpp"
 
@@ -105,8 +105,8 @@ struct shard_finish_params {
   const std::int64_t* argmax;   ///< [n] global candidates (ncclMin), or null
   packed_fields fields;
   std::int64_t n;
-  lce::kernel::row_loss_params loss;  ///< global: targets, v, class weights, loss scalars
-  lce::kernel::row_outputs out;
+  thread::row_loss_params loss;  ///< global: targets, v, class weights, loss scalars
+  thread::row_outputs out;
 };
 
 /// One thread per row: the global row_stats, then the core's finish_row (every per-row output,
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       p.row_max[row], p.packed[field_sum * p.n + row],
       p.fields.entropy >= 0 ? p.packed[p.fields.entropy * p.n + row] : 0.0f,
       p.fields.smoothing >= 0 ? p.packed[p.fields.smoothing * p.n + row] : 0.0f, arg};
-  lce::kernel::finish_row(row, st, p.packed + field_target_logit * p.n + row, p.loss, p.out);
+  thread::finish_row(row, st, p.packed + field_target_logit * p.n + row, p.loss, p.out);
 }
 
 }  // namespace detail
