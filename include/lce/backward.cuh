@@ -11,8 +11,10 @@
 #include "args.hpp"
 #include "config.hpp"
 #include "detail/validate.hpp"
+#include "detail/workspace.hpp"
 #include "device/chunked_backward.cuh"
-#include "forward.cuh"
+#include "device/empty_batch.cuh"
+#include "device/launch.cuh"
 #include "options.hpp"
 #include "status.hpp"
 

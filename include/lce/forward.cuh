@@ -54,12 +54,6 @@ void forward_buffers(const forward_args<Element>& a, const problem& s, const los
   out.add(vector_buffer("args.target_logprob", a.target_logprob, s.n));
   out.add(vector_buffer("args.status", a.status, 1));
 }
-
-inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
-  if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
-    return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
-  return cudaSuccess;
-}
 }  // namespace detail
 
 /// @brief Workspace bytes lce::forward needs for `shape`: a pure function of the shape,

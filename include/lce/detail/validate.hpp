@@ -11,6 +11,7 @@
 
 #include "../options.hpp"
 #include "../status.hpp"
+#include "workspace.hpp"
 
 LCE_NAMESPACE_BEGIN
 namespace detail {
@@ -159,6 +160,13 @@ inline cudaError_t validate_workspace_disjoint(const void* d_workspace, std::siz
 inline cudaError_t validate_workspace(std::size_t given, std::size_t needed) noexcept {
   if (given < needed)
     return invalid("workspace_bytes is smaller than the size query returned");
+  return cudaSuccess;
+}
+
+/// The workspace's alignment (the launchers carve it in workspace_layout's aligned regions).
+inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
+  if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
+    return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
   return cudaSuccess;
 }
 

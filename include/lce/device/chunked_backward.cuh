@@ -19,8 +19,10 @@
 #include <type_traits>
 
 #include "../args.hpp"
+#include "../config.hpp"
 #include "../detail/cublas.cuh"
 #include "../detail/stored_exp.hpp"
+#include "../detail/tensor_map.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
@@ -31,7 +33,7 @@
 #include "../thread/finish_row.cuh"
 #include "../thread/loss_scalars.cuh"
 #include "../thread/row_grad.cuh"
-#include "forward.cuh"
+#include "launch.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace device {
