@@ -12,7 +12,6 @@
 #include "../detail/stored_exp.hpp"
 #include "../detail/tensor_map.hpp"
 #include "../detail/workspace.hpp"
-#include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
 #include "../kernel/fused_forward.cuh"
 #include "../kernel/fused_forward_sm90.cuh"

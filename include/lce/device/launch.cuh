@@ -12,7 +12,7 @@
 
 #include "../args.hpp"
 #include "../detail/device_check.hpp"
-#include "../kernel/elementwise.cuh"
+#include "../kernel/loss_scalars.cuh"
 #include "../options.hpp"
 #include "../status.hpp"
 #include "../thread/cross_entropy.cuh"
