@@ -77,7 +77,7 @@ struct tile_matmul {
 #pragma unroll
     for (int st = 0; st < stages - 1; ++st) {
       if (st < k_tiles) load_stage(s, op, row0, vocab0, st, st);
-      cp_async_commit();
+      arch::sm80::cp_async_commit();
     }
 
     if constexpr (tensor_cores) {
@@ -164,18 +164,18 @@ struct tile_matmul {
   __device__ static int advance(shared_storage& s, const tile_operands<Element>& op,
                                 std::int64_t row0, std::int64_t vocab0, std::int64_t kt,
                                 std::int64_t k_tiles) {
-    cp_async_wait<stages - 2>();
+    arch::sm80::cp_async_wait<stages - 2>();
     __syncthreads();
     const std::int64_t next = kt + stages - 1;
     if (next < k_tiles) load_stage(s, op, row0, vocab0, next, static_cast<int>(next % stages));
-    cp_async_commit();
+    arch::sm80::cp_async_commit();
     return static_cast<int>(kt % stages);
   }
 
   /// Drains the pipeline and retires every read of the stages before the accumulator tile,
   /// which shares their memory, is written.
   __device__ static void finish_pipeline() {
-    cp_async_wait<0>();
+    arch::sm80::cp_async_wait<0>();
     __syncthreads();
   }
 };

@@ -189,7 +189,7 @@ struct fused_forward_sm90 {
 #pragma unroll
     for (int i = 0; i < frag; ++i) {
       if constexpr (Softcap) {
-        acc[i] = detail::sm90::fast_softcap(acc[i], cap_scale, cap);
+        acc[i] = arch::sm90::fast_softcap(acc[i], cap_scale, cap);
       } else {
         acc[i] *= inv_t;
       }
@@ -218,7 +218,7 @@ struct fused_forward_sm90 {
 #pragma unroll
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
-          const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
+          const float ez = arch::sm90::fast_exp2((z - mx[h]) * log2e);
           if constexpr (Stored) acc[4 * j + 2 * h + e] = ez;  // z is not read again
           sum += ez;
           if constexpr (Extras) {
@@ -259,7 +259,7 @@ struct fused_forward_sm90 {
       Element* out = st.values + rows[h] * st.ld + vocab0;
       if (full) {  // 16-byte stores (st.ld is a multiple of 8, so every tile start is aligned)
         warp::quad_store_row<block_v>(out, quad, row_in, [&](int j) {
-          return detail::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          return arch::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
         });
         continue;
       }
@@ -268,7 +268,7 @@ struct fused_forward_sm90 {
       for (int j = 0; j < block_v / 8; ++j) {
         const int c = 8 * j + 2 * quad;
         if (vocab0 + c + 1 < p.v) {
-          detail::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          arch::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
         } else if (vocab0 + c < p.v) {
           out[c] = static_cast<Element>(acc[4 * j + 2 * h]);
         }

@@ -98,7 +98,7 @@ struct logit_grad_sm90 {
       float z, dzdraw;
       if constexpr (Softcap) {
         const float cap = p.grad.transform.softcap;
-        z = lce::detail::sm90::fast_softcap(raw, inv_t / cap, cap);
+        z = arch::sm90::fast_softcap(raw, inv_t / cap, cap);
         const float q = z * (1.0f / cap);  // 1/cap: loop-invariant, hoisted
         dzdraw = inv_t * fmaf(-q, q, 1.0f);
       } else {
@@ -109,7 +109,7 @@ struct logit_grad_sm90 {
       // first: z·log2e − lse·log2e in one fma would carry the rounding of lse·log2e, which at
       // |z| ~ 1e30 is ~1e22, not 0.
       const float e2 = (z - r.lse) * log2e;
-      const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
+      const float prob = arch::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
       float g = r.coeffs.p * prob - (is_target ? r.coeffs.target : 0.0f) - r.coeffs.weight;
       if constexpr (Filter) g = (!is_target && prob < p.grad.filter_eps) ? 0.0f : g;
       return r.active ? g * dzdraw : 0.0f;
@@ -139,7 +139,7 @@ struct logit_grad_sm90 {
             d[e] = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + e], r, c + e == target_col);
           }
           if (c + 1 < p.grad.cols) {
-            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
+            arch::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }
@@ -162,7 +162,7 @@ struct logit_grad_sm90 {
               const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
               const float d1 =
                   lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
-              return lce::detail::sm90::pack_pair<Element>(d0, d1);
+              return arch::sm90::pack_pair<Element>(d0, d1);
             });
       }
     }
@@ -199,7 +199,7 @@ struct logit_grad_sm90 {
           }
           Element* out = p.dz + rows[h] * p.ldz;
           if (c + 1 < g.cols) {
-            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
+            arch::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }

@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "../detail/sm90.cuh"
+#include "../arch/sm90.cuh"
 #include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_grad.cuh"
@@ -52,8 +52,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 
   auto grad_of = [&](float e, float m, std::int64_t c) {
     const bool is_target = c == rg.y;
-    const float prob =
-        is_target ? p_target : e * lce::detail::sm90::fast_exp2((m - rg.lse) * log2e);
+    const float prob = is_target ? p_target : e * arch::sm90::fast_exp2((m - rg.lse) * log2e);
     float dzdraw = tf.inv_temperature;
     if (cap > 0.0f) {
       const float z = is_target ? z_target : fminf(fmaxf(m + __logf(e), -cap), cap);
@@ -76,8 +75,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       Element pair[2];
       *reinterpret_cast<std::uint32_t*>(pair) = words[k];
       const std::int64_t c = c0 + 2 * k;
-      words[k] = lce::detail::sm90::pack_pair<Element>(grad_of(static_cast<float>(pair[0]), m, c),
-                                                       grad_of(static_cast<float>(pair[1]), m, c + 1));
+      words[k] = arch::sm90::pack_pair<Element>(grad_of(static_cast<float>(pair[0]), m, c),
+                                                grad_of(static_cast<float>(pair[1]), m, c + 1));
     }
     *reinterpret_cast<uint4*>(values + c0) = raw;
   }

@@ -14,7 +14,7 @@
 
 LCE_NAMESPACE_BEGIN
 namespace nccl {
-namespace detail {
+namespace impl {
 
 /// What the sum all-reduce carries per row, as fields of a [fields, n] float array: the
 /// rescaled Σ exp(z − max) and the target logit always; Σ exp(z − max)·z only for the entropy;
@@ -125,6 +125,6 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   thread::finish_row(row, st, p.packed + field_target_logit * p.n + row, p.loss, p.out);
 }
 
-}  // namespace detail
+}  // namespace impl
 }  // namespace nccl
 LCE_NAMESPACE_END
