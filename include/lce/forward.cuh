@@ -112,7 +112,8 @@ template <class Element, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) return device::run_empty_forward(args, options, stream);
   LCE_RETURN_IF_ERROR(device::check_current_device());
   return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);

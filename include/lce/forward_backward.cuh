@@ -14,15 +14,15 @@ namespace detail {
 /// Whether the stored forward can run with these types (bias, class weights and the device
 /// are only known at the launch): 16-bit elements and a Config with an sm_90a kernel.
 template <class Element, class Config>
-inline constexpr bool can_store =
-    sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
+inline constexpr bool can_store = sizeof(Element) == 2 &&
+                                  !std::is_void_v<typename sm90_config_of<Config>::type>;
 
 struct forward_backward_plan {
   device::forward_plan forward;
   std::size_t lse = 0;
-  std::size_t backward = 0;  ///< offset of the backward's workspace
+  std::size_t backward = 0;             ///< offset of the backward's workspace
   device::backward_plan backward_plan;  ///< the chunked plan; with `stored`, its fallback
-  bool stored = false;  ///< the stored strategy: asked for, or automatic's choice
+  bool stored = false;                  ///< the stored strategy: asked for, or automatic's choice
   device::stored_plan stored_plan;      ///< from the same offset as backward_plan
   std::size_t bytes = 0;
 };
@@ -61,8 +61,9 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
 /// strategy is reported, in the same workspace. The device is not consulted (a device without
 /// the sm_90a kernel also falls back).
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] backward_choice choose_forward_backward(
-    const problem& shape, const backward_options& bopt = {}, bool bias_or_weights = false) noexcept {
+[[nodiscard]] backward_choice choose_forward_backward(const problem& shape,
+                                                      const backward_options& bopt = {},
+                                                      bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights)
@@ -74,8 +75,8 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 /// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and
 /// the backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
-                                                          const backward_options& bopt = {}) noexcept {
+[[nodiscard]] std::size_t forward_backward_workspace_size(
+    const problem& shape, const backward_options& bopt = {}) noexcept {
   detail::check_backward_types<Element, Grad>();
   return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt).bytes;
 }
@@ -115,7 +116,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) {
     LCE_RETURN_IF_ERROR(device::run_empty_forward(fa, options, stream));
     backward_args<Element, Grad> empty;

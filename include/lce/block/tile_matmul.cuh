@@ -69,8 +69,8 @@ struct tile_matmul {
   static_assert(tensor_cores || (bm % threads_m == 0 && bv % threads_v == 0),
                 "FFMA tile must divide among the threads");
 
-  __device__ static void run(shared_storage& s, const tile_operands<Element>& op,
-                             std::int64_t row0, std::int64_t vocab0) {
+  __device__ static void run(shared_storage& s, const tile_operands<Element>& op, std::int64_t row0,
+                             std::int64_t vocab0) {
     const std::int64_t k_tiles = (op.d + bk - 1) / bk;
     // Prologue: stages 0 .. stages-2 in flight. Every step commits one group (possibly
     // empty), so "wait until stages-2 groups are pending" always means "stage kt landed".
@@ -116,8 +116,9 @@ struct tile_matmul {
       for (int i = 0; i < frags_m; ++i)
 #pragma unroll
         for (int j = 0; j < frags_v; ++j)
-          wmma::store_matrix_sync(s.acc + (wm * warp_m + i * 16) * acc_stride + wv * warp_v + j * 16,
-                                  acc[i][j], acc_stride, wmma::mem_row_major);
+          wmma::store_matrix_sync(
+              s.acc + (wm * warp_m + i * 16) * acc_stride + wv * warp_v + j * 16, acc[i][j],
+              acc_stride, wmma::mem_row_major);
     } else {
       const int tm = static_cast<int>(threadIdx.x) / threads_v;
       const int tv = static_cast<int>(threadIdx.x) % threads_v;

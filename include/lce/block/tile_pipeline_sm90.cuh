@@ -146,10 +146,10 @@ struct tile_pipeline_sm90 {
   }
 
  private:
-  __device__ __forceinline__ static void produce(const CUtensorMap* x_map,
-                                                 const CUtensorMap* w_map, shared_storage& s,
-                                                 std::int64_t row0, std::int64_t tile_begin,
-                                                 std::int64_t tile_end, int k_tiles) {
+  __device__ __forceinline__ static void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
+                                                 shared_storage& s, std::int64_t row0,
+                                                 std::int64_t tile_begin, std::int64_t tile_end,
+                                                 int k_tiles) {
     arch::sm90::tma_prefetch_descriptor(x_map);
     arch::sm90::tma_prefetch_descriptor(w_map);
     unsigned it = 0;

@@ -126,9 +126,8 @@ inline cudaError_t validate_buffers(const buffer_list& inputs,
     for (int i = 0; i < list->count; ++i) {
       const buffer& b = list->items[i];
       if (b.begin % b.alignment != 0) {
-        std::snprintf(error_buffer(), 256,
-                      "lce: %s is not aligned to its element size (%zu bytes)", b.name,
-                      b.alignment);
+        std::snprintf(error_buffer(), 256, "lce: %s is not aligned to its element size (%zu bytes)",
+                      b.name, b.alignment);
         return cudaErrorInvalidValue;
       }
     }
@@ -158,8 +157,7 @@ inline cudaError_t validate_workspace_disjoint(const void* d_workspace, std::siz
 
 /// The workspace check of the two-phase protocol.
 inline cudaError_t validate_workspace(std::size_t given, std::size_t needed) noexcept {
-  if (given < needed)
-    return invalid("workspace_bytes is smaller than the size query returned");
+  if (given < needed) return invalid("workspace_bytes is smaller than the size query returned");
   return cudaSuccess;
 }
 

@@ -59,7 +59,9 @@ inline constexpr std::int64_t min_vocab_chunk = 2048;
 /// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
 inline constexpr std::int64_t min_row_chunk = 1024;
 
-inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept { return (x + m - 1) / m * m; }
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
+  return (x + m - 1) / m * m;
+}
 
 template <class Element, class Grad>
 backward_plan make_backward_plan(const problem& s, const backward_options& b,
@@ -114,7 +116,6 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
   return p;
 }
 
-
 /// Enqueues the recompute of a chunk fused with its logit gradient on sm_90a (the chunk: X
 /// rows `x_rows` [rows, ldx], W rows `w_rows` [gp.cols, ldw]; dZ to `dz` [rows, ldz], divided
 /// by alpha), when it applies: 16-bit elements, an sm_90a device and operands the copy engine
@@ -149,12 +150,12 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   fp.ldz = ldz;
   fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
-  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           fused::smem_bytes));
+  LCE_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>,
-                                  blocks, fused::threads, fused::smem_bytes, Config::cluster_m,
-                                  stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>, blocks,
+                                  fused::threads, fused::smem_bytes, Config::cluster_m, stream,
+                                  fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;
@@ -169,12 +170,12 @@ cudaError_t run_logit_grad_sm90(const thread::logit_grad_params<Element>& gp, co
   if constexpr (sizeof(Element) == 2) {
     if (gp.bias == nullptr && gp.class_weight == nullptr) {
       using config = typename sm90_config_of<Config>::type;
-      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw,
-                                                            d, dz, ldz, launched, stream);
+      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw, d,
+                                                            dz, ldz, launched, stream);
     }
     using config = typename sm90_general_config_of<Config>::type;
-    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d,
-                                                         dz, ldz, launched, stream);
+    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d, dz,
+                                                         ldz, launched, stream);
   }
   return cudaSuccess;
 }
@@ -265,8 +266,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, a.status, stream));
   if (a.db != nullptr) {
-    kernel::fill_kernel<Element><<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(
-        ones, n, 1.0f);
+    kernel::fill_kernel<Element>
+        <<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(ones, n, 1.0f);
     LCE_CHECK_LAUNCH("fill_kernel");
   }
 
@@ -373,8 +374,13 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       if (fwd != nullptr) {
         constexpr int lse_threads = 512;
         const kernel::row_lse_params<Element> lp{
-            logits, plan.chunk_ld, r0, a.bias, make_transform(o),
-            make_row_loss_params(a.targets, s, o, a.class_weight, scalars), *fwd};
+            logits,
+            plan.chunk_ld,
+            r0,
+            a.bias,
+            make_transform(o),
+            make_row_loss_params(a.targets, s, o, a.class_weight, scalars),
+            *fwd};
         kernel::row_lse_kernel<Element, lse_threads>
             <<<static_cast<unsigned>(nr), lse_threads, 0, stream>>>(lp);
         LCE_CHECK_LAUNCH("row_lse_kernel");
@@ -386,8 +392,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       }
       if (a.dx != nullptr) {  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
         if (dx_partial != nullptr)
-          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
-                                   zero, dx_partial + r0 * d, d));
+          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c, zero,
+                                   dx_partial + r0 * d, d));
         else
           LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
                                    first_beta, a.dx + r0 * lddx, lddx));
@@ -472,8 +478,8 @@ template <class Element, class Grad, class Config>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
                          cudaStream_t stream, const thread::row_outputs* fwd = nullptr) noexcept {
-  return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v},
-                                                     nullptr, o, handle, stream, fwd);
+  return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v}, nullptr,
+                                                     o, handle, stream, fwd);
 }
 
 }  // namespace device

@@ -56,15 +56,15 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   using sm90_config = typename sm90_config_of<Config>::type;
   using sm90_general_config = typename sm90_general_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config>) {
-    p.sm90 = make_balanced_grid(s, sm90_config::block_m, sm90_config::block_v,
-                                sm90_config::cluster_m);
-    p.sm90_general = make_balanced_grid(s, sm90_general_config::block_m,
-                                        sm90_general_config::block_v,
-                                        sm90_general_config::cluster_m);
+    p.sm90 =
+        make_balanced_grid(s, sm90_config::block_m, sm90_config::block_v, sm90_config::cluster_m);
+    p.sm90_general =
+        make_balanced_grid(s, sm90_general_config::block_m, sm90_general_config::block_v,
+                           sm90_general_config::cluster_m);
   }
   const auto n = static_cast<std::size_t>(s.n);
-  const auto splits = static_cast<std::size_t>(
-      std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
+  const auto splits =
+      static_cast<std::size_t>(std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
   p.scalars = layout.reserve<thread::loss_scalars>(1);
   p.partial = layout.reserve<thread::row_stats>(splits * n);
   p.target_logit = layout.reserve<float>(n);
@@ -155,8 +155,8 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.targets.vocab_offset = vocab_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           fused::smem_bytes));
+  LCE_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
   LCE_RETURN_IF_ERROR(launch_sm90(entry, blocks, fused::threads, fused::smem_bytes,
                                   SM90Config::cluster_m, stream, fp));
@@ -214,7 +214,14 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;
   };
   typename fused::params fp{};
-  fp.op = {a.x, a.w, s.x_stride(), s.w_stride(), s.n, s.v, s.d, aligned(a.x, s.x_stride()),
+  fp.op = {a.x,
+           a.w,
+           s.x_stride(),
+           s.w_stride(),
+           s.n,
+           s.v,
+           s.d,
+           aligned(a.x, s.x_stride()),
            aligned(a.w, s.w_stride())};
   fp.bias = a.bias;
   fp.class_weight = a.class_weight;

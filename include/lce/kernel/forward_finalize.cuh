@@ -33,21 +33,22 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x;
   if (row >= p.n) return;
   thread::row_stats st = thread::row_stats_identity();
-  for (std::int64_t s = 0; s < p.splits; ++s) st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
+  for (std::int64_t s = 0; s < p.splits; ++s)
+    st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
   thread::finish_row(row, st, p.target_logit + row, p.loss, p.out);
 }
 
 struct reduce_params {
-  const float* ce;                  ///< [n]
-  const float* token_z_loss;        ///< [n]
-  const std::int64_t* argmax;       ///< [n]
+  const float* ce;             ///< [n]
+  const float* token_z_loss;   ///< [n]
+  const std::int64_t* argmax;  ///< [n]
   thread::target_view targets;
   std::int64_t n;
   lce::reduction reduction;
   const thread::loss_scalars* scalars;  ///< n_valid and Σ_valid w_y
-  float* loss;                      ///< [1] or null
-  float* z_loss;                    ///< [1] or null
-  std::int64_t* correct;            ///< [1] or null
+  float* loss;                          ///< [1] or null
+  float* z_loss;                        ///< [1] or null
+  std::int64_t* correct;                ///< [1] or null
 };
 
 /// A single block: loss = Σ ce / Σ_valid w_y + Σ z / n_valid (mean; 0 when no row is valid) or

@@ -45,12 +45,12 @@ struct fused_forward_sm90 {
     CUtensorMap x_map;  ///< X [n, d]: boxes of (block_m rows, block_k)
     CUtensorMap w_map;  ///< W [v, d]: boxes of (block_v rows, block_k)
     std::int64_t n, v, d;
-    const Element* bias;            ///< [v] or null
-    const float* class_weight;      ///< [v] or null
+    const Element* bias;        ///< [v] or null
+    const float* class_weight;  ///< [v] or null
     thread::logit_transform transform;
     thread::target_view targets;
-    thread::row_stats* partial;     ///< [splits, n]
-    float* target_logit;            ///< [n]
+    thread::row_stats* partial;  ///< [splits, n]
+    float* target_logit;         ///< [n]
     /// Σp·z, Σw·z and the argmax are wanted (entropy, label smoothing, argmax or correct);
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
@@ -144,8 +144,8 @@ struct fused_forward_sm90 {
   /// Sums of the quad (the four lanes sharing a row), and the merge into the row's state
   /// (without Extras only the sum: Σp·z, Σw·z and `first` are not wanted).
   template <bool Extras = true>
-  __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz,
-                                                    float sum_wz, int first, std::int64_t vocab0,
+  __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz, float sum_wz,
+                                                    int first, std::int64_t vocab0,
                                                     thread::row_stats& stats) {
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
@@ -279,10 +279,11 @@ struct fused_forward_sm90 {
   /// Folds one finished tile (columns vocab0 + 8·j + 2·quad + e of rows[h] at
   /// acc[4·j + 2·h + e]) into the rows' statistics. The four lanes of a quad hold one row's
   /// columns between them and end with the same merged statistics.
-  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag], std::int64_t vocab0,
-                                   int quad, const std::int64_t (&rows)[2],
-                                   const std::int64_t (&target)[2],
-                                   thread::row_stats (&stats)[2]) {
+  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag],
+                                                   std::int64_t vocab0, int quad,
+                                                   const std::int64_t (&rows)[2],
+                                                   const std::int64_t (&target)[2],
+                                                   thread::row_stats (&stats)[2]) {
     const bool full_tile = vocab0 + block_v <= p.v;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -316,7 +317,8 @@ struct fused_forward_sm90 {
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * j + 2 * quad + e;
         const bool in = full_tile || vocab0 + col < p.v;
-        const float w = !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
+        const float w =
+            !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float z = acc[4 * j + 2 * h + e];

@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       dz[e] = 0.0f;
       if (c < p.cols && active) {
         const std::int64_t v = p.vocab0 + c;
-        const float z = p.transform(in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f));
+        const float z =
+            p.transform(in[c] + (p.bias != nullptr ? static_cast<float>(p.bias[v]) : 0.0f));
         const float w_v = p.class_weight != nullptr ? p.class_weight[v] : 1.0f;
         dz[e] = thread::logit_grad(coeffs, z, lse, v == y, w_v, p.filter_eps) *
                 p.transform.derivative(z);

@@ -46,8 +46,8 @@ struct logit_grad_sm90 {
     CUtensorMap x_map;  ///< the chunk's X rows [grad.row0, grad.row0 + rows): (block_m, block_k)
     CUtensorMap w_map;  ///< the chunk's W rows [grad.vocab0, grad.vocab0 + grad.cols)
     std::int64_t rows, d;
-    Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
-    std::int64_t ldz;   ///< even
+    Element* dz;       ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
+    std::int64_t ldz;  ///< even
     /// dz 16-byte aligned and ldz a multiple of 8: full tiles take 16-byte stores
     bool wide_stores;
     thread::logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
@@ -191,8 +191,7 @@ struct logit_grad_sm90 {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float z = g.transform(acc[4 * j + 2 * h + e] + b[e]);
-            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse,
-                                                 g.vocab0 + c + e == r.y, w[e],
+            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse, g.vocab0 + c + e == r.y, w[e],
                                                  g.filter_eps) *
                                   g.transform.derivative(z)
                             : 0.0f;
@@ -220,8 +219,8 @@ struct logit_grad_sm90 {
 /// per SM.
 template <class Element, class Config, bool General>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
-    logit_grad_sm90_kernel(
-        const __grid_constant__ typename logit_grad_sm90<Element, Config, General>::params p) {
+    logit_grad_sm90_kernel(const __grid_constant__
+                           typename logit_grad_sm90<Element, Config, General>::params p) {
   using kernel_t = logit_grad_sm90<Element, Config, General>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];
@@ -233,7 +232,8 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
   if (threadIdx.x == 0) not_sm90a[0] = 1;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
   if (threadIdx.x < kernel_t::block_m && row < p.rows && blockIdx.y == 0) {
-    for (std::int64_t c = 0; c < p.grad.cols; ++c) p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
+    for (std::int64_t c = 0; c < p.grad.cols; ++c)
+      p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
   }
 #endif
 }

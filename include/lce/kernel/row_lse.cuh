@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 
   thread::row_stats st = thread::row_stats_identity();
   for (std::int64_t c = threadIdx.x; c < v; c += Threads) {
-    const float z = p.transform(raw[c] + (p.bias != nullptr ? static_cast<float>(p.bias[c]) : 0.0f));
+    const float z =
+        p.transform(raw[c] + (p.bias != nullptr ? static_cast<float>(p.bias[c]) : 0.0f));
     st = thread::row_stats_push(st, c, z, weight != nullptr ? weight[c] : 1.0f);
     if (c == y) target_logit = z;
   }

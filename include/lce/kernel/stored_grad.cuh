@@ -29,7 +29,7 @@ struct stored_grad_params {
   thread::logit_grad_params<Element>
       grad;                           ///< lse, targets, scalars, options (logits, bias unused)
   detail::stored_exp<Element> store;  ///< values in, dZ out
-  const float* target_logit;        ///< [n] the forward's fp32 target logits (transformed)
+  const float* target_logit;          ///< [n] the forward's fp32 target logits (transformed)
 };
 
 template <class Element, int Threads>

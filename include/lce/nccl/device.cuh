@@ -151,8 +151,8 @@ backward_plan make_backward_plan(const problem& local, const backward_options& b
   detail::workspace_layout probe;
   backward_options resolved = b;
   resolved.strategy = lce::device::make_backward_plan<Element, Grad>(local, b, probe).strategy;
-  const bool core_accumulator = !std::is_same_v<Element, float> &&
-                                resolved.strategy == backward_strategy::vocab_chunked;
+  const bool core_accumulator =
+      !std::is_same_v<Element, float> && resolved.strategy == backward_strategy::vocab_chunked;
   backward_plan p;
   if (!core_accumulator) p.dx = layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
   p.local = lce::device::make_backward_plan<Element, Grad>(local, resolved, layout);
@@ -179,8 +179,8 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const std::int64_t lddx = global.dx_stride();
   float* dx_acc = detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
   LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad, Config>(
-      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc,
-      o, handle, stream)));
+      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc, o,
+      handle, stream)));
   if (a.dx == nullptr) return cudaSuccess;
 
   // dX = Σ over ranks of the partial sums, in fp32 and in place; then rounded once into the
@@ -195,9 +195,10 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   } else {
     row_count = n / comm.ranks;
     rows = dx_acc + static_cast<std::int64_t>(comm.rank) * row_count * d;  // in place
-    LCE_NCCL_RETURN_IF_ERROR(ncclReduceScatter(dx_acc, rows, static_cast<std::size_t>(row_count * d),
-                                               ncclFloat32, ncclSum, shard.comm, stream),
-                             "ncclReduceScatter (dX)", shard.comm);
+    LCE_NCCL_RETURN_IF_ERROR(
+        ncclReduceScatter(dx_acc, rows, static_cast<std::size_t>(row_count * d), ncclFloat32,
+                          ncclSum, shard.comm, stream),
+        "ncclReduceScatter (dX)", shard.comm);
   }
   const auto blocks =
       static_cast<unsigned>(std::min<std::int64_t>((row_count * d + 255) / 256, 4096));

@@ -30,9 +30,9 @@ enum class dx_reduction : int {
 /// The shards of the ranks must partition [0, shape.v) (uneven sizes allowed; lce cannot check
 /// this without communicating).
 struct vocab_shard {
-  ncclComm_t comm = nullptr;   ///< the ranks that share the vocabulary, on the current device
-  std::int64_t v_begin = 0;    ///< global id of this rank's first vocabulary row
-  std::int64_t v_end = 0;      ///< one past its last (v_begin < v_end <= shape.v)
+  ncclComm_t comm = nullptr;  ///< the ranks that share the vocabulary, on the current device
+  std::int64_t v_begin = 0;   ///< global id of this rank's first vocabulary row
+  std::int64_t v_end = 0;     ///< one past its last (v_begin < v_end <= shape.v)
   dx_reduction dx = dx_reduction::all_reduce;  ///< backward only
 
   [[nodiscard]] constexpr std::int64_t rows() const noexcept { return v_end - v_begin; }

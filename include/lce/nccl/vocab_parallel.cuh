@@ -210,9 +210,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
 /// @brief Workspace bytes of lce::nccl::forward_backward: the forward's, n floats for the lse,
 /// and the backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
-                                                          const vocab_shard& shard,
-                                                          const backward_options& bopt = {}) noexcept {
+[[nodiscard]] std::size_t forward_backward_workspace_size(
+    const problem& shape, const vocab_shard& shard, const backward_options& bopt = {}) noexcept {
   detail::check_backward_types<Element, Grad>();
   return impl::make_forward_backward_plan<Element, Grad, Config>(impl::local_problem(shape, shard),
                                                                  bopt)

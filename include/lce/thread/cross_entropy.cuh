@@ -93,7 +93,8 @@ __host__ __device__ inline row_scales row_grad_scales(float upstream, bool valid
                                                       float z_denom, lce::reduction red) noexcept {
   if (!valid) return {0.0f, 0.0f};
   if (red != lce::reduction::mean) return {upstream, upstream};
-  return {ce_denom != 0.0f ? upstream / ce_denom : 0.0f, z_denom != 0.0f ? upstream / z_denom : 0.0f};
+  return {ce_denom != 0.0f ? upstream / ce_denom : 0.0f,
+          z_denom != 0.0f ? upstream / z_denom : 0.0f};
 }
 
 /// @brief dL/dz_v = a·p_v − b·[v = y] − c·w_v for one row: the coefficients.
@@ -106,8 +107,7 @@ struct grad_coeffs {
 /// @brief Coefficients of a row's logit gradient, from its scales, lse and options:
 /// a = ce·((1 − α)·w_y + α·w_sum/V) + z·2·s·lse, b = ce·(1 − α)·w_y, c = ce·α/V.
 __host__ __device__ inline grad_coeffs row_grad_coeffs(row_scales g, float lse, float w_y,
-                                                       float w_sum, std::int64_t v,
-                                                       float smoothing,
+                                                       float w_sum, std::int64_t v, float smoothing,
                                                        float z_loss_scale) noexcept {
   const float per_class = smoothing / static_cast<float>(v);
   const float target = g.ce * (1.0f - smoothing) * w_y;
@@ -149,7 +149,7 @@ __host__ __device__ inline float logit_grad(const grad_coeffs& c, float z, float
 /// given an offset view: the fused forward is; loss_scalars, finish_row, logit_grad are not.
 struct target_view {
   const std::int64_t* targets;
-  std::int64_t seq_len;       ///< causal shift T, 0 = off
+  std::int64_t seq_len;  ///< causal shift T, 0 = off
   std::int64_t ignore_index;
   std::int64_t vocab_offset = 0;  ///< global id of the shard's column 0 (0: whole vocabulary)
 
