@@ -261,6 +261,5 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   // fp32 inputs never store.
   lce::backward_options big;
   big.memory_budget = std::size_t{16} << 30;
-  CHECK(lce::choose_forward_backward<float>(shape, big).strategy !=
-        lce::backward_strategy::stored);
+  CHECK(lce::choose_forward_backward<float>(shape, big).strategy != lce::backward_strategy::stored);
 }

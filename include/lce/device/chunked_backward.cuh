@@ -19,7 +19,10 @@
 #include <type_traits>
 
 #include "../args.hpp"
+#include "../config.hpp"
 #include "../detail/cublas.cuh"
+#include "../detail/stored_exp.hpp"
+#include "../detail/tensor_map.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
@@ -27,7 +30,10 @@
 #include "../kernel/row_lse.cuh"
 #include "../kernel/stored_grad.cuh"
 #include "../options.hpp"
-#include "forward.cuh"
+#include "../thread/finish_row.cuh"
+#include "../thread/loss_scalars.cuh"
+#include "../thread/row_grad.cuh"
+#include "launch.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace device {
@@ -53,14 +59,16 @@ inline constexpr std::int64_t min_vocab_chunk = 2048;
 /// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
 inline constexpr std::int64_t min_row_chunk = 1024;
 
-inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept { return (x + m - 1) / m * m; }
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
+  return (x + m - 1) / m * m;
+}
 
 template <class Element, class Grad>
 backward_plan make_backward_plan(const problem& s, const backward_options& b,
                                  detail::workspace_layout& layout) noexcept {
   constexpr bool fp32_grad = std::is_same_v<Grad, float>;
   backward_plan p;
-  p.scalars = layout.reserve<kernel::loss_scalars>(1);
+  p.scalars = layout.reserve<thread::loss_scalars>(1);
   p.ones = layout.reserve<Element>(static_cast<std::size_t>(s.n));
   const std::size_t fixed = layout.bytes() + 2 * detail::workspace_layout::alignment;
   const std::size_t avail = b.memory_budget > fixed ? b.memory_budget - fixed : 0;
@@ -108,7 +116,6 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
   return p;
 }
 
-
 /// Enqueues the recompute of a chunk fused with its logit gradient on sm_90a (the chunk: X
 /// rows `x_rows` [rows, ldx], W rows `w_rows` [gp.cols, ldw]; dZ to `dz` [rows, ldz], divided
 /// by alpha), when it applies: 16-bit elements, an sm_90a device and operands the copy engine
@@ -117,7 +124,7 @@ backward_plan make_backward_plan(const problem& s, const backward_options& b,
 /// accumulation order of the forward that built the lse (kernel/logit_grad_sm90.cuh says why
 /// that matters). Sets `launched`; if false, nothing was enqueued.
 template <class Element, class Config, bool General>
-cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
+cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
                                    const Element* x_rows, std::int64_t rows, std::int64_t ldx,
                                    const Element* w_rows, std::int64_t ldw, std::int64_t d,
                                    Element* dz, std::int64_t ldz, bool& launched,
@@ -143,33 +150,32 @@ cudaError_t launch_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
   fp.ldz = ldz;
   fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
-  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           fused::smem_bytes));
+  LCE_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>,
-                                  blocks, fused::threads, fused::smem_bytes, Config::cluster_m,
-                                  stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>, blocks,
+                                  fused::threads, fused::smem_bytes, Config::cluster_m, stream,
+                                  fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;
 }
 
 template <class Element, class Config>
-cudaError_t run_logit_grad_sm90(const kernel::logit_grad_params<Element>& gp,
-                                const Element* x_rows, std::int64_t rows, std::int64_t ldx,
-                                const Element* w_rows, std::int64_t ldw, std::int64_t d,
-                                Element* dz, std::int64_t ldz, bool& launched,
-                                cudaStream_t stream) noexcept {
+cudaError_t run_logit_grad_sm90(const thread::logit_grad_params<Element>& gp, const Element* x_rows,
+                                std::int64_t rows, std::int64_t ldx, const Element* w_rows,
+                                std::int64_t ldw, std::int64_t d, Element* dz, std::int64_t ldz,
+                                bool& launched, cudaStream_t stream) noexcept {
   launched = false;
   if constexpr (sizeof(Element) == 2) {
     if (gp.bias == nullptr && gp.class_weight == nullptr) {
       using config = typename sm90_config_of<Config>::type;
-      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw,
-                                                            d, dz, ldz, launched, stream);
+      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw, d,
+                                                            dz, ldz, launched, stream);
     }
     using config = typename sm90_general_config_of<Config>::type;
-    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d,
-                                                         dz, ldz, launched, stream);
+    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d, dz,
+                                                         ldz, launched, stream);
   }
   return cudaSuccess;
 }
@@ -194,11 +200,11 @@ const Element* bias_by_global_id(const Element* bias, std::int64_t begin) noexce
 
 /// The logit-gradient parameters every dZ kernel takes (the chunk's extent aside).
 template <class Element, class Grad>
-kernel::logit_grad_params<Element> make_logit_grad_params(const backward_args<Element, Grad>& a,
+thread::logit_grad_params<Element> make_logit_grad_params(const backward_args<Element, Grad>& a,
                                                           const problem& s, const loss_options& o,
-                                                          const kernel::loss_scalars* scalars,
+                                                          const thread::loss_scalars* scalars,
                                                           std::int64_t vocab_begin) noexcept {
-  kernel::logit_grad_params<Element> gp{};
+  thread::logit_grad_params<Element> gp{};
   gp.v = s.v;
   gp.bias = bias_by_global_id(a.bias, vocab_begin);
   gp.class_weight = a.class_weight;
@@ -233,7 +239,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
                                  const backward_args<Element, Grad>& a, const problem& s,
                                  const vocab_window& window, float* dx_partial,
                                  const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
-                                 const kernel::row_outputs* fwd = nullptr) noexcept {
+                                 const thread::row_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
@@ -243,7 +249,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
   const std::int64_t ldx = s.x_stride(), ldw = s.w_stride();
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
-  auto* scalars = detail::at<kernel::loss_scalars>(ws, plan.scalars);
+  auto* scalars = detail::at<thread::loss_scalars>(ws, plan.scalars);
   // Every GEMM takes alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
   // GEMMs multiply the alpha-normalized dZ back by alpha.
   const float* one = &scalars->one;
@@ -260,12 +266,12 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, a.grad, s, o, scalars, a.status, stream));
   if (a.db != nullptr) {
-    kernel::fill_kernel<Element><<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(
-        ones, n, 1.0f);
+    kernel::fill_kernel<Element>
+        <<<std::min<std::int64_t>((n + 255) / 256, 1024), 256, 0, stream>>>(ones, n, 1.0f);
     LCE_CHECK_LAUNCH("fill_kernel");
   }
 
-  kernel::logit_grad_params<Element> gp = make_logit_grad_params(a, s, o, scalars, window.begin);
+  thread::logit_grad_params<Element> gp = make_logit_grad_params(a, s, o, scalars, window.begin);
   gp.logits = logits;
   gp.ld = plan.chunk_ld;
 
@@ -368,8 +374,13 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       if (fwd != nullptr) {
         constexpr int lse_threads = 512;
         const kernel::row_lse_params<Element> lp{
-            logits, plan.chunk_ld, r0, a.bias, make_transform(o),
-            make_row_loss_params(a.targets, s, o, a.class_weight, scalars), *fwd};
+            logits,
+            plan.chunk_ld,
+            r0,
+            a.bias,
+            make_transform(o),
+            make_row_loss_params(a.targets, s, o, a.class_weight, scalars),
+            *fwd};
         kernel::row_lse_kernel<Element, lse_threads>
             <<<static_cast<unsigned>(nr), lse_threads, 0, stream>>>(lp);
         LCE_CHECK_LAUNCH("row_lse_kernel");
@@ -381,8 +392,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       }
       if (a.dx != nullptr) {  // dX_cᵀ [d, nr] = Wᵀ · dZ_cᵀ
         if (dx_partial != nullptr)
-          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
-                                   zero, dx_partial + r0 * d, d));
+          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c, zero,
+                                   dx_partial + r0 * d, d));
         else
           LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, nr, v_local, alpha, a.w, ldw, dz, ldz_c,
                                    first_beta, a.dx + r0 * lddx, lddx));
@@ -425,8 +436,8 @@ stored_plan make_stored_plan(const problem& s, detail::workspace_layout& layout)
 /// dW = dZᵀ·X and db = dZᵀ·1, each written once (added with o.accumulate).
 template <class Element, class Grad>
 cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
-                                const kernel::stored_exp<Element>& st,
-                                const kernel::loss_scalars* scalars, const float* target_logit,
+                                const detail::stored_exp<Element>& st,
+                                const thread::loss_scalars* scalars, const float* target_logit,
                                 const backward_args<Element, Grad>& a, const problem& s,
                                 const loss_options& o, cublasHandle_t handle,
                                 cudaStream_t stream) noexcept {
@@ -466,9 +477,9 @@ cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
 template <class Element, class Grad, class Config>
 cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
                          const problem& s, const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream, const kernel::row_outputs* fwd = nullptr) noexcept {
-  return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v},
-                                                     nullptr, o, handle, stream, fwd);
+                         cudaStream_t stream, const thread::row_outputs* fwd = nullptr) noexcept {
+  return run_chunked_backward<Element, Grad, Config>(ws, plan, a, s, vocab_window{0, s.v}, nullptr,
+                                                     o, handle, stream, fwd);
 }
 
 }  // namespace device
