@@ -49,10 +49,10 @@ using bf16 = __nv_bfloat16;
 using lce_bench::lt_gemm;
 
 constexpr int warmup_runs = 3;
-constexpr int floor_runs = 10;  // timed runs of each floor, once per shape and data family
+constexpr int floor_runs = 10;       // timed runs of each floor, once per shape and data family
 constexpr int floor_candidates = 8;  // cuBLASLt heuristic algorithms timed for each floor GEMM
 constexpr std::size_t floor_workspace = std::size_t{64} << 20;  // cuBLASLt's, as torch's
-constexpr std::size_t memory_margin = std::size_t{512} << 20;  // cuBLAS workspace, fragmentation
+constexpr std::size_t memory_margin = std::size_t{512} << 20;   // cuBLAS workspace, fragmentation
 
 const lce::problem shapes[] = {
     {4096, 2048, 32768},   // quick
@@ -170,8 +170,8 @@ struct floor_setup {
     z_gemm = std::make_unique<lt_gemm>(ctx.lt, T, N, s.v, s.n, s.d, s.d, s.d, s.v, CUDA_R_16BF);
     dx_gemm = std::make_unique<lt_gemm>(ctx.lt, N, N, s.d, s.n, s.v, s.d, s.v, s.d, CUDA_R_16BF);
     dw_gemm = std::make_unique<lt_gemm>(ctx.lt, N, T, s.d, s.v, s.n, s.d, s.v, s.d, CUDA_R_16BF);
-    z_gemm->tune(w, x, z.data(), workspace.data(), floor_workspace, floor_candidates, 3,
-                 ctx.stream, ctx.flusher);
+    z_gemm->tune(w, x, z.data(), workspace.data(), floor_workspace, floor_candidates, 3, ctx.stream,
+                 ctx.flusher);
     dx_gemm->tune(w, z.data(), dx.data(), workspace.data(), floor_workspace, floor_candidates, 3,
                   ctx.stream, ctx.flusher);
     dw_gemm->tune(x, z.data(), dw.data(), workspace.data(), floor_workspace, floor_candidates, 3,
@@ -201,9 +201,8 @@ const floor_times& floor_of(const lce::problem& s, data_family f) {
   floor_times t;
   t.forward_ms = median(time_runs([&](cudaStream_t st) { setup.forward(st); }, warmup_runs,
                                   floor_runs, ctx.stream, ctx.flusher));
-  t.forward_backward_ms =
-      median(time_runs([&](cudaStream_t st) { setup.forward_backward(st); }, warmup_runs,
-                       floor_runs, ctx.stream, ctx.flusher));
+  t.forward_backward_ms = median(time_runs([&](cudaStream_t st) { setup.forward_backward(st); },
+                                           warmup_runs, floor_runs, ctx.stream, ctx.flusher));
   return cache.emplace(key, t).first->second;
 }
 
@@ -330,7 +329,8 @@ double relative_error(const T* a, const T* b, std::size_t n, cudaStream_t stream
   squared_difference_kernel<T><<<1024, 256, 0, stream>>>(a, b, n, sums.data());
   LCE_EXAMPLE_CHECK(cudaGetLastError());
   double host[2] = {0.0, 0.0};
-  LCE_EXAMPLE_CHECK(cudaMemcpyAsync(host, sums.data(), sizeof(host), cudaMemcpyDeviceToHost, stream));
+  LCE_EXAMPLE_CHECK(
+      cudaMemcpyAsync(host, sums.data(), sizeof(host), cudaMemcpyDeviceToHost, stream));
   LCE_EXAMPLE_CHECK(cudaStreamSynchronize(stream));
   return host[1] > 0.0 ? std::sqrt(host[0] / host[1]) : 0.0;
 }
@@ -392,8 +392,10 @@ void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
       exact_opt.filter_eps = 0.0f;
       LCE_EXAMPLE_CHECK(lce::backward(workspace.data(), bytes, exact, s, exact_opt, bopt,
                                       ctx.handle, ctx.stream));
-      state.counters["dx_err_vs_exact"] = relative_error(dx.data(), dx_exact.data(), n * d, ctx.stream);
-      state.counters["dw_err_vs_exact"] = relative_error(dw.data(), dw_exact.data(), v * d, ctx.stream);
+      state.counters["dx_err_vs_exact"] =
+          relative_error(dx.data(), dx_exact.data(), n * d, ctx.stream);
+      state.counters["dw_err_vs_exact"] =
+          relative_error(dw.data(), dw_exact.data(), v * d, ctx.stream);
     }
   });
 }
@@ -505,8 +507,7 @@ void register_benchmarks() {
       const std::string rows = shape + "/" + to_string(f);
       add("fwd/lce" + rows, bm_lce_forward<>, s, f, lce::loss_options{});
       if (f == data_family::lm) {
-        add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f,
-            lce::loss_options{});
+        add("fwd/lce_mma_sync" + rows, bm_lce_forward<mma_sync_config>, s, f, lce::loss_options{});
         add("fwd/lce_sm90_128" + rows, bm_lce_forward<sm90_narrow_config>, s, f,
             lce::loss_options{});
         add("fwd/lce_sm90_nocluster" + rows, bm_lce_forward<sm90_single_config>, s, f,
@@ -515,8 +516,7 @@ void register_benchmarks() {
         lce::loss_options softcap;
         softcap.softcap = 30.0f;
         add("fwd/lce_softcap30" + rows, bm_lce_forward<>, s, f, softcap);
-        add("fwd/lce_sm90_128_softcap30" + rows, bm_lce_forward<sm90_narrow_config>, s, f,
-            softcap);
+        add("fwd/lce_sm90_128_softcap30" + rows, bm_lce_forward<sm90_narrow_config>, s, f, softcap);
       }
       std::vector<variant> variants = {{lce::backward_strategy::vocab_chunked, default_budget},
                                        {lce::backward_strategy::row_chunked, default_budget}};

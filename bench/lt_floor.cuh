@@ -61,14 +61,13 @@ class lt_gemm {
     workspace_bytes_ = workspace_bytes;
     cublasLtMatmulPreference_t pref = nullptr;
     lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
-    lt_check(cublasLtMatmulPreferenceSetAttribute(pref,
-                                                  CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+    lt_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                   &workspace_bytes, sizeof(workspace_bytes)),
              "MAX_WORKSPACE_BYTES");
     std::vector<cublasLtMatmulHeuristicResult_t> found(static_cast<std::size_t>(candidates));
     int count = 0;
-    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(
-        lt_, op_, a_, b_, c_, c_, pref, candidates, found.data(), &count);
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt_, op_, a_, b_, c_, c_, pref,
+                                                                 candidates, found.data(), &count);
     cublasLtMatmulPreferenceDestroy(pref);
     lt_check(status, "AlgoGetHeuristic");
     double best = std::numeric_limits<double>::infinity();
@@ -77,9 +76,9 @@ class lt_gemm {
       if (found[static_cast<std::size_t>(i)].state != CUBLAS_STATUS_SUCCESS) continue;
       algo_ = found[static_cast<std::size_t>(i)].algo;
       if (launch(a, b, c, stream) != CUBLAS_STATUS_SUCCESS) continue;  // declined: skip it
-      const double ms = lce_example::median(lce_example::time_runs(
-          [&](cudaStream_t s) { lt_check(launch(a, b, c, s), "Matmul"); }, 0, runs, stream,
-          flusher));
+      const double ms = lce_example::median(
+          lce_example::time_runs([&](cudaStream_t s) { lt_check(launch(a, b, c, s), "Matmul"); }, 0,
+                                 runs, stream, flusher));
       ++timed;
       if (ms < best) {
         best = ms;

@@ -81,7 +81,7 @@ struct rank_times {
   std::vector<double> step_ms;     ///< forward_backward, per timed step
   std::vector<double> forward_ms;  ///< forward alone, per timed step
   std::size_t workspace_bytes = 0;
-  std::size_t in_use_bytes = 0;    ///< device memory in use at the end (all buffers)
+  std::size_t in_use_bytes = 0;  ///< device memory in use at the end (all buffers)
   std::size_t forward_bytes_per_row = 0, backward_bytes_per_row = 0;
   float loss = 0.0f;
   std::string error;
@@ -113,7 +113,8 @@ void run_rank(const settings& s, int rank, int k, ncclComm_t comm, barrier& sync
       LCE_EXAMPLE_CHECK(cudaStreamSynchronize(stream));
     }
     device_buffer<float> loss(1), lse(static_cast<std::size_t>(p.n));
-    device_buffer<bf16> dx(static_cast<std::size_t>(p.n * p.d)), dw(static_cast<std::size_t>(rows * p.d));
+    device_buffer<bf16> dx(static_cast<std::size_t>(p.n * p.d)),
+        dw(static_cast<std::size_t>(rows * p.d));
     lce::forward_backward_args<bf16, bf16> a;
     a.x = x.data();
     a.w = w.data();
@@ -137,8 +138,8 @@ void run_rank(const settings& s, int rank, int k, ncclComm_t comm, barrier& sync
 
     std::size_t step_bytes = 0, forward_bytes = 0;
     if (comm != nullptr) {
-      LCE_EXAMPLE_CHECK(lce::nccl::forward_backward(nullptr, step_bytes, a, p, shard, options, bopt,
-                                                    handle));
+      LCE_EXAMPLE_CHECK(
+          lce::nccl::forward_backward(nullptr, step_bytes, a, p, shard, options, bopt, handle));
       LCE_EXAMPLE_CHECK(lce::nccl::forward(nullptr, forward_bytes, fa, p, shard, options));
       const auto volume = lce::nccl::communication_bytes(fa, p, options);
       out.forward_bytes_per_row = volume.forward_bytes_per_row;
@@ -229,7 +230,8 @@ bool measure(const settings& s, int k, bool with_comm, row& result) {
     if (c != nullptr) (void)ncclCommDestroy(c);
   for (int r = 0; r < k; ++r) {
     if (!times[static_cast<std::size_t>(r)].error.empty()) {
-      std::printf("  k=%d rank %d failed: %s\n", k, r, times[static_cast<std::size_t>(r)].error.c_str());
+      std::printf("  k=%d rank %d failed: %s\n", k, r,
+                  times[static_cast<std::size_t>(r)].error.c_str());
       return false;
     }
   }
@@ -265,13 +267,19 @@ int main(int argc, char** argv) {
         if (i + 1 >= argc) throw std::runtime_error("missing value after " + arg);
         return argv[++i];
       };
-      if (arg == "--n") s.shape.n = std::stoll(next());
-      else if (arg == "--d") s.shape.d = std::stoll(next());
-      else if (arg == "--v") s.shape.v = std::stoll(next());
-      else if (arg == "--gpus") s.gpus = parse_list(next());
-      else if (arg == "--iters") s.iters = std::stoi(next());
+      if (arg == "--n")
+        s.shape.n = std::stoll(next());
+      else if (arg == "--d")
+        s.shape.d = std::stoll(next());
+      else if (arg == "--v")
+        s.shape.v = std::stoll(next());
+      else if (arg == "--gpus")
+        s.gpus = parse_list(next());
+      else if (arg == "--iters")
+        s.iters = std::stoi(next());
       else {
-        std::printf("usage: vocab_parallel_bench [--n N] [--d D] [--v V] [--gpus 1,2,4] [--iters K]\n");
+        std::printf(
+            "usage: vocab_parallel_bench [--n N] [--d D] [--v V] [--gpus 1,2,4] [--iters K]\n");
         return arg == "--help" ? 0 : 1;
       }
     }
@@ -282,10 +290,11 @@ int main(int argc, char** argv) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
   const lce::problem& p = s.shape;
-  std::printf("vocab_parallel_bench: %lld x %lld x %lld bf16, lm data, forward_backward "
-              "(vocab_chunked, 256 MiB budget, dX all-reduced in fp32), median of %d steps\n",
-              static_cast<long long>(p.n), static_cast<long long>(p.d), static_cast<long long>(p.v),
-              s.iters);
+  std::printf(
+      "vocab_parallel_bench: %lld x %lld x %lld bf16, lm data, forward_backward "
+      "(vocab_chunked, 256 MiB budget, dX all-reduced in fp32), median of %d steps\n",
+      static_cast<long long>(p.n), static_cast<long long>(p.d), static_cast<long long>(p.v),
+      s.iters);
   if (devices == 0) {
     std::printf("no CUDA device: nothing measured (this benchmark needs 1, 2 and 4 GPUs)\n");
     return 0;
@@ -327,8 +336,9 @@ int main(int argc, char** argv) {
                 sharded ? std::to_string(r.backward_bytes).c_str() : "-", mib(r.workspace),
                 gib(r.in_use), static_cast<double>(r.loss));
   }
-  std::printf("\nfwd B/row: bytes per row each rank contributes to the forward's all-reductions "
-              "(max, sum-exp, target logit: 3 floats);\nbwd B/row: the fp32 dX row all-reduced "
-              "in the backward (4·d); a ring all-reduce moves 2(k-1)/k times that per rank.\n");
+  std::printf(
+      "\nfwd B/row: bytes per row each rank contributes to the forward's all-reductions "
+      "(max, sum-exp, target logit: 3 floats);\nbwd B/row: the fp32 dX row all-reduced "
+      "in the backward (4·d); a ring all-reduce moves 2(k-1)/k times that per rank.\n");
   return 0;
 }

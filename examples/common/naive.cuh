@@ -32,12 +32,8 @@ namespace detail {
 
 template <class T>
 constexpr cudaDataType_t cuda_type() noexcept {
-  if constexpr (std::is_same_v<T, float>)
-    return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, __half>)
-    return CUDA_R_16F;
-  else
-    return CUDA_R_16BF;
+  return std::is_same_v<T, float> ? CUDA_R_32F
+                                  : (std::is_same_v<T, __half> ? CUDA_R_16F : CUDA_R_16BF);
 }
 
 template <class T>

@@ -8,13 +8,13 @@
 #    stays warm), split wheels are put back together once all their parts have arrived, and
 #    the complete ones go to /tmp/site (on PYTHONPATH);
 # 2. builds the extension in place (setup.py build_ext --inplace, all cores);
-# 3. runs the pytest suite (examples/pytorch/tests; PYTEST=0 skips it);
+# 3. runs the pytest suite (examples/pytorch/tests; PYTEST=0 skips it); test_distributed.py and
+#    test_fsdp_ddp.py run there with one-rank groups they make themselves, and again with
+#    TORCHRUN=<k> ranks (k GPUs) under torchrun --nproc_per_node=<k> (log: torchrun.log);
 # 4. with TINY_LM=1, runs examples/pytorch/train_tiny_lm.py (TINY_LM_ARGS adds arguments) and
 #    keeps its log and PNG;
 # 5. with PEERS=quick (one small shape) or PEERS=full (the shapes of bench/lce_bench.cu, every
 #    data family), runs bench/peers.py and writes peers.csv (PEERS_ARGS adds arguments).
-# The one-rank process groups of tests/test_fsdp_ddp.py are made by the test itself; for more
-# ranks: torchrun --nproc_per_node=K -m pytest examples/pytorch/tests/test_fsdp_ddp.py.
 # Logs and the CSV go to $OUT (the device tool sets it) or build-pytorch/. The exit status is
 # the build's, else pytest's, else peers.py's.
 set -uo pipefail
@@ -65,6 +65,14 @@ status=0
 if [[ ${PYTEST:-1} != 0 ]]; then
   "$py" -m pytest examples/pytorch/tests -q -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/pytest.log"
   status=${PIPESTATUS[0]}
+fi
+
+if [[ ${TORCHRUN:-0} -gt 1 ]]; then
+  "$py" -m torch.distributed.run --standalone --nproc_per_node="$TORCHRUN" -m pytest \
+    examples/pytorch/tests/test_distributed.py examples/pytorch/tests/test_fsdp_ddp.py -q -rs \
+    -p no:cacheprovider "$@" 2>&1 | tee "$out/torchrun.log"
+  torchrun_status=${PIPESTATUS[0]}
+  ((status == 0)) && status=$torchrun_status
 fi
 
 if [[ ${TINY_LM:-0} == 1 ]]; then

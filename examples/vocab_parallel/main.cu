@@ -20,6 +20,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <nccl.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -34,7 +35,6 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
-#include <unistd.h>
 
 #include "common/cuda_check.cuh"
 #include "common/data.cuh"
@@ -44,8 +44,7 @@ namespace {
 using namespace lce_example;
 
 void check_nccl(ncclResult_t r, const char* what) {
-  if (r != ncclSuccess)
-    throw std::runtime_error(std::string(what) + ": " + ncclGetErrorString(r));
+  if (r != ncclSuccess) throw std::runtime_error(std::string(what) + ": " + ncclGetErrorString(r));
 }
 
 struct settings {
@@ -179,7 +178,8 @@ int run(const settings& s, int rank, int world, int local_rank) {
   const lce::loss_options options{};
   const lce::backward_options bopt{};
   std::size_t bytes = 0;
-  LCE_EXAMPLE_CHECK(lce::nccl::forward_backward(nullptr, bytes, a, p, shard, options, bopt, handle));
+  LCE_EXAMPLE_CHECK(
+      lce::nccl::forward_backward(nullptr, bytes, a, p, shard, options, bopt, handle));
   device_buffer<unsigned char> workspace(bytes);
   l2_flusher flusher;
   const std::size_t free_before = free_device_bytes();
@@ -191,18 +191,20 @@ int run(const settings& s, int rank, int world, int local_rank) {
       2, s.iters, stream, flusher);
   const std::size_t free_after = free_device_bytes();
   const float sharded_loss = loss.read();
-  const lce::nccl::communication_volume volume =
-      lce::nccl::communication_bytes(lce::forward_args<Element>{a.x, a.w, nullptr, a.targets,
-                                                                a.loss, nullptr, a.lse},
-                                     p, options);
+  const lce::nccl::communication_volume volume = lce::nccl::communication_bytes(
+      lce::forward_args<Element>{a.x, a.w, nullptr, a.targets, a.loss, nullptr, a.lse}, p, options);
 
   // Every rank must hold the same loss: compare its min and max over the ranks.
   device_buffer<float> spread(2);
-  LCE_EXAMPLE_CHECK(cudaMemcpyAsync(spread.data(), loss.data(), 4, cudaMemcpyDeviceToDevice, stream));
-  LCE_EXAMPLE_CHECK(cudaMemcpyAsync(spread.data() + 1, loss.data(), 4, cudaMemcpyDeviceToDevice, stream));
-  check_nccl(ncclAllReduce(spread.data(), spread.data(), 1, ncclFloat32, ncclMin, comm, stream), "min");
-  check_nccl(ncclAllReduce(spread.data() + 1, spread.data() + 1, 1, ncclFloat32, ncclMax, comm, stream),
-             "max");
+  LCE_EXAMPLE_CHECK(
+      cudaMemcpyAsync(spread.data(), loss.data(), 4, cudaMemcpyDeviceToDevice, stream));
+  LCE_EXAMPLE_CHECK(
+      cudaMemcpyAsync(spread.data() + 1, loss.data(), 4, cudaMemcpyDeviceToDevice, stream));
+  check_nccl(ncclAllReduce(spread.data(), spread.data(), 1, ncclFloat32, ncclMin, comm, stream),
+             "min");
+  check_nccl(
+      ncclAllReduce(spread.data() + 1, spread.data() + 1, 1, ncclFloat32, ncclMax, comm, stream),
+      "max");
   LCE_EXAMPLE_CHECK(cudaStreamSynchronize(stream));
   const bool identical = spread.read(0) == spread.read(1);
 
@@ -247,14 +249,22 @@ int main(int argc, char** argv) {
       return argv[++i];
     };
     try {
-      if (arg == "--n") s.shape.n = std::stoll(next());
-      else if (arg == "--d") s.shape.d = std::stoll(next());
-      else if (arg == "--v") s.shape.v = std::stoll(next());
-      else if (arg == "--dtype") s.dtype = next();
-      else if (arg == "--uneven") s.uneven = true;
-      else if (arg == "--reduce-scatter") s.reduce_scatter = true;
-      else if (arg == "--iters") s.iters = std::stoi(next());
-      else if (arg == "--seed") s.seed = std::stoull(next());
+      if (arg == "--n")
+        s.shape.n = std::stoll(next());
+      else if (arg == "--d")
+        s.shape.d = std::stoll(next());
+      else if (arg == "--v")
+        s.shape.v = std::stoll(next());
+      else if (arg == "--dtype")
+        s.dtype = next();
+      else if (arg == "--uneven")
+        s.uneven = true;
+      else if (arg == "--reduce-scatter")
+        s.reduce_scatter = true;
+      else if (arg == "--iters")
+        s.iters = std::stoi(next());
+      else if (arg == "--seed")
+        s.seed = std::stoull(next());
       else if (arg == "--help" || arg == "-h") {
         usage();
         return 0;

@@ -22,12 +22,12 @@ struct forward_args {
   float* token_loss = nullptr;  ///< [n] per-token loss (0 for ignored rows); required for none
   float* lse = nullptr;         ///< [n] log-sum-exp of each row of Z (what backward needs)
   const float* class_weight = nullptr;  ///< [v] optional class weights (PyTorch `weight=`)
-  float* z_loss = nullptr;          ///< [1] the reduced z-loss term alone (mean/sum)
-  float* token_z_loss = nullptr;    ///< [n] s·lse² per token (0 for ignored rows)
-  std::int64_t* argmax = nullptr;   ///< [n] predicted token (first maximum of z)
-  std::int64_t* correct = nullptr;  ///< [1] valid rows whose argmax equals the target
-  float* entropy = nullptr;         ///< [n] entropy of softmax(z), in nats
-  float* target_logprob = nullptr;  ///< [n] log softmax(z)_y (0 for ignored rows)
+  float* z_loss = nullptr;              ///< [1] the reduced z-loss term alone (mean/sum)
+  float* token_z_loss = nullptr;        ///< [n] s·lse² per token (0 for ignored rows)
+  std::int64_t* argmax = nullptr;       ///< [n] predicted token (first maximum of z)
+  std::int64_t* correct = nullptr;      ///< [1] valid rows whose argmax equals the target
+  float* entropy = nullptr;             ///< [n] entropy of softmax(z), in nats
+  float* target_logprob = nullptr;      ///< [n] log softmax(z)_y (0 for ignored rows)
   /// [1] optional: the count of rows with a target outside [0, v) is added to it
   device_status* status = nullptr;
 };
@@ -44,9 +44,9 @@ struct backward_args {
   const float* lse = nullptr;             ///< [n] from the forward (required)
   /// Upstream gradient: [1] for mean/sum, [n] for reduction none; null means 1.
   const float* grad = nullptr;
-  Element* dx = nullptr;  ///< [n, lddx] gradient of x (optional)
-  Grad* dw = nullptr;     ///< [v, lddw] gradient of w (optional)
-  Grad* db = nullptr;     ///< [v] gradient of bias (optional)
+  Element* dx = nullptr;                ///< [n, lddx] gradient of x (optional)
+  Grad* dw = nullptr;                   ///< [v, lddw] gradient of w (optional)
+  Grad* db = nullptr;                   ///< [v] gradient of bias (optional)
   const float* class_weight = nullptr;  ///< [v] the forward's class weights, if any
   /// [1] optional: the count of rows with a target outside [0, v) is added to it
   device_status* status = nullptr;

@@ -11,8 +11,10 @@
 #include "args.hpp"
 #include "config.hpp"
 #include "detail/validate.hpp"
+#include "detail/workspace.hpp"
 #include "device/chunked_backward.cuh"
-#include "forward.cuh"
+#include "device/empty_batch.cuh"
+#include "device/launch.cuh"
 #include "options.hpp"
 #include "status.hpp"
 
@@ -80,7 +82,7 @@ template <class Element, class Grad = Element>
 /// row_chunked) and the workspace. A pure function; nothing is launched.
 struct backward_choice {
   backward_strategy strategy;
-  std::int64_t chunk;  ///< planned extent; the sm_90a fused recompute takes twice as many
+  std::int64_t chunk;           ///< planned extent; the sm_90a fused recompute takes twice as many
   std::size_t workspace_bytes;  ///< everything the backward asks for, accumulators included
   /// The part of workspace_bytes that is an fp32 accumulator (vocab_chunked with 16-bit inputs:
   /// dX, n·d·4 bytes). It counts against memory_budget, except where it would narrow the
@@ -155,7 +157,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) return device::run_empty_backward(args, shape, options, stream);
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(device::check_current_device());

@@ -54,12 +54,6 @@ void forward_buffers(const forward_args<Element>& a, const problem& s, const los
   out.add(vector_buffer("args.target_logprob", a.target_logprob, s.n));
   out.add(vector_buffer("args.status", a.status, 1));
 }
-
-inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
-  if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
-    return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
-  return cudaSuccess;
-}
 }  // namespace detail
 
 /// @brief Workspace bytes lce::forward needs for `shape`: a pure function of the shape,
@@ -118,7 +112,8 @@ template <class Element, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) return device::run_empty_forward(args, options, stream);
   LCE_RETURN_IF_ERROR(device::check_current_device());
   return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);

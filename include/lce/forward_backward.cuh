@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "backward.cuh"
+#include "device/stored.cuh"
 #include "forward.cuh"
 
 LCE_NAMESPACE_BEGIN
@@ -14,15 +15,15 @@ namespace detail {
 /// Whether the stored forward can run with these types (bias, class weights and the device
 /// are only known at the launch): 16-bit elements and a Config with an sm_90a kernel.
 template <class Element, class Config>
-inline constexpr bool can_store =
-    sizeof(Element) == 2 && !std::is_void_v<typename sm90_config_of<Config>::type>;
+inline constexpr bool can_store = sizeof(Element) == 2 &&
+                                  !std::is_void_v<typename sm90_config_of<Config>::type>;
 
 struct forward_backward_plan {
   device::forward_plan forward;
   std::size_t lse = 0;
-  std::size_t backward = 0;  ///< offset of the backward's workspace
+  std::size_t backward = 0;             ///< offset of the backward's workspace
   device::backward_plan backward_plan;  ///< the chunked plan; with `stored`, its fallback
-  bool stored = false;  ///< the stored strategy: asked for, or automatic's choice
+  bool stored = false;                  ///< the stored strategy: asked for, or automatic's choice
   device::stored_plan stored_plan;      ///< from the same offset as backward_plan
   std::size_t bytes = 0;
 };
@@ -70,8 +71,9 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
 /// strategy is reported, in the same workspace. The device is not consulted (a device without
 /// the sm_90a kernel also falls back).
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] backward_choice choose_forward_backward(
-    const problem& shape, const backward_options& bopt = {}, bool bias_or_weights = false) noexcept {
+[[nodiscard]] backward_choice choose_forward_backward(const problem& shape,
+                                                      const backward_options& bopt = {},
+                                                      bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights) {
@@ -85,8 +87,8 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 /// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and
 /// the backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
-                                                          const backward_options& bopt = {}) noexcept {
+[[nodiscard]] std::size_t forward_backward_workspace_size(
+    const problem& shape, const backward_options& bopt = {}) noexcept {
   detail::check_backward_types<Element, Grad>();
   return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt).bytes;
 }
@@ -126,7 +128,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
   LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+  LCE_RETURN_IF_ERROR(
+      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
   if (shape.n == 0) {
     LCE_RETURN_IF_ERROR(device::run_empty_forward(fa, options, stream));
     backward_args<Element, Grad> empty;
@@ -158,10 +161,10 @@ template <class Element, class Grad, class Config = default_config<Element>>
     using sm90_config = typename sm90_config_of<Config>::type;
     std::int64_t tile_cols = device::vocab_chunk_granule;
     if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
-    const kernel::stored_exp<Element> st{
-        detail::at<Element>(backward_ws, plan.stored_plan.values),
-        detail::at<float>(backward_ws, plan.stored_plan.tile_max), plan.stored_plan.ld,
-        (shape.v + tile_cols - 1) / tile_cols, tile_cols};
+    const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
+                                         detail::at<float>(backward_ws, plan.stored_plan.tile_max),
+                                         plan.stored_plan.ld, (shape.v + tile_cols - 1) / tile_cols,
+                                         tile_cols};
     bool stored = false;
     LCE_RETURN_IF_ERROR((device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
                                                               options, stream, &st, &stored)));
@@ -172,7 +175,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
     if (stored) {
       return device::run_stored_backward(
           backward_ws, plan.stored_plan, st,
-          detail::at<kernel::loss_scalars>(d_workspace, plan.forward.scalars),
+          detail::at<thread::loss_scalars>(d_workspace, plan.forward.scalars),
           detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape,
           device::vocab_window{0, shape.v}, nullptr, options, handle, stream);
     }
@@ -191,7 +194,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   // the one-pass backward's.
   const backward_args<Element, Grad> ba =
       detail::backward_part(args, lse, rows_in_one_pass ? args.status : nullptr);
-  const kernel::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
+  const thread::row_outputs rows = device::make_row_outputs(d_workspace, plan.forward, fwd);
   {
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)
@@ -202,8 +205,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   }
   if (!rows_in_one_pass) return cudaSuccess;
   // The backward's scalars (valid rows, weight sums) serve the reduction of the one pass.
-  const auto* scalars =
-      detail::at<kernel::loss_scalars>(backward_ws, plan.backward_plan.scalars);
+  const auto* scalars = detail::at<thread::loss_scalars>(backward_ws, plan.backward_plan.scalars);
   return device::run_reduce_loss(rows, args.targets, shape, options, scalars, args.loss,
                                  args.z_loss, args.correct, stream);
 }

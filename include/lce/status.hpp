@@ -84,25 +84,25 @@ struct device_status {
 LCE_NAMESPACE_END
 
 /// Returns from the enclosing function when `expr` (a cudaError_t) is not cudaSuccess.
-#define LCE_RETURN_IF_ERROR(expr)                                                    \
-  do {                                                                               \
-    const cudaError_t lce_status_ = (expr);                                          \
-    if (lce_status_ != cudaSuccess) {                                                \
-      if (::lce::last_error_message()[0] == '\0')                                    \
-        return ::lce::detail::cuda_failure(lce_status_, #expr);                      \
-      return lce_status_;                                                            \
-    }                                                                                \
+#define LCE_RETURN_IF_ERROR(expr)                               \
+  do {                                                          \
+    const cudaError_t lce_status_ = (expr);                     \
+    if (lce_status_ != cudaSuccess) {                           \
+      if (::lce::last_error_message()[0] == '\0')               \
+        return ::lce::detail::cuda_failure(lce_status_, #expr); \
+      return lce_status_;                                       \
+    }                                                           \
   } while (0)
 
 /// Checks a kernel launch without synchronizing. With LCE_DEBUG_SYNC defined, it also
 /// synchronizes the device so that an asynchronous fault is attributed to its launch (CUB's
 /// debug-sync idea); never define it in production or under stream capture.
 #ifdef LCE_DEBUG_SYNC
-#define LCE_CHECK_LAUNCH(name)                                                                 \
-  do {                                                                                         \
-    cudaError_t lce_launch_ = cudaPeekAtLastError();                                           \
-    if (lce_launch_ == cudaSuccess) lce_launch_ = cudaDeviceSynchronize();                     \
-    if (lce_launch_ != cudaSuccess) return ::lce::detail::cuda_failure(lce_launch_, name);     \
+#define LCE_CHECK_LAUNCH(name)                                                             \
+  do {                                                                                     \
+    cudaError_t lce_launch_ = cudaPeekAtLastError();                                       \
+    if (lce_launch_ == cudaSuccess) lce_launch_ = cudaDeviceSynchronize();                 \
+    if (lce_launch_ != cudaSuccess) return ::lce::detail::cuda_failure(lce_launch_, name); \
   } while (0)
 #else
 #define LCE_CHECK_LAUNCH(name)                                                             \

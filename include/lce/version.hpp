@@ -6,7 +6,8 @@
 // stops here with the fix, not deep inside the kernels (cp.async, bf16 tensor cores and
 // __reduce_*_sync need sm_80; nvcc's and CMake's default target is older).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-#error "lce needs compute capability 8.0 or newer: compile for sm_80 or newer (nvcc -arch=sm_80; in CMake, CUDA_ARCHITECTURES or CMAKE_CUDA_ARCHITECTURES 80;90a)"
+#error \
+    "lce needs compute capability 8.0 or newer: compile for sm_80 or newer (nvcc -arch=sm_80; in CMake, CUDA_ARCHITECTURES or CMAKE_CUDA_ARCHITECTURES 80;90a)"
 #endif
 
 #define LCE_VERSION_MAJOR 0

@@ -107,8 +107,7 @@ void check_invalid_arguments() {
       {"args.targets", [](auto& a, auto&) { a.targets = nullptr; }},
       {"args.lse", [](auto& a, auto&) { a.lse = nullptr; }},
       {"handle", [](auto&, auto& c) { c.handle = nullptr; }},
-      {"strategy stored",
-       [](auto&, auto& c) { c.bopt.strategy = lce::backward_strategy::stored; }},
+      {"strategy stored", [](auto&, auto& c) { c.bopt.strategy = lce::backward_strategy::stored; }},
       {"reduction", [](auto&, auto& c) { c.options.reduction = static_cast<lce::reduction>(-1); }},
       {"strategy",
        [](auto&, auto& c) { c.bopt.strategy = static_cast<lce::backward_strategy>(9); }},
@@ -238,8 +237,8 @@ void check_valid_options() {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("backward rejects invalid loss options by name",
-                   "[contract][backward][options]", float, __half, __nv_bfloat16) {
+TEMPLATE_TEST_CASE("backward rejects invalid loss options by name", "[contract][backward][options]",
+                   float, __half, __nv_bfloat16) {
   SECTION("Grad = Element") { check_invalid_options<TestType, TestType>(); }
   SECTION("Grad = float") { check_invalid_options<TestType, float>(); }
 }
@@ -254,9 +253,10 @@ TEMPLATE_TEST_CASE("backward accepts valid loss options and class weights",
 // default budget. It must not squeeze the vocabulary chunk to one granule (every chunk reads
 // and rewrites the accumulator: at 8 × 4096 tokens of Llama 3 that made the backward 2.7× the
 // GEMMs); it takes an allowance of its own instead, reported by choose_backward.
-TEMPLATE_TEST_CASE("backward plan: the dX accumulator never narrows the vocabulary chunk below "
-                   "min_vocab_chunk columns",
-                   "[contract][backward][plan]", __half, __nv_bfloat16) {
+TEMPLATE_TEST_CASE(
+    "backward plan: the dX accumulator never narrows the vocabulary chunk below "
+    "min_vocab_chunk columns",
+    "[contract][backward][plan]", __half, __nv_bfloat16) {
   const lce::backward_options bopt{lce::backward_strategy::automatic,
                                    lce::backward_options{}.memory_budget};
   const std::int64_t d = 4096, v = 128256;  // Llama 3 head

@@ -266,11 +266,11 @@ TEST_CASE("sm_90a grid: balanced vocabulary splits fill whole waves and cover ev
   CHECK(gemma.tiles_per_split == 31);
   CHECK(gemma.row_tiles * gemma.splits % lce::device::nominal_sms == 0);
 
-  const auto shape = GENERATE(lce::problem{1, 16, 1}, lce::problem{7, 72, 3},
-                              lce::problem{129, 72, 257}, lce::problem{300, 1000, 4097},
-                              lce::problem{4097, 2304, 50257}, lce::problem{8192, 4096, 128256},
-                              lce::problem{8192, 3584, 152064}, lce::problem{100000, 64, 1000},
-                              lce::problem{64, 64, 300});
+  const auto shape =
+      GENERATE(lce::problem{1, 16, 1}, lce::problem{7, 72, 3}, lce::problem{129, 72, 257},
+               lce::problem{300, 1000, 4097}, lce::problem{4097, 2304, 50257},
+               lce::problem{8192, 4096, 128256}, lce::problem{8192, 3584, 152064},
+               lce::problem{100000, 64, 1000}, lce::problem{64, 64, 300});
   const int block_v = GENERATE(128, 256);
   const int cluster = GENERATE(1, 2);
   CAPTURE(shape.n, shape.v, block_v, cluster);

@@ -286,7 +286,8 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     CHECK(lce::choose_forward_backward<TestType, TestType>(shape, chunked).strategy !=
           lce::backward_strategy::stored);
     chunked.strategy = lce::backward_strategy::stored;
-    const lce::backward_choice whole = lce::choose_forward_backward<TestType, TestType>(shape, chunked);
+    const lce::backward_choice whole =
+        lce::choose_forward_backward<TestType, TestType>(shape, chunked);
     CHECK(whole.strategy == lce::backward_strategy::stored);
     CHECK(whole.chunk == 0);
     CHECK(whole.workspace_bytes >= stored_values);
@@ -308,6 +309,5 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   // fp32 inputs never store.  // fp32 inputs never store.
   lce::backward_options big;
   big.memory_budget = std::size_t{16} << 30;
-  CHECK(lce::choose_forward_backward<float>(shape, big).strategy !=
-        lce::backward_strategy::stored);
+  CHECK(lce::choose_forward_backward<float>(shape, big).strategy != lce::backward_strategy::stored);
 }

@@ -87,8 +87,7 @@ const lce::problem shape{300, 72, 127, 80, 75, 77, 73};
 
 }  // namespace
 
-TEST_CASE("device_status is a plain struct; check_status reports the count",
-          "[contract][status]") {
+TEST_CASE("device_status is a plain struct; check_status reports the count", "[contract][status]") {
   STATIC_REQUIRE(std::is_trivially_copyable_v<lce::device_status>);
   STATIC_REQUIRE(std::is_standard_layout_v<lce::device_status>);
   STATIC_REQUIRE(sizeof(lce::device_status) == 32);
@@ -154,9 +153,10 @@ TEMPLATE_TEST_CASE("n = 0: valid, the size query is non-zero, per-row pointers m
   }
 }
 
-TEMPLATE_TEST_CASE("pointers must be aligned to their element size; offsets by whole elements "
-                   "are accepted",
-                   "[contract][alignment]", float, __half, __nv_bfloat16) {
+TEMPLATE_TEST_CASE(
+    "pointers must be aligned to their element size; offsets by whole elements "
+    "are accepted",
+    "[contract][alignment]", float, __half, __nv_bfloat16) {
   const lce::forward_args<TestType> good = forward_args_all<TestType>();
   std::size_t bytes = 0;
   check_success(lce::forward<TestType>(nullptr, bytes, good, shape));
@@ -286,9 +286,10 @@ TEMPLATE_TEST_CASE("outputs must not overlap inputs, other outputs or the worksp
   }
 }
 
-TEMPLATE_TEST_CASE("without a usable device, a launch that passes every argument check stops at "
-                   "the device check, before any kernel or cuBLAS call",
-                   "[contract][device_check]", float, __half, __nv_bfloat16) {
+TEMPLATE_TEST_CASE(
+    "without a usable device, a launch that passes every argument check stops at "
+    "the device check, before any kernel or cuBLAS call",
+    "[contract][device_check]", float, __half, __nv_bfloat16) {
   int devices = 0;
   const cudaError_t count = cudaGetDeviceCount(&devices);
   (void)cudaGetLastError();
@@ -308,11 +309,11 @@ TEMPLATE_TEST_CASE("without a usable device, a launch that passes every argument
            message.rfind("lce: cudaDeviceGetAttribute: ", 0) == 0));
   };
   std::size_t ample = lce_test::unlimited_bytes;
-  check_refused(lce::forward<TestType>(fake_workspace(), ample, forward_args_all<TestType>(),
-                                       shape));
-  check_refused(lce::backward(fake_workspace(), ample, backward_args_all<TestType, float>(),
-                              shape, {}, {}, fake_handle()));
+  check_refused(
+      lce::forward<TestType>(fake_workspace(), ample, forward_args_all<TestType>(), shape));
+  check_refused(lce::backward(fake_workspace(), ample, backward_args_all<TestType, float>(), shape,
+                              {}, {}, fake_handle()));
   check_refused(lce::forward_backward(fake_workspace(), ample,
-                                      forward_backward_args_all<TestType, float>(), shape, {},
-                                      {}, fake_handle()));
+                                      forward_backward_args_all<TestType, float>(), shape, {}, {},
+                                      fake_handle()));
 }

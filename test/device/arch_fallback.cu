@@ -14,8 +14,8 @@ TEMPLATE_TEST_CASE("forward in a binary without sm_90a code falls back to the mm
   INFO(data.describe());
   gpu_context ctx;
   outputs<TestType, TestType> out(data.shape, false);
-  lce::forward_args<TestType> args{data.x.data(),       data.w.data(),         nullptr,
-                                   data.targets.data(), out.loss.data(),       out.token_loss.data(),
+  lce::forward_args<TestType> args{data.x.data(),       data.w.data(),   nullptr,
+                                   data.targets.data(), out.loss.data(), out.token_loss.data(),
                                    out.lse.data()};
   std::size_t bytes = 0;
   LCE_TEST_REQUIRE_OK(lce::forward<TestType>(nullptr, bytes, args, data.shape, data.options));

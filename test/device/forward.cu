@@ -242,8 +242,8 @@ void check_forward_config(const case_spec& spec, const char* label) {
       (lce::forward<Element, Config>(nullptr, bytes, args, data.shape, data.options)));
   REQUIRE(bytes == (lce::forward_workspace_size<Element, Config>(data.shape)));
   out.poison();
-  LCE_TEST_REQUIRE_OK((lce::forward<Element, Config>(ctx.workspace(bytes), bytes, args,
-                                                     data.shape, data.options, ctx.stream())));
+  LCE_TEST_REQUIRE_OK((lce::forward<Element, Config>(ctx.workspace(bytes), bytes, args, data.shape,
+                                                     data.options, ctx.stream())));
   ctx.synchronize();
   LCE_TEST_CUDA(cudaGetLastError());
   const double tol = loss_tolerance<Element>();
@@ -285,21 +285,22 @@ TEMPLATE_TEST_CASE("forward with a caller-chosen tile configuration", "[gpu][for
   check_forward_config<TestType, small_tiles>(spec, "config=32x64x16/1x2");
 }
 
-TEMPLATE_TEST_CASE("forward: the mma.sync and the sm_90a kernels (both tile widths) agree with "
-                   "the reference", "[gpu][forward][config]", __half, __nv_bfloat16) {
+TEMPLATE_TEST_CASE(
+    "forward: the mma.sync and the sm_90a kernels (both tile widths) agree with "
+    "the reference",
+    "[gpu][forward][config]", __half, __nv_bfloat16) {
   // On an sm_90a device the default Config runs the wgmma kernel; mma_sync_only keeps the
   // mma.sync kernel there too, so both are checked on the same machine.
-  const case_spec spec = GENERATE(case_spec{1, 16, 1}, case_spec{129, 72, 257}.sum(),
-                                  case_spec{300, 1000, 4097}, case_spec{255, 2304, 50257}.none(),
-                                  case_spec{4097, 64, 1000}.no_bias(),
-                                  case_spec{300, 136, 3000}.padded(8, 8, 0, 0),
-                                  // the lean epilogue with softcap and temperature (no bias)
-                                  case_spec{300, 1000, 4097}.no_bias().capped(30.0f),
-                                  case_spec{129, 72, 512}.no_bias().capped(5.0f).with_temperature(0.7f)
-                                      .scaled(6.0),
-                                  case_spec{257, 2304, 1024}.no_bias().with_temperature(1.7f),
-                                  // the general epilogue: class weights and smoothing
-                                  case_spec{200, 520, 3001}.no_bias().weighted().smoothing(0.1f));
+  const case_spec spec =
+      GENERATE(case_spec{1, 16, 1}, case_spec{129, 72, 257}.sum(), case_spec{300, 1000, 4097},
+               case_spec{255, 2304, 50257}.none(), case_spec{4097, 64, 1000}.no_bias(),
+               case_spec{300, 136, 3000}.padded(8, 8, 0, 0),
+               // the lean epilogue with softcap and temperature (no bias)
+               case_spec{300, 1000, 4097}.no_bias().capped(30.0f),
+               case_spec{129, 72, 512}.no_bias().capped(5.0f).with_temperature(0.7f).scaled(6.0),
+               case_spec{257, 2304, 1024}.no_bias().with_temperature(1.7f),
+               // the general epilogue: class weights and smoothing
+               case_spec{200, 520, 3001}.no_bias().weighted().smoothing(0.1f));
   check_forward_config<TestType, lce::default_config<TestType>>(spec, "config=default");
   check_forward_config<TestType, mma_sync_only>(spec, "config=mma.sync");
   check_forward_config<TestType, sm90_narrow>(spec, "config=sm90-128");

@@ -181,8 +181,13 @@ TEMPLATE_TEST_CASE("forward_backward matches the fp64 GPU reference on large sha
 TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 reference",
                    "[gpu][forward_backward][stored]", __half, __nv_bfloat16) {
   const case_spec spec = GENERATE(case_spec{1000, 72, 1000}.shifted(50),
-                                  case_spec{1000, 136, 4099}.sum().no_bias().smoothing(0.1f)
-                                      .with_z_loss(1e-3f).capped(20.0f).with_temperature(0.8f),
+                                  case_spec{1000, 136, 4099}
+                                      .sum()
+                                      .no_bias()
+                                      .smoothing(0.1f)
+                                      .with_z_loss(1e-3f)
+                                      .capped(20.0f)
+                                      .with_temperature(0.8f),
                                   case_spec{777, 72, 2051}.none().no_bias().shifted(37),
                                   case_spec{1300, 72, 1000}.no_bias().padded(8, 3, 5, 7));
   problem_data<TestType> data(spec, fresh_seed());

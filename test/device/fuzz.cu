@@ -37,16 +37,18 @@ std::uint64_t mix(std::uint64_t seed, std::uint64_t k) {
 
 /// One random case.
 struct fuzz_case {
-  int element = 0;       ///< 0 fp32, 1 fp16, 2 bf16
+  int element = 0;  ///< 0 fp32, 1 fp16, 2 bf16
   bool fp32_grad = true;
   run_spec how;
   case_spec spec{1, 1, 1};
-  int invalid = 0;       ///< invalid targets planted
+  int invalid = 0;  ///< invalid targets planted
   std::uint64_t data_seed = 0;
 
   [[nodiscard]] std::string describe() const {
     std::ostringstream os;
-    os << (element == 0 ? "fp32" : element == 1 ? "fp16" : "bf16")
+    os << (element == 0   ? "fp32"
+           : element == 1 ? "fp16"
+                          : "bf16")
        << " grad=" << (fp32_grad ? "fp32" : "element") << " " << how.describe() << " "
        << spec.describe() << " scale=" << spec.logit_scale << " invalid_targets=" << invalid
        << " data_seed=" << data_seed;
@@ -55,8 +57,8 @@ struct fuzz_case {
 };
 
 std::int64_t log_uniform(random_source& rng, std::int64_t lo, std::int64_t hi) {
-  const double x = std::exp(rng.uniform(std::log(static_cast<double>(lo)),
-                                        std::log(static_cast<double>(hi) + 1.0)));
+  const double x = std::exp(
+      rng.uniform(std::log(static_cast<double>(lo)), std::log(static_cast<double>(hi) + 1.0)));
   return std::min<std::int64_t>(hi, std::max<std::int64_t>(lo, static_cast<std::int64_t>(x)));
 }
 
@@ -69,9 +71,12 @@ fuzz_case draw_case(std::uint64_t case_seed) {
   std::int64_t d = log_uniform(rng, 1, 192);
   std::int64_t v = log_uniform(rng, 1, 2048);
   while (static_cast<double>(n) * static_cast<double>(d) * static_cast<double>(v) > 2e6) {
-    if (v > 64) v /= 2;
-    else if (d > 16) d /= 2;
-    else n /= 2;
+    if (v > 64)
+      v /= 2;
+    else if (d > 16)
+      d /= 2;
+    else
+      n /= 2;
   }
   c.spec = case_spec{n, d, v};
   case_spec& s = c.spec;
@@ -90,14 +95,16 @@ fuzz_case draw_case(std::uint64_t case_seed) {
   s.logit_scale = scales[rng.integer(0, 4)];
   if (rng.bernoulli(0.3)) s.label_smoothing = static_cast<float>(rng.uniform(0.0, 0.3));
   if (rng.bernoulli(0.2)) s.class_weights = true;
-  if (rng.bernoulli(0.2)) s.z_loss = static_cast<float>(std::exp(rng.uniform(std::log(1e-4), std::log(1e-2))));
+  if (rng.bernoulli(0.2))
+    s.z_loss = static_cast<float>(std::exp(rng.uniform(std::log(1e-4), std::log(1e-2))));
   if (rng.bernoulli(0.25)) s.softcap = static_cast<float>(rng.uniform(5.0, 50.0));
   if (rng.bernoulli(0.2)) s.temperature = static_cast<float>(rng.uniform(0.5, 2.0));
   if (rng.bernoulli(0.15)) {  // a sequence length that divides n
     std::vector<std::int64_t> divisors;
     for (std::int64_t t = 1; t <= n; ++t)
       if (n % t == 0) divisors.push_back(t);
-    s.shift_seq_len = divisors[static_cast<std::size_t>(rng.integer(0, static_cast<std::int64_t>(divisors.size()) - 1))];
+    s.shift_seq_len = divisors[static_cast<std::size_t>(
+        rng.integer(0, static_cast<std::int64_t>(divisors.size()) - 1))];
   }
   const int op = static_cast<int>(rng.integer(0, 2));
   c.how.op = op == 0 ? op_kind::forward : op == 1 ? op_kind::backward : op_kind::forward_backward;
@@ -110,7 +117,8 @@ fuzz_case draw_case(std::uint64_t case_seed) {
   c.how.budget = budgets[rng.integer(0, 2)];
   c.how.misaligned = rng.bernoulli(0.15);
   if (c.how.gradients() && rng.bernoulli(0.15)) s.accumulate = true;
-  if (rng.bernoulli(0.1)) c.invalid = static_cast<int>(rng.integer(1, std::min<std::int64_t>(3, n)));
+  if (rng.bernoulli(0.1))
+    c.invalid = static_cast<int>(rng.integer(1, std::min<std::int64_t>(3, n)));
   c.data_seed = rng.engine()();
   return c;
 }
@@ -126,8 +134,8 @@ struct verdict {
 /// ‖out − ref‖ ≤ tol·‖ref‖ + kappa·‖mag‖ + floor, and every element finite, padding untouched.
 template <class T>
 void check_vector(verdict& v, const char* name, const T* d_out, std::int64_t rows,
-                  std::int64_t cols, std::int64_t ld, const double* d_ref, double tol,
-                  double kappa, const std::vector<double>& mag, double floor) {
+                  std::int64_t cols, std::int64_t ld, const double* d_ref, double tol, double kappa,
+                  const std::vector<double>& mag, double floor) {
   const compare_stats s = compare_device(d_out, rows, cols, ld, d_ref);
   double mag_norm = 0.0;
   for (double m : mag) mag_norm += m * m;
@@ -135,9 +143,9 @@ void check_vector(verdict& v, const char* name, const T* d_out, std::int64_t row
   const double abs_err = s.ref_norm > 0.0 ? s.rel * s.ref_norm : s.rel;
   const double allowed = tol * s.ref_norm + kappa * mag_norm + floor;
   std::ostringstream os;
-  os << name << ": abs error " << abs_err << " > allowed " << allowed << " (ref norm "
-     << s.ref_norm << ", magnitude " << mag_norm << ", nonfinite " << s.nonfinite
-     << ", padding written " << s.padding << ")";
+  os << name << ": abs error " << abs_err << " > allowed " << allowed << " (ref norm " << s.ref_norm
+     << ", magnitude " << mag_norm << ", nonfinite " << s.nonfinite << ", padding written "
+     << s.padding << ")";
   v.check(s.nonfinite == 0 && s.padding == 0 && abs_err <= allowed, os.str());
 }
 
@@ -204,10 +212,12 @@ verdict run_case(const fuzz_case& c, gpu_context& ctx) {
     }
     const double ltol = loss_tolerance<Element>();
     if (c.spec.reduction != lce::reduction::none) {
-      const double denom = c.spec.reduction == lce::reduction::mean
-                               ? std::max(std::min(data.ref_ce_denom, static_cast<double>(data.n_valid)), 1e-30)
-                               : 1.0;
-      const double scale = c.spec.reduction == lce::reduction::mean ? (data.n_valid > 0 ? 1.0 / denom : 0.0) : 1.0;
+      const double denom =
+          c.spec.reduction == lce::reduction::mean
+              ? std::max(std::min(data.ref_ce_denom, static_cast<double>(data.n_valid)), 1e-30)
+              : 1.0;
+      const double scale =
+          c.spec.reduction == lce::reduction::mean ? (data.n_valid > 0 ? 1.0 / denom : 0.0) : 1.0;
       float loss = 0.0f;
       LCE_TEST_CUDA(cudaMemcpy(&loss, o.loss.ptr(), sizeof(float), cudaMemcpyDeviceToHost));
       const double err = std::fabs(static_cast<double>(loss) - data.ref_loss);
@@ -217,8 +227,8 @@ verdict run_case(const fuzz_case& c, gpu_context& ctx) {
          << " > allowed " << allowed;
       out.check(std::isfinite(loss) && err <= allowed, os.str());
     }
-    check_vector(out, "token_loss", o.token_loss.ptr(), s.n, 1, 1, data.ref_token_loss.data(),
-                 ltol, kappa_logits, row_mag, 0.0);
+    check_vector(out, "token_loss", o.token_loss.ptr(), s.n, 1, 1, data.ref_token_loss.data(), ltol,
+                 kappa_logits, row_mag, 0.0);
     check_vector(out, "lse", o.lse.ptr(), s.n, 1, 1, data.ref_lse.data(), ltol, kappa_logits,
                  lse_mag, 0.0);
   }
@@ -227,7 +237,8 @@ verdict run_case(const fuzz_case& c, gpu_context& ctx) {
     const double kappa = unit_roundoff<Element>() + kappa_logits;
     // fp16 outputs of a mean over many rows can be subnormal: 2^-24 absolute per element.
     auto floor = [](std::int64_t count) {
-      return std::is_same_v<Element, __half> ? 0x1p-24 * std::sqrt(static_cast<double>(count)) : 0.0;
+      return std::is_same_v<Element, __half> ? 0x1p-24 * std::sqrt(static_cast<double>(count))
+                                             : 0.0;
     };
     check_vector(out, "dx", o.dx.ptr(), s.n, s.d, s.dx_stride(), data.ref_dx.data(), gtol, kappa,
                  data.ref_dx_mag, floor(s.n * s.d));
@@ -281,10 +292,11 @@ TEST_CASE("fuzz: random cases against the fp64 CPU reference", "[gpu][fuzz]") {
       std::fflush(stdout);
     }
   }
-  std::printf("RESULT op=fuzz seed=%llu cases=%llu forward=%d backward=%d forward_backward=%d "
-              "failed=%llu\n",
-              static_cast<unsigned long long>(seed), static_cast<unsigned long long>(last - first),
-              counts[0], counts[1], counts[2], static_cast<unsigned long long>(failed));
+  std::printf(
+      "RESULT op=fuzz seed=%llu cases=%llu forward=%d backward=%d forward_backward=%d "
+      "failed=%llu\n",
+      static_cast<unsigned long long>(seed), static_cast<unsigned long long>(last - first),
+      counts[0], counts[1], counts[2], static_cast<unsigned long long>(failed));
   std::fflush(stdout);
   INFO("seed=" << seed << ": " << failed << " failing cases (FUZZ FAIL lines above)");
   CHECK(failed == 0);

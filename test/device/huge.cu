@@ -28,8 +28,8 @@ cpu_row reference_row(const problem_data<Element>& data, const std::vector<Eleme
                       const std::vector<double>& bias, std::int64_t i) {
   const lce::problem& s = data.shape;
   std::vector<Element> xr(static_cast<std::size_t>(s.d));
-  LCE_TEST_CUDA(cudaMemcpy(xr.data(), data.x.data() + i * s.x_stride(),
-                           xr.size() * sizeof(Element), cudaMemcpyDeviceToHost));
+  LCE_TEST_CUDA(cudaMemcpy(xr.data(), data.x.data() + i * s.x_stride(), xr.size() * sizeof(Element),
+                           cudaMemcpyDeviceToHost));
   std::vector<double> x(xr.size());
   for (std::size_t j = 0; j < x.size(); ++j) x[j] = to_double(xr[j]);
   std::vector<double> z(static_cast<std::size_t>(s.v));
@@ -49,13 +49,13 @@ cpu_row reference_row(const problem_data<Element>& data, const std::vector<Eleme
   r.dx.assign(static_cast<std::size_t>(s.d), 0.0);
   if (y == data.spec.ignore_index) return r;
   r.loss = r.lse - z[static_cast<std::size_t>(y)];
-  const double g = data.spec.reduction == lce::reduction::mean
-                       ? 1.0 / static_cast<double>(data.n_valid)
-                       : 1.0;
+  const double g =
+      data.spec.reduction == lce::reduction::mean ? 1.0 / static_cast<double>(data.n_valid) : 1.0;
   for (std::int64_t k = 0; k < s.v; ++k) {
     const double dz = g * (std::exp(z[static_cast<std::size_t>(k)] - r.lse) - (k == y ? 1.0 : 0.0));
     const Element* wk = w.data() + k * s.w_stride();
-    for (std::int64_t j = 0; j < s.d; ++j) r.dx[static_cast<std::size_t>(j)] += dz * to_double(wk[j]);
+    for (std::int64_t j = 0; j < s.d; ++j)
+      r.dx[static_cast<std::size_t>(j)] += dz * to_double(wk[j]);
   }
   return r;
 }
@@ -150,8 +150,7 @@ void run_huge(const case_spec& spec, double gigabytes, int sampled_rows) {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("huge: n·v > 2^31 (16384 × 64 × 262144)", "[gpu][huge]", float,
-                   __nv_bfloat16) {
+TEMPLATE_TEST_CASE("huge: n·v > 2^31 (16384 × 64 × 262144)", "[gpu][huge]", float, __nv_bfloat16) {
   // fp64 Z of the GPU reference: 34 GB.
   run_huge<TestType>(case_spec{16384, 64, 262144}, 40.0, 12);
 }

@@ -13,8 +13,7 @@
 
 using lce_test::device_buffer;
 
-TEST_CASE("forward on a device this binary has no kernel image for names the fix",
-          "[gpu][arch]") {
+TEST_CASE("forward on a device this binary has no kernel image for names the fix", "[gpu][arch]") {
   int device = 0, major = 0, minor = 0;
   LCE_TEST_CUDA(cudaGetDevice(&device));
   LCE_TEST_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

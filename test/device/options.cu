@@ -673,8 +673,7 @@ TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtere
   // its general one (bias; class weights with smoothing), and the dZ kernel after a cuBLAS
   // recompute (fp32, sm_80 builds, the one-pass row_chunked forward_backward).
   const case_spec spec = GENERATE(
-      case_spec{64, 64, 300}.filtered(1e-3f),
-      case_spec{129, 72, 1000}.no_bias().filtered(1e-3f),
+      case_spec{64, 64, 300}.filtered(1e-3f), case_spec{129, 72, 1000}.no_bias().filtered(1e-3f),
       case_spec{300, 136, 4097}.no_bias().capped(30.0f).scaled(6.0).filtered(0x1p-12f),
       case_spec{200, 520, 3001}.weighted().smoothing(0.1f).with_z_loss(1e-3f).filtered(1e-3f));
   const std::uint64_t seed = fresh_seed();
@@ -700,7 +699,8 @@ TEMPLATE_TEST_CASE("options: gradient filtering (filter_eps) matches the filtere
   exact.use_unit_upstream();
   if (!boundary.empty()) exact.ignore_rows(boundary);
   exact.compute_reference(true);
-  const std::vector<double> filtered_dw = data.ref_dw.download(), exact_dw = exact.ref_dw.download();
+  const std::vector<double> filtered_dw = data.ref_dw.download(),
+                            exact_dw = exact.ref_dw.download();
   double diff = 0.0, norm = 0.0;
   for (std::size_t i = 0; i < exact_dw.size(); ++i) {
     diff += (filtered_dw[i] - exact_dw[i]) * (filtered_dw[i] - exact_dw[i]);

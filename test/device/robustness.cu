@@ -112,7 +112,9 @@ TEMPLATE_TEST_CASE("robustness small: NaN or Inf in x, w or b gives NaN for the 
   // nvcc-compiled test yielded a finite garbage value (-2.6e-17), so nothing was injected.
   const int which = GENERATE(0, 1, 2);  // NaN, +inf, −inf
   const float inf = std::numeric_limits<float>::infinity();
-  const float value = which == 0 ? std::numeric_limits<float>::quiet_NaN() : which == 1 ? inf : -inf;
+  const float value = which == 0   ? std::numeric_limits<float>::quiet_NaN()
+                      : which == 1 ? inf
+                                   : -inf;
   const int where = GENERATE(0, 1, 2);  // x, w, bias
   REQUIRE(!std::isfinite(value));
   if (quick_mode() && (which == 2 || (softcap > 0.0f && where != 0))) return;
@@ -126,7 +128,10 @@ TEMPLATE_TEST_CASE("robustness small: NaN or Inf in x, w or b gives NaN for the 
   if (where == 0) set_element(data.x.data(), bad_row * data.shape.x_stride() + 7, bad);
   if (where == 1) set_element(data.w.data(), 11 * data.shape.w_stride() + 2, bad);
   if (where == 2) set_element(data.bias.data(), 11, bad);
-  INFO(data.describe() << " value=" << value << " in " << (where == 0 ? "x" : where == 1 ? "w" : "bias"));
+  INFO(data.describe() << " value=" << value << " in "
+                       << (where == 0   ? "x"
+                           : where == 1 ? "w"
+                                        : "bias"));
   gpu_context ctx;
   for (const run_spec& how : all_runs<float>()) {
     if (how.budget != lce::backward_options{}.memory_budget) continue;
@@ -212,8 +217,8 @@ TEMPLATE_TEST_CASE("robustness: extreme logits match the fp64 reference, finite 
     // GEMMs' rounding, ~√d·u·|raw| through dz/draw ≤ 1 (the H200 run of 2026-11-28 saw 2.4e-5
     // with softcap 30 at scale 1e4 against a 1.8e-5 tolerance without this term). The 16-bit
     // paths recompute bitwise on sm_90a (kernel/logit_grad_sm90.cuh).
-    extra.grad = std::max(extra.grad,
-                          std::sqrt(static_cast<double>(spec.d)) * 0x1p-24 * spec.logit_scale);
+    extra.grad =
+        std::max(extra.grad, std::sqrt(static_cast<double>(spec.d)) * 0x1p-24 * spec.logit_scale);
   }
   gpu_context ctx;
   // The backward takes an lse. At |z| ~ 1e30 the gradient is only determined by the inputs
@@ -242,9 +247,9 @@ TEMPLATE_TEST_CASE("robustness small: degenerate shapes v = 1, d = 1, n = 1",
                    "[gpu][robustness][sanitize]", float, __half, __nv_bfloat16) {
   const case_spec spec = GENERATE(from_range(quick_subset(
       std::vector<case_spec>{case_spec{1, 1, 1}, case_spec{7, 1, 127},
-                             case_spec{1, 72, 300}.ignoring(0.0), case_spec{5, 8, 2}.no_bias().none(),
-                             case_spec{1, 16, 1}, case_spec{300, 1, 1}.sum(),
-                             case_spec{1, 1, 2}.ignoring(0.0)},
+                             case_spec{1, 72, 300}.ignoring(0.0),
+                             case_spec{5, 8, 2}.no_bias().none(), case_spec{1, 16, 1},
+                             case_spec{300, 1, 1}.sum(), case_spec{1, 1, 2}.ignoring(0.0)},
       4)));
   problem_data<TestType> data(spec, fresh_seed());
   data.use_unit_upstream();
@@ -293,18 +298,18 @@ TEMPLATE_TEST_CASE("robustness small: n = 0 launches no kernel; loss 0, dW and d
     fba.db = db.data();
     fba.status = status.data();
     std::size_t bytes = 0;
-    LCE_TEST_REQUIRE_OK(op == 0 ? lce::forward<TestType>(nullptr, bytes, fa, shape, options)
-                                : lce::forward_backward(nullptr, bytes, fba, shape, options, {},
-                                                        ctx.handle()));
+    LCE_TEST_REQUIRE_OK(
+        op == 0 ? lce::forward<TestType>(nullptr, bytes, fa, shape, options)
+                : lce::forward_backward(nullptr, bytes, fba, shape, options, {}, ctx.handle()));
     CHECK(bytes > 0);
     void* ws = ctx.workspace(bytes);
     // Captured into a graph: the call must enqueue memsets only, never a kernel.
     cudaGraph_t graph = nullptr;
     LCE_TEST_CUDA(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeGlobal));
     const cudaError_t code =
-        op == 0 ? lce::forward<TestType>(ws, bytes, fa, shape, options, ctx.stream())
-                : lce::forward_backward(ws, bytes, fba, shape, options, {}, ctx.handle(),
-                                        ctx.stream());
+        op == 0
+            ? lce::forward<TestType>(ws, bytes, fa, shape, options, ctx.stream())
+            : lce::forward_backward(ws, bytes, fba, shape, options, {}, ctx.handle(), ctx.stream());
     const std::string message = lce::last_error_message();
     LCE_TEST_CUDA(cudaStreamEndCapture(ctx.stream(), &graph));
     INFO("op=" << (op == 0 ? "forward" : "forward_backward") << " message=" << message);
@@ -354,8 +359,8 @@ TEMPLATE_TEST_CASE("robustness small: n = 0 launches no kernel; loss 0, dW and d
 TEMPLATE_TEST_CASE("robustness small: misaligned base pointers and odd leading dimensions",
                    "[gpu][robustness][sanitize]", float, __half, __nv_bfloat16) {
   const case_spec spec = GENERATE(from_range(quick_subset(
-      std::vector<case_spec>{case_spec{37, 72, 300}.padded(1, 3, 5, 7),
-                             case_spec{9, 33, 129}.sum(), case_spec{37, 70, 300}.none()},
+      std::vector<case_spec>{case_spec{37, 72, 300}.padded(1, 3, 5, 7), case_spec{9, 33, 129}.sum(),
+                             case_spec{37, 70, 300}.none()},
       2)));
   problem_data<TestType> data(spec, fresh_seed());
   data.use_unit_upstream();

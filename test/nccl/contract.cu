@@ -69,13 +69,13 @@ void check_all_invalid(const lce::problem& p, const lce::nccl::vocab_shard& s,
   for (void* ws : {static_cast<void*>(nullptr), fake_workspace()}) {
     std::size_t bytes = unlimited_bytes;
     check_invalid(lce::nccl::forward<Element>(ws, bytes, forward_args<Element>(), p, s, o), what);
-    check_invalid(lce::nccl::backward<Element, Element>(ws, bytes, backward_args<Element, Element>(),
-                                                        p, s, o, bopt, fake_handle()),
+    check_invalid(lce::nccl::backward<Element, Element>(
+                      ws, bytes, backward_args<Element, Element>(), p, s, o, bopt, fake_handle()),
                   what);
-    check_invalid(lce::nccl::forward_backward<Element, float>(
-                      ws, bytes, forward_backward_args<Element, float>(), p, s, o, bopt,
-                      fake_handle()),
-                  what);
+    check_invalid(
+        lce::nccl::forward_backward<Element, float>(
+            ws, bytes, forward_backward_args<Element, float>(), p, s, o, bopt, fake_handle()),
+        what);
   }
 }
 
@@ -120,9 +120,9 @@ TEST_CASE("nccl contract: null arguments are named before the communicator", "[n
   ba.lse = nullptr;
   check_invalid(lce::nccl::backward(nullptr, bytes, ba, shape, s, {}, {}, fake_handle()),
                 "args.lse");
-  check_invalid(lce::nccl::backward(nullptr, bytes, backward_args<bf16, bf16>(), shape, s, {}, {},
-                                    nullptr),
-                "handle");
+  check_invalid(
+      lce::nccl::backward(nullptr, bytes, backward_args<bf16, bf16>(), shape, s, {}, {}, nullptr),
+      "handle");
   lce::backward_options row_chunked;
   row_chunked.strategy = lce::backward_strategy::row_chunked;
   check_invalid(lce::nccl::backward(nullptr, bytes, backward_args<bf16, bf16>(), shape, s, {},

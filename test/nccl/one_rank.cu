@@ -40,12 +40,12 @@ struct variant {
 template <class Grad>
 std::vector<variant> variants() {
   const std::size_t budget = lce::backward_options{}.memory_budget;
-  std::vector<variant> out{{lce::backward_strategy::automatic, budget, "automatic"},
-                           {lce::backward_strategy::vocab_chunked, std::size_t{1} << 20,
-                            "vocab_chunked/1MiB"},
-                           {lce::backward_strategy::stored, budget, "stored"},
-                           {lce::backward_strategy::automatic, std::size_t{1} << 40,
-                            "automatic/unbounded"}};  // automatic takes stored
+  std::vector<variant> out{
+      {lce::backward_strategy::automatic, budget, "automatic"},
+      {lce::backward_strategy::vocab_chunked, std::size_t{1} << 20, "vocab_chunked/1MiB"},
+      {lce::backward_strategy::stored, budget, "stored"},
+      {lce::backward_strategy::automatic, std::size_t{1} << 40,
+       "automatic/unbounded"}};  // automatic takes stored
   if constexpr (std::is_same_v<Grad, float>)
     out.push_back({lce::backward_strategy::row_chunked, std::size_t{1} << 20, "row_chunked/1MiB"});
   return out;
@@ -88,8 +88,8 @@ void run_forward_backward(const problem_data<Element>& data, gpu_context& ctx, c
   bopt.strategy = how.strategy;
   bopt.memory_budget = how.budget;
   std::size_t bytes = 0;
-  LCE_TEST_REQUIRE_OK(lce::nccl::forward_backward(nullptr, bytes, a, s, shard, data.options, bopt,
-                                                  ctx.handle()));
+  LCE_TEST_REQUIRE_OK(
+      lce::nccl::forward_backward(nullptr, bytes, a, s, shard, data.options, bopt, ctx.handle()));
   REQUIRE(bytes == (lce::nccl::forward_backward_workspace_size<Element, Grad>(s, shard, bopt)));
   void* ws = ctx.workspace(bytes);
   out.poison();
@@ -127,8 +127,10 @@ TEMPLATE_TEST_CASE("nccl one rank: forward_backward with every strategy matches 
   data.compute_reference(true);
   INFO(data.describe());
   gpu_context ctx;
-  for (const variant& how : variants<TestType>()) run_forward_backward<TestType, TestType>(data, ctx, how);
-  for (const variant& how : variants<float>()) run_forward_backward<TestType, float>(data, ctx, how);
+  for (const variant& how : variants<TestType>())
+    run_forward_backward<TestType, TestType>(data, ctx, how);
+  for (const variant& how : variants<float>())
+    run_forward_backward<TestType, float>(data, ctx, how);
 }
 
 TEST_CASE("nccl one rank: stored is reported and rejected where it cannot run",
@@ -142,7 +144,8 @@ TEST_CASE("nccl one rank: stored is reported and rejected where it cannot run",
   bopt.strategy = lce::backward_strategy::stored;
   // backward has no forward to store from: the named error, before any launch.
   lce::backward_args<__nv_bfloat16, __nv_bfloat16> a;
-  device_buffer<__nv_bfloat16> x(static_cast<std::size_t>(s.n * s.d)), w(static_cast<std::size_t>(s.v * s.d));
+  device_buffer<__nv_bfloat16> x(static_cast<std::size_t>(s.n * s.d)),
+      w(static_cast<std::size_t>(s.v * s.d));
   device_buffer<float> lse(static_cast<std::size_t>(s.n));
   device_buffer<std::int64_t> targets(static_cast<std::size_t>(s.n));
   device_buffer<__nv_bfloat16> dx(static_cast<std::size_t>(s.n * s.d));
@@ -153,8 +156,8 @@ TEST_CASE("nccl one rank: stored is reported and rejected where it cannot run",
   a.dx = dx.data();
   gpu_context ctx;
   std::size_t bytes = 0;
-  const cudaError_t e = lce::nccl::backward(nullptr, bytes, a, s, shard, lce::loss_options{}, bopt,
-                                            ctx.handle());
+  const cudaError_t e =
+      lce::nccl::backward(nullptr, bytes, a, s, shard, lce::loss_options{}, bopt, ctx.handle());
   CHECK(e == cudaErrorInvalidValue);
   CHECK(std::string(lce::last_error_message()).find("stored") != std::string::npos);
   // forward_backward's workspace holds the stored values of the shard.

@@ -116,8 +116,7 @@ struct rank_state {
   device_buffer<std::int64_t> targets;
   device_buffer<float> class_weight, upstream;
 
-  rank_state(int r, const shard_range& s, const problem_data<Element>& data)
-      : device(r), range(s) {
+  rank_state(int r, const shard_range& s, const problem_data<Element>& data) : device(r), range(s) {
     const lce::problem& p = data.shape;
     LCE_TEST_CUDA(cudaSetDevice(r));
     ctx = std::make_unique<gpu_context>();
@@ -216,8 +215,8 @@ device_buffer<T> to_device0(int device, const T* src, std::size_t count) {
 
 /// Concatenates the ranks' row blocks ([rows_r, ld] each) into one [Σ rows_r, ld] on device 0.
 template <class T>
-device_buffer<T> gather_rows(const std::vector<const T*>& parts, const std::vector<std::int64_t>& rows,
-                             std::int64_t ld) {
+device_buffer<T> gather_rows(const std::vector<const T*>& parts,
+                             const std::vector<std::int64_t>& rows, std::int64_t ld) {
   std::int64_t total = 0;
   for (std::int64_t r : rows) total += r;
   LCE_TEST_CUDA(cudaSetDevice(0));
@@ -343,7 +342,8 @@ void check_forward(const problem_data<Element>& data,
   }
 }
 
-__global__ void add_dense_kernel(const double* a, const double* b, double* out, std::int64_t count) {
+__global__ void add_dense_kernel(const double* a, const double* b, double* out,
+                                 std::int64_t count) {
   for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
        e += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
     out[e] = a[e] + b[e];
@@ -403,10 +403,11 @@ prefill fill_gradients(const problem_data<Element>& data,
     const std::int64_t dx_row0 = scatter ? r * (p.n / ranks) : 0;
     LCE_TEST_CUDA(cudaMemcpyPeer(outs[r]->dx.data(), r, dx.data() + dx_row0 * p.dx_stride(), 0,
                                  outs[r]->dx.bytes()));
-    LCE_TEST_CUDA(cudaMemcpyPeer(outs[r]->dw.data(), r, dw.data() + rs[r]->range.begin * p.dw_stride(),
-                                 0, outs[r]->dw.bytes()));
-    LCE_TEST_CUDA(
-        cudaMemcpyPeer(outs[r]->db.data(), r, db.data() + rs[r]->range.begin, 0, outs[r]->db.bytes()));
+    LCE_TEST_CUDA(cudaMemcpyPeer(outs[r]->dw.data(), r,
+                                 dw.data() + rs[r]->range.begin * p.dw_stride(), 0,
+                                 outs[r]->dw.bytes()));
+    LCE_TEST_CUDA(cudaMemcpyPeer(outs[r]->db.data(), r, db.data() + rs[r]->range.begin, 0,
+                                 outs[r]->db.bytes()));
   }
   LCE_TEST_CUDA(cudaDeviceSynchronize());
   return {gpu_to_dense_double(dx.data(), p.n, p.d, p.dx_stride()),
@@ -517,8 +518,8 @@ std::vector<variant> variants(bool scatter_allowed) {
     out.push_back({lce::backward_strategy::vocab_chunked, budget, all, "vocab_chunked"});
     out.push_back({lce::backward_strategy::vocab_chunked, small_budget, all, "vocab_chunked/1MiB"});
     if (scatter_allowed)
-      out.push_back({lce::backward_strategy::vocab_chunked, budget, scatter,
-                     "vocab_chunked/reduce_scatter"});
+      out.push_back(
+          {lce::backward_strategy::vocab_chunked, budget, scatter, "vocab_chunked/reduce_scatter"});
   }
   return out;
 }
@@ -701,17 +702,27 @@ std::vector<case_spec> combinations(const case_spec& base, std::int64_t seq_len,
       b.shifted(seq_len),
       b.ignore_id(2).ignoring(0.3),
       base.smoothing(0.1f).weighted().ignore_id(2).with_z_loss(1e-2f).capped(3.0f).none(),
-      base.smoothing(0.2f).weighted().with_z_loss(1e-3f).capped(5.0f).with_temperature(1.5f).shifted(
-          seq_len),
+      base.smoothing(0.2f)
+          .weighted()
+          .with_z_loss(1e-3f)
+          .capped(5.0f)
+          .with_temperature(1.5f)
+          .shifted(seq_len),
       b.accumulating(),
-      base.smoothing(0.1f).weighted().with_z_loss(1e-2f).capped(3.0f).shifted(seq_len).none().accumulating(),
+      base.smoothing(0.1f)
+          .weighted()
+          .with_z_loss(1e-2f)
+          .capped(3.0f)
+          .shifted(seq_len)
+          .none()
+          .accumulating(),
   };
 }
 
 const std::vector<case_spec>& small_cases() {
   static const std::vector<case_spec> cases = [] {
-    std::vector<case_spec> out = combinations(case_spec{64, 72, 1000}.padded(8, 3, 5, 7), 16,
-                                              lce::reduction::mean);
+    std::vector<case_spec> out =
+        combinations(case_spec{64, 72, 1000}.padded(8, 3, 5, 7), 16, lce::reduction::mean);
     for (const case_spec& c : combinations(case_spec{7, 16, 127}.no_bias(), 7, lce::reduction::sum))
       out.push_back(c);
     return out;
@@ -731,10 +742,14 @@ TEMPLATE_TEST_CASE("nccl small: every option on 2 ranks against the fp64 CPU ref
 TEMPLATE_TEST_CASE("nccl small: one rank owns none of the targets", "[gpu][nccl][small]", float,
                    __half, __nv_bfloat16) {
   const targets_in where = GENERATE(targets_in::rank0, targets_in::rank1);
-  const case_spec spec = GENERATE(
-      case_spec{64, 72, 1000}.padded(8, 3, 5, 7),
-      case_spec{64, 72, 1000}.smoothing(0.1f).weighted().ignore_id(2).with_z_loss(1e-2f).capped(
-          3.0f).none());
+  const case_spec spec =
+      GENERATE(case_spec{64, 72, 1000}.padded(8, 3, 5, 7), case_spec{64, 72, 1000}
+                                                               .smoothing(0.1f)
+                                                               .weighted()
+                                                               .ignore_id(2)
+                                                               .with_z_loss(1e-2f)
+                                                               .capped(3.0f)
+                                                               .none());
   run_case<TestType>(spec, where);
 }
 
@@ -752,12 +767,22 @@ TEMPLATE_TEST_CASE("nccl small: an all-ignored batch gives zeros on every rank",
 
 TEMPLATE_TEST_CASE("nccl medium: options on 2 ranks against the fp64 GPU reference",
                    "[gpu][nccl][medium]", float, __half, __nv_bfloat16) {
-  const case_spec spec = GENERATE(
-      case_spec{300, 1000, 4097}.padded(8, 3, 5, 7),
-      case_spec{300, 1000, 4097}.smoothing(0.1f).weighted().ignore_id(2).with_z_loss(1e-2f).capped(
-          5.0f).none(),
-      case_spec{300, 1000, 4097}.no_bias().smoothing(0.05f).with_temperature(0.8f).capped(30.0f).shifted(
-          75).sum().accumulating());
+  const case_spec spec = GENERATE(case_spec{300, 1000, 4097}.padded(8, 3, 5, 7),
+                                  case_spec{300, 1000, 4097}
+                                      .smoothing(0.1f)
+                                      .weighted()
+                                      .ignore_id(2)
+                                      .with_z_loss(1e-2f)
+                                      .capped(5.0f)
+                                      .none(),
+                                  case_spec{300, 1000, 4097}
+                                      .no_bias()
+                                      .smoothing(0.05f)
+                                      .with_temperature(0.8f)
+                                      .capped(30.0f)
+                                      .shifted(75)
+                                      .sum()
+                                      .accumulating());
   run_case<TestType>(spec, targets_in::anywhere);
 }
 

@@ -384,10 +384,10 @@ gpu_reference_output gpu_reference(const Element* d_x, const Element* d_w, const
 
   // Z = X · Wᵀ: A = X (i stride d, k stride 1), B(k, j) = W[j, k].
   gpu_dgemm(n, v, d, x.data(), d, 1, w.data(), 1, d, z.data(), v);
-  const gpu_ref::row_outputs row_out{out.lse.data(),     out.token_loss.data(),
-                                     out.token_z_loss.data(), out.entropy.data(),
-                                     out.target_logprob.data(), max_logit.data(),
-                                     argmax.data()};
+  const gpu_ref::row_outputs row_out{
+      out.lse.data(),     out.token_loss.data(),     out.token_z_loss.data(),
+      out.entropy.data(), out.target_logprob.data(), max_logit.data(),
+      argmax.data()};
   gpu_ref::lse_rows_kernel<double><<<static_cast<unsigned>(n), gpu_ref::row_threads>>>(
       z.data(), bias.data(), weights.data(), targets.data(), prm, row_out);
   LCE_TEST_CUDA(cudaGetLastError());
@@ -406,7 +406,8 @@ gpu_reference_output gpu_reference(const Element* d_x, const Element* d_w, const
     if (y == ignore_index) continue;
     ce_total += token_loss[r] - token_z_loss[r];
     z_total += token_z_loss[r];
-    ce_denom += class_weight.empty() || y < 0 || y >= v ? 1.0 : class_weight[static_cast<std::size_t>(y)];
+    ce_denom +=
+        class_weight.empty() || y < 0 || y >= v ? 1.0 : class_weight[static_cast<std::size_t>(y)];
     out.correct += out.argmax[r] == y ? 1 : 0;
     ++out.n_valid;
   }

@@ -535,9 +535,10 @@ struct problem_data {
   void compute_reference(bool gradients, bool force_gpu = false) {
     reference_on_gpu = force_gpu || spec.nvd() > cpu_reference_limit;
     if (reference_on_gpu) {
-      gpu_reference_output out = gpu_reference(
-          x.data(), w.data(), bias_pointer(), targets.data(), h_targets, shape, spec.ignore_index,
-          spec.reduction, gradients, upstream, reference_options_of(options), class_weight_double());
+      gpu_reference_output out =
+          gpu_reference(x.data(), w.data(), bias_pointer(), targets.data(), h_targets, shape,
+                        spec.ignore_index, spec.reduction, gradients, upstream,
+                        reference_options_of(options), class_weight_double());
       ref_loss = out.loss;
       ref_lse = std::move(out.lse);
       ref_token_loss = std::move(out.token_loss);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "support/device_buffer.hpp"
+#include "support/formulas.hpp"
 #include "support/reference.hpp"
 
 namespace {
@@ -225,17 +226,17 @@ TEST_CASE("reference agrees with the library's thread formulas in fp32", "[refer
       double acc = in.bias[static_cast<std::size_t>(k)];
       for (std::int64_t j = 0; j < in.d; ++j) acc += in.x[i * in.d + j] * in.w[k * in.d + j];
       z[static_cast<std::size_t>(k)] = static_cast<float>(acc);
-      s = lce::thread::lse_push(s, z[static_cast<std::size_t>(k)]);
+      s = lce_test::lse_push(s, z[static_cast<std::size_t>(k)]);
     }
     const float lse = lce::thread::lse_value(s);
     const std::int64_t y = in.targets[static_cast<std::size_t>(i)];
     const float zy = y >= 0 ? z[static_cast<std::size_t>(y)] : 0.0f;
-    const float loss = lce::thread::token_loss(lse, zy, y, in.v, in.ignore_index);
+    const float loss = lce_test::token_loss(lse, zy, y, in.v, in.ignore_index);
     CHECK(std::fabs(lse - out.lse[static_cast<std::size_t>(i)]) <= 1e-5 * (1.0 + std::fabs(lse)));
     CHECK(std::fabs(loss - out.token_loss[static_cast<std::size_t>(i)]) <=
           1e-5 * (1.0 + std::fabs(loss)));
     const float g =
-        lce::thread::row_grad_scale(1.0f, y != in.ignore_index, out.n_valid, lce::reduction::mean);
+        lce_test::row_grad_scale(1.0f, y != in.ignore_index, out.n_valid, lce::reduction::mean);
     CHECK(std::fabs(g - out.row_scale[static_cast<std::size_t>(i)]) <= 1e-7);
   }
 }

@@ -53,35 +53,35 @@ struct reference_input {
   std::vector<std::int64_t> targets;  ///< [n], unshifted (the caller's targets)
   std::int64_t ignore_index = -100;
   lce::reduction reduction = lce::reduction::mean;
-  reference_options options;          ///< label smoothing, z-loss, softcap, temperature, shift
-  std::vector<double> class_weight;   ///< [v], or empty for no class weights (all 1)
+  reference_options options;         ///< label smoothing, z-loss, softcap, temperature, shift
+  std::vector<double> class_weight;  ///< [v], or empty for no class weights (all 1)
   /// Also compute dx_mag, dw_mag and db_mag (twice the gradient work).
   bool magnitudes = false;
 };
 
 /// @brief Outputs of the reference. The gradient vectors are empty unless requested.
 struct reference_output {
-  std::vector<std::int64_t> targets;  ///< [n] effective targets (after the causal shift)
-  std::vector<double> lse;         ///< [n] log Σ_k exp(z_ik), every row (ignored ones too)
-  std::vector<double> token_loss;  ///< [n] ce_i + zl_i for valid rows; 0 for ignored rows
-  std::vector<double> token_ce;    ///< [n] the cross-entropy part alone (0 for ignored rows)
-  std::vector<double> token_z_loss;  ///< [n] s·lse_i² (0 for ignored rows)
-  std::vector<double> entropy;       ///< [n] −Σ p log p of softmax(z_i), every row
+  std::vector<std::int64_t> targets;   ///< [n] effective targets (after the causal shift)
+  std::vector<double> lse;             ///< [n] log Σ_k exp(z_ik), every row (ignored ones too)
+  std::vector<double> token_loss;      ///< [n] ce_i + zl_i for valid rows; 0 for ignored rows
+  std::vector<double> token_ce;        ///< [n] the cross-entropy part alone (0 for ignored rows)
+  std::vector<double> token_z_loss;    ///< [n] s·lse_i² (0 for ignored rows)
+  std::vector<double> entropy;         ///< [n] −Σ p log p of softmax(z_i), every row
   std::vector<double> target_logprob;  ///< [n] z_{i,y_i} − lse_i (0 for ignored rows)
   std::vector<std::int64_t> argmax;    ///< [n] first index of max_k z_ik, every row
   std::vector<double> max_logit;       ///< [n] max_k z_ik
   std::vector<double> second_logit;    ///< [n] the second largest z_ik (−inf when v = 1)
-  double loss = 0.0;    ///< mean or sum over valid rows; the sum for reduction none
-  double z_loss = 0.0;  ///< the z-loss part of `loss` alone
-  std::int64_t n_valid = 0;   ///< rows whose effective target is not ignore_index
-  double ce_denom = 0.0;      ///< Σ_valid w_{y_i} (= n_valid without class weights)
-  std::int64_t correct = 0;   ///< valid rows with argmax == target
-  std::vector<double> row_scale;    ///< [n] dL/d(ce_i) (g_i of dZ_i = g_i (p − onehot) plain)
-  std::vector<double> row_scale_z;  ///< [n] dL/d(zl_i)
-  std::vector<double> dx;           ///< [n, d]
-  std::vector<double> dw;           ///< [v, d]
-  std::vector<double> db;           ///< [v]
-  std::vector<double> db_abs;       ///< [v] Σ_i |dZ_iv| (the target's: |p term|): db's scale
+  double loss = 0.0;                   ///< mean or sum over valid rows; the sum for reduction none
+  double z_loss = 0.0;                 ///< the z-loss part of `loss` alone
+  std::int64_t n_valid = 0;            ///< rows whose effective target is not ignore_index
+  double ce_denom = 0.0;               ///< Σ_valid w_{y_i} (= n_valid without class weights)
+  std::int64_t correct = 0;            ///< valid rows with argmax == target
+  std::vector<double> row_scale;       ///< [n] dL/d(ce_i) (g_i of dZ_i = g_i (p − onehot) plain)
+  std::vector<double> row_scale_z;     ///< [n] dL/d(zl_i)
+  std::vector<double> dx;              ///< [n, d]
+  std::vector<double> dw;              ///< [v, d]
+  std::vector<double> db;              ///< [v]
+  std::vector<double> db_abs;          ///< [v] Σ_i |dZ_iv| (the target's: |p term|): db's scale
   std::vector<std::int64_t> filter_boundary_rows;  ///< see reference_options::filter_band
   /// With `magnitudes`: the same sums as dx, dw, db over m_iv·|·| instead of dZ_iv·(·), where
   /// m_iv is the sum of the magnitudes of the terms that form dZ_iv (g·p and g·[v = y] are
@@ -167,8 +167,9 @@ inline std::vector<std::int64_t> reference_effective_targets(
   if (n % shift_seq_len != 0) throw std::invalid_argument("reference: n % shift_seq_len != 0");
   std::vector<std::int64_t> out(targets.size());
   for (std::int64_t r = 0; r < n; ++r) {
-    out[static_cast<std::size_t>(r)] =
-        r % shift_seq_len == shift_seq_len - 1 ? ignore_index : targets[static_cast<std::size_t>(r + 1)];
+    out[static_cast<std::size_t>(r)] = r % shift_seq_len == shift_seq_len - 1
+                                           ? ignore_index
+                                           : targets[static_cast<std::size_t>(r + 1)];
   }
   return out;
 }
@@ -351,12 +352,11 @@ inline reference_output reference(const reference_input& in, bool gradients,
         out.filter_boundary_rows.push_back(static_cast<std::int64_t>(i));
       }
       if (k != y && p < opt.filter_eps) continue;  // gradient filtering: the entry is 0
-      const double d_ce = (1.0 - alpha) * w_y * (p - (k == y ? 1.0 : 0.0)) +
-                          alpha / static_cast<double>(v) *
-                              (weight_total * p - detail::class_weight_of(in, k));
+      const double d_ce =
+          (1.0 - alpha) * w_y * (p - (k == y ? 1.0 : 0.0)) +
+          alpha / static_cast<double>(v) * (weight_total * p - detail::class_weight_of(in, k));
       const double d_z = 2.0 * opt.z_loss * lse * p;
-      const double dz =
-          (g_ce * d_ce + g_z * d_z) * detail::transform_derivative(raw[k], opt);
+      const double dz = (g_ce * d_ce + g_z * d_z) * detail::transform_derivative(raw[k], opt);
       const double* wk = in.w.data() + k * d;
       double* dwk = out.dw.data() + k * d;
       for (std::size_t j = 0; j < d; ++j) {
@@ -366,15 +366,14 @@ inline reference_output reference(const reference_input& in, bool gradients,
       out.db[k] += dz;
       // The target's entry p − 1 cancels within itself too (p ≈ 1: fp32 rounds p, not the
       // difference), so its magnitude is that of its p term.
-      const double p_term =
-          k == y ? std::fabs(g_ce * (1.0 - alpha) * w_y * p *
-                             detail::transform_derivative(raw[k], opt))
-                 : 0.0;
+      const double p_term = k == y ? std::fabs(g_ce * (1.0 - alpha) * w_y * p *
+                                               detail::transform_derivative(raw[k], opt))
+                                   : 0.0;
       out.db_abs[k] += std::max(std::fabs(dz), p_term);
       if (in.magnitudes) {
-        const double m_ce = (1.0 - alpha) * w_y * (p + (k == y ? 1.0 : 0.0)) +
-                            alpha / static_cast<double>(v) *
-                                (weight_total * p + detail::class_weight_of(in, k));
+        const double m_ce =
+            (1.0 - alpha) * w_y * (p + (k == y ? 1.0 : 0.0)) +
+            alpha / static_cast<double>(v) * (weight_total * p + detail::class_weight_of(in, k));
         // With a softcap, fp32 forms the derivative 1 − (z/c)² with an absolute (not
         // relative) error of a few ulp: a floor of 1/64 keeps it in the magnitude.
         const double deriv = std::fabs(detail::transform_derivative(raw[k], opt)) +

@@ -26,7 +26,9 @@ inline bool quick_mode() {
 enum class op_kind { forward, backward, forward_backward };
 
 inline const char* op_name(op_kind k) {
-  return k == op_kind::forward ? "forward" : k == op_kind::backward ? "backward" : "forward_backward";
+  return k == op_kind::forward    ? "forward"
+         : k == op_kind::backward ? "backward"
+                                  : "forward_backward";
 }
 
 /// What to run: the op, and for backward/forward_backward the strategy and memory budget.
@@ -47,8 +49,8 @@ struct run_spec {
   [[nodiscard]] std::string describe() const {
     std::string s = op_name(op);
     if (gradients()) {
-      s += std::string(" strategy=") + strategy_name(strategy) +
-           " budget=" + std::to_string(budget);
+      s +=
+          std::string(" strategy=") + strategy_name(strategy) + " budget=" + std::to_string(budget);
     }
     if (misaligned) s += " misaligned";
     return s;
@@ -248,7 +250,8 @@ void check_run(const problem_data<Element>& data, const run_spec& how,
   const double gtol = grad_tolerance<Element>() + extra.grad;
   INFO(how.describe());
   if (how.forward_outputs()) {
-    if (data.spec.reduction != lce::reduction::none) check_loss(out.loss.ptr(), data.ref_loss, ltol);
+    if (data.spec.reduction != lce::reduction::none)
+      check_loss(out.loss.ptr(), data.ref_loss, ltol);
     check_output("token_loss", out.token_loss.ptr(), s.n, 1, 1, data.ref_token_loss.data(), ltol);
     check_output("lse", out.lse.ptr(), s.n, 1, 1, data.ref_lse.data(), ltol);
   }

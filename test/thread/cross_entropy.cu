@@ -11,14 +11,15 @@
 #include <vector>
 
 #include "support/device_buffer.hpp"
+#include "support/formulas.hpp"
 
 namespace {
 using lce::reduction;
 using lce::thread::in_vocabulary;
 using lce::thread::is_valid_target;
-using lce::thread::logit_grad;
-using lce::thread::row_grad_scale;
-using lce::thread::token_loss;
+using lce_test::logit_grad;
+using lce_test::row_grad_scale;
+using lce_test::token_loss;
 }  // namespace
 
 TEST_CASE("is_valid_target and in_vocabulary", "[thread][cross_entropy]") {
@@ -106,7 +107,7 @@ TEST_CASE("logit_grad matches g (softmax - onehot) in double", "[thread][cross_e
     CAPTURE(trial, v, scale, y, g);
 
     lce::thread::lse_state s = lce::thread::lse_identity();
-    for (float value : z) s = lce::thread::lse_push(s, value);
+    for (float value : z) s = lce_test::lse_push(s, value);
     const float lse = lce::thread::lse_value(s);
 
     double m = -1e300;
@@ -187,7 +188,8 @@ double_terms loss_double(const std::vector<double>& z, std::size_t y, const std:
   const double lse = m + std::log(sum);
   double smooth = 0.0;
   for (std::size_t k = 0; k < z.size(); ++k) smooth += w[k] * (lse - z[k]);
-  const double ce = (1.0 - alpha) * w[y] * (lse - z[y]) + alpha / static_cast<double>(z.size()) * smooth;
+  const double ce =
+      (1.0 - alpha) * w[y] * (lse - z[y]) + alpha / static_cast<double>(z.size()) * smooth;
   return {ce, s * lse * lse, lse};
 }
 
@@ -337,10 +339,12 @@ TEST_CASE("row_loss matches the loss in double", "[thread][cross_entropy][option
     const auto got = row_loss(fs.lse, c.z[c.y], fs.sum_wz, c.w[c.y], fs.w_sum, v, c.alpha, c.s);
     double magnitude = c.w[c.y] * (std::fabs(ref.lse) + std::fabs(c.z[c.y]));
     for (std::size_t k = 0; k < c.z.size(); ++k)
-      magnitude += c.alpha / static_cast<double>(v) * w[k] * (std::fabs(ref.lse) + std::fabs(c.z[k]));
+      magnitude +=
+          c.alpha / static_cast<double>(v) * w[k] * (std::fabs(ref.lse) + std::fabs(c.z[k]));
     CAPTURE(trial, v, c.y, c.alpha, c.s, ref.ce, got.ce, ref.zl, got.z_loss);
     CHECK(std::fabs(got.ce - ref.ce) <= 2e-6 * magnitude + 1e-6);
-    CHECK(std::fabs(got.z_loss - ref.zl) <= 1e-6 * (std::fabs(ref.zl) + c.s * (1.0 + std::fabs(ref.lse))));
+    CHECK(std::fabs(got.z_loss - ref.zl) <=
+          1e-6 * (std::fabs(ref.zl) + c.s * (1.0 + std::fabs(ref.lse))));
     CHECK(got.ce >= -2e-6 * magnitude - 1e-6);  // never negative beyond rounding
   }
   SECTION("without options it is the plain token loss, bit for bit") {
@@ -411,7 +415,8 @@ TEST_CASE("row_grad_coeffs and logit_grad match finite differences of the loss i
     double w_max = 0.0;
     for (double value : w) w_max = std::max(w_max, value);
     // Scale of the gradient terms: |g_ce|·w_max·(1 + α) + |g_z|·2·s·|lse|.
-    const double scale = std::fabs(g.ce) * w_max * 2.0 + std::fabs(g.z) * 2.0 * c.s * (1.0 + std::fabs(lse));
+    const double scale =
+        std::fabs(g.ce) * w_max * 2.0 + std::fabs(g.z) * 2.0 * c.s * (1.0 + std::fabs(lse));
     const double rel_p = (1.0 + std::fabs(lse)) * 4e-7;  // fp32 lse → relative error of p
     double row_sum = 0.0;
     double row_sum_ref = 0.0;
@@ -432,7 +437,8 @@ TEST_CASE("row_grad_coeffs and logit_grad match finite differences of the loss i
       row_sum_ref += fd;
     }
     // Σ_v dL/dz_v = g_z·2·s·lse + g_ce·(1 − α)·w_y·0 + ...: compare the sums too.
-    CHECK(std::fabs(row_sum - row_sum_ref) <= scale * (rel_p + 1e-6) * static_cast<double>(v) + 1e-6);
+    CHECK(std::fabs(row_sum - row_sum_ref) <=
+          scale * (rel_p + 1e-6) * static_cast<double>(v) + 1e-6);
   }
   SECTION("without options: the coefficients are {g, g, 0} and agree with the plain logit_grad") {
     const row_scales g{0.37f, 0.37f};
@@ -443,7 +449,7 @@ TEST_CASE("row_grad_coeffs and logit_grad match finite differences of the loss i
     for (float z : {-10.0f, 0.0f, 3.9f}) {
       for (bool target : {false, true}) {
         const float a = lce::thread::logit_grad(c, z, 4.0f, target, 1.0f);
-        const float b = lce::thread::logit_grad(z, 4.0f, target, 0.37f);
+        const float b = lce_test::logit_grad(z, 4.0f, target, 0.37f);
         CHECK(std::fabs(a - b) <= 1e-7f);
       }
     }
@@ -501,8 +507,8 @@ TEST_CASE("the whole epilogue: dL/draw = logit_grad · derivative matches finite
       const double down = objective();
       r[k] = saved;
       const double fd = (up - down) / (2.0 * h);
-      const float got = lce::thread::logit_grad(coeffs, c.z[k], fs.lse, k == c.y, c.w[k]) *
-                        t.derivative(c.z[k]);
+      const float got =
+          lce::thread::logit_grad(coeffs, c.z[k], fs.lse, k == c.y, c.w[k]) * t.derivative(c.z[k]);
       CAPTURE(trial, v, k, tau, cap, c.alpha, c.s, raw[k], fd, got);
       CHECK(std::fabs(got - fd) <= scale * (rel_p + 2e-6) + 1e-7);
     }
@@ -512,7 +518,8 @@ TEST_CASE("the whole epilogue: dL/draw = logit_grad · derivative matches finite
 TEST_CASE("shifted_target", "[thread][cross_entropy][options]") {
   const std::vector<std::int64_t> targets{10, 11, 12, 13, 14, 15};
   SECTION("shift off: the row's own target") {
-    for (std::int64_t r = 0; r < 6; ++r) CHECK(shifted_target(targets.data(), r, 0, -100) == 10 + r);
+    for (std::int64_t r = 0; r < 6; ++r)
+      CHECK(shifted_target(targets.data(), r, 0, -100) == 10 + r);
   }
   SECTION("T = 3: the next target, ignore_index at the end of each sequence") {
     const std::int64_t expected[] = {11, 12, -100, 14, 15, -100};
@@ -530,7 +537,8 @@ TEST_CASE("shifted_target", "[thread][cross_entropy][options]") {
   }
   SECTION("T = 2 with ignore_index inside the vocabulary") {
     const std::int64_t expected[] = {11, 3, 13, 3, 15, 3};
-    for (std::int64_t r = 0; r < 6; ++r) CHECK(shifted_target(targets.data(), r, 2, 3) == expected[r]);
+    for (std::int64_t r = 0; r < 6; ++r)
+      CHECK(shifted_target(targets.data(), r, 2, 3) == expected[r]);
   }
 }
 

@@ -9,14 +9,15 @@
 #include <vector>
 
 #include "support/device_buffer.hpp"
+#include "support/formulas.hpp"
 
 namespace {
 
 using lce::thread::lse_identity;
 using lce::thread::lse_merge;
-using lce::thread::lse_push;
 using lce::thread::lse_state;
 using lce::thread::lse_value;
+using lce_test::lse_push;
 
 constexpr float inf = std::numeric_limits<float>::infinity();
 

@@ -715,3 +715,6 @@ def choose_backward(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16,
 def forward_workspace_size(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of workspace lce's forward takes for the shape (lce::forward_workspace_size)."""
     return _C.forward_workspace_size(n, d, v, str(dtype).removeprefix("torch."))
+
+
+from . import distributed  # noqa: E402,F401  (vocabulary parallelism: docs/vocab_parallel.md)

@@ -5,24 +5,10 @@
 
 #include <cstdint>
 
-#include "../version.hpp"
+#include "../arch/sm80.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace block {
-
-namespace detail {
-__device__ inline void cp_async_16(void* smem, const void* gmem) noexcept {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-}  // namespace detail
-
-/// @brief Waits until at most `Pending` committed cp.async groups of this thread are in flight.
-template <int Pending>
-__device__ inline void cp_async_wait() noexcept {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
-}
-__device__ inline void cp_async_commit() noexcept { asm volatile("cp.async.commit_group;\n" ::); }
 
 /// @brief Tile loader.
 /// @tparam Element    element type
@@ -53,7 +39,7 @@ struct tile_loader {
       const std::int64_t gk = k0 + kc;
       Element* dst = smem + r * SmemStride + kc;
       if (aligned && gr < rows_total && gk + vec <= depth) {
-        detail::cp_async_16(dst, g + gr * ld + gk);
+        arch::sm80::cp_async_16(dst, g + gr * ld + gk);
       } else {
 #pragma unroll
         for (int e = 0; e < vec; ++e) {

@@ -69,15 +69,15 @@ struct tile_matmul {
   static_assert(tensor_cores || (bm % threads_m == 0 && bv % threads_v == 0),
                 "FFMA tile must divide among the threads");
 
-  __device__ static void run(shared_storage& s, const tile_operands<Element>& op,
-                             std::int64_t row0, std::int64_t vocab0) {
+  __device__ static void run(shared_storage& s, const tile_operands<Element>& op, std::int64_t row0,
+                             std::int64_t vocab0) {
     const std::int64_t k_tiles = (op.d + bk - 1) / bk;
     // Prologue: stages 0 .. stages-2 in flight. Every step commits one group (possibly
     // empty), so "wait until stages-2 groups are pending" always means "stage kt landed".
 #pragma unroll
     for (int st = 0; st < stages - 1; ++st) {
       if (st < k_tiles) load_stage(s, op, row0, vocab0, st, st);
-      cp_async_commit();
+      arch::sm80::cp_async_commit();
     }
 
     if constexpr (tensor_cores) {
@@ -116,8 +116,9 @@ struct tile_matmul {
       for (int i = 0; i < frags_m; ++i)
 #pragma unroll
         for (int j = 0; j < frags_v; ++j)
-          wmma::store_matrix_sync(s.acc + (wm * warp_m + i * 16) * acc_stride + wv * warp_v + j * 16,
-                                  acc[i][j], acc_stride, wmma::mem_row_major);
+          wmma::store_matrix_sync(
+              s.acc + (wm * warp_m + i * 16) * acc_stride + wv * warp_v + j * 16, acc[i][j],
+              acc_stride, wmma::mem_row_major);
     } else {
       const int tm = static_cast<int>(threadIdx.x) / threads_v;
       const int tv = static_cast<int>(threadIdx.x) % threads_v;
@@ -164,18 +165,18 @@ struct tile_matmul {
   __device__ static int advance(shared_storage& s, const tile_operands<Element>& op,
                                 std::int64_t row0, std::int64_t vocab0, std::int64_t kt,
                                 std::int64_t k_tiles) {
-    cp_async_wait<stages - 2>();
+    arch::sm80::cp_async_wait<stages - 2>();
     __syncthreads();
     const std::int64_t next = kt + stages - 1;
     if (next < k_tiles) load_stage(s, op, row0, vocab0, next, static_cast<int>(next % stages));
-    cp_async_commit();
+    arch::sm80::cp_async_commit();
     return static_cast<int>(kt % stages);
   }
 
   /// Drains the pipeline and retires every read of the stages before the accumulator tile,
   /// which shares their memory, is written.
   __device__ static void finish_pipeline() {
-    cp_async_wait<0>();
+    arch::sm80::cp_async_wait<0>();
     __syncthreads();
   }
 };

@@ -23,7 +23,7 @@
 
 #include <cstdint>
 
-#include "../detail/sm90.cuh"
+#include "../arch/sm90.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace block {
@@ -119,58 +119,57 @@ struct tile_pipeline_sm90 {
     const int warpgroup = static_cast<int>(threadIdx.x) / 128;
     if (threadIdx.x == 0) {
       for (int st = 0; st < stages; ++st) {
-        lce::detail::sm90::barrier_init(&s.full[st], 1);
-        lce::detail::sm90::barrier_init(&s.empty[st], empty_arrivals);
+        arch::sm90::barrier_init(&s.full[st], 1);
+        arch::sm90::barrier_init(&s.empty[st], empty_arrivals);
       }
-      lce::detail::sm90::barrier_init_fence();
+      arch::sm90::barrier_init_fence();
     }
     if constexpr (cluster_m > 1) {
-      lce::detail::sm90::cluster_sync();  // the peer's barriers exist before anything targets them
+      arch::sm90::cluster_sync();  // the peer's barriers exist before anything targets them
     } else {
       __syncthreads();
     }
 
     if (warpgroup == 0) {
-      lce::detail::sm90::set_max_registers_dec<40>();
+      arch::sm90::set_max_registers_dec<40>();
       if (threadIdx.x == 0) produce(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles);
     } else {
-      lce::detail::sm90::set_max_registers_inc<232>();
+      arch::sm90::set_max_registers_inc<232>();
       auto epilogue = make_epilogue(warpgroup - 1);
       consume(s, warpgroup - 1, tile_begin, tile_end, k_tiles, epilogue);
       epilogue.finish();
     }
     if constexpr (cluster_m > 1) {
       __syncwarp();
-      lce::detail::sm90::cluster_sync();  // no block leaves while its peer may still signal it
+      arch::sm90::cluster_sync();  // no block leaves while its peer may still signal it
     }
   }
 
  private:
-  __device__ __forceinline__ static void produce(const CUtensorMap* x_map,
-                                                 const CUtensorMap* w_map, shared_storage& s,
-                                                 std::int64_t row0, std::int64_t tile_begin,
-                                                 std::int64_t tile_end, int k_tiles) {
-    lce::detail::sm90::tma_prefetch_descriptor(x_map);
-    lce::detail::sm90::tma_prefetch_descriptor(w_map);
+  __device__ __forceinline__ static void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
+                                                 shared_storage& s, std::int64_t row0,
+                                                 std::int64_t tile_begin, std::int64_t tile_end,
+                                                 int k_tiles) {
+    arch::sm90::tma_prefetch_descriptor(x_map);
+    arch::sm90::tma_prefetch_descriptor(w_map);
     unsigned it = 0;
-    const unsigned rank = cluster_m > 1 ? lce::detail::sm90::cluster_rank() : 0u;
+    const unsigned rank = cluster_m > 1 ? arch::sm90::cluster_rank() : 0u;
     for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
       for (int k = 0; k < k_tiles; ++k, ++it) {
         const unsigned st = it % stages;
         // A fresh barrier counts as having completed the phase before its first: round 0
         // passes at once, round r waits for the consumers' release of round r − 1.
-        lce::detail::sm90::barrier_wait(&s.empty[st], ((it / stages) & 1u) ^ 1u);
-        lce::detail::sm90::barrier_arrive_expect_tx(&s.full[st], stage_bytes);
-        lce::detail::sm90::tma_load_2d(s.a[st], x_map, k * block_k, static_cast<int>(row0),
-                                  &s.full[st]);
+        arch::sm90::barrier_wait(&s.empty[st], ((it / stages) & 1u) ^ 1u);
+        arch::sm90::barrier_arrive_expect_tx(&s.full[st], stage_bytes);
+        arch::sm90::tma_load_2d(s.a[st], x_map, k * block_k, static_cast<int>(row0), &s.full[st]);
         const int w_row = static_cast<int>(tile * block_v) + static_cast<int>(rank) * w_box_rows;
         if constexpr (cluster_m > 1) {
           // This block's half of the W box, into the same stage of both blocks.
           constexpr auto both = static_cast<std::uint16_t>((1u << cluster_m) - 1);
-          lce::detail::sm90::tma_load_2d_multicast(s.b[st] + rank * (b_bytes / cluster_m), w_map,
-                                                   k * block_k, w_row, &s.full[st], both);
+          arch::sm90::tma_load_2d_multicast(s.b[st] + rank * (b_bytes / cluster_m), w_map,
+                                            k * block_k, w_row, &s.full[st], both);
         } else {
-          lce::detail::sm90::tma_load_2d(s.b[st], w_map, k * block_k, w_row, &s.full[st]);
+          arch::sm90::tma_load_2d(s.b[st], w_map, k * block_k, w_row, &s.full[st]);
         }
       }
     }
@@ -179,12 +178,11 @@ struct tile_pipeline_sm90 {
   /// Releases a stage: every consumer thread arrives locally; with a cluster, lane 0 of each
   /// warp also arrives at the peer (the warp's reads of the stage are complete by then).
   __device__ __forceinline__ static void release(shared_storage& s, unsigned st) {
-    lce::detail::sm90::barrier_arrive(&s.empty[st]);
+    arch::sm90::barrier_arrive(&s.empty[st]);
     if constexpr (cluster_m > 1) {
       __syncwarp();
       if (threadIdx.x % 32 == 0) {
-        lce::detail::sm90::barrier_arrive_cluster(&s.empty[st],
-                                                  lce::detail::sm90::cluster_rank() ^ 1u);
+        arch::sm90::barrier_arrive_cluster(&s.empty[st], arch::sm90::cluster_rank() ^ 1u);
       }
     }
   }
@@ -200,25 +198,25 @@ struct tile_pipeline_sm90 {
       unsigned previous = 0;
       for (int k = 0; k < k_tiles; ++k, ++it) {
         const unsigned st = it % stages;
-        lce::detail::sm90::barrier_wait(&s.full[st], (it / stages) & 1u);
-        const std::uint64_t da = lce::detail::sm90::smem_descriptor_sw128(s.a[st] + a_offset);
-        const std::uint64_t db = lce::detail::sm90::smem_descriptor_sw128(s.b[st]);
-        lce::detail::sm90::wgmma_fence();
+        arch::sm90::barrier_wait(&s.full[st], (it / stages) & 1u);
+        const std::uint64_t da = arch::sm90::smem_descriptor_sw128(s.a[st] + a_offset);
+        const std::uint64_t db = arch::sm90::smem_descriptor_sw128(s.b[st]);
+        arch::sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < block_k / 16; ++kk) {
-          lce::detail::sm90::wgmma_m64k16<Element, block_v>(acc, da + 2 * kk, db + 2 * kk,
-                                                       (k > 0 || kk > 0) ? 1 : 0);
+          arch::sm90::wgmma_m64k16<Element, block_v>(acc, da + 2 * kk, db + 2 * kk,
+                                                     (k > 0 || kk > 0) ? 1 : 0);
         }
-        lce::detail::sm90::wgmma_commit();
+        arch::sm90::wgmma_commit();
         if (k > 0) {  // step k − 1's MMAs are done: its stage may be refilled
-          lce::detail::sm90::wgmma_wait<1>();
+          arch::sm90::wgmma_wait<1>();
           release(s, previous);
         }
         previous = st;
       }
-      lce::detail::sm90::wgmma_wait<0>();
+      arch::sm90::wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < frag; ++i) lce::detail::sm90::register_fence(acc[i]);
+      for (int i = 0; i < frag; ++i) arch::sm90::register_fence(acc[i]);
       release(s, previous);
       epilogue.tile(acc, tile);
     }

@@ -19,9 +19,12 @@ namespace detail {
 
 template <class T>
 constexpr cudaDataType_t cuda_data_type() noexcept {
-  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, __half>) return CUDA_R_16F;
-  else return CUDA_R_16BF;
+  if constexpr (std::is_same_v<T, float>)
+    return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, __half>)
+    return CUDA_R_16F;
+  else
+    return CUDA_R_16BF;
 }
 
 inline cudaError_t cublas_failure(cublasStatus_t status, const char* what) noexcept {
@@ -75,10 +78,9 @@ cudaError_t gemm(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_
   const cublasComputeType_t compute =
       std::is_same_v<AB, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
   const cublasStatus_t status = cublasGemmEx(
-      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha,
-      a, cuda_data_type<AB>(), static_cast<int>(lda), b, cuda_data_type<AB>(),
-      static_cast<int>(ldb), beta, c, cuda_data_type<C>(), static_cast<int>(ldc), compute,
-      CUBLAS_GEMM_DEFAULT);
+      handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+      cuda_data_type<AB>(), static_cast<int>(lda), b, cuda_data_type<AB>(), static_cast<int>(ldb),
+      beta, c, cuda_data_type<C>(), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT);
   return status == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(status, "GEMM");
 }
 

@@ -5,9 +5,9 @@
 #pragma once
 
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
-#include <cudaTypedefs.h>
 
 #include <cstdint>
 #include <type_traits>

@@ -11,6 +11,7 @@
 
 #include "../options.hpp"
 #include "../status.hpp"
+#include "workspace.hpp"
 
 LCE_NAMESPACE_BEGIN
 namespace detail {
@@ -125,9 +126,8 @@ inline cudaError_t validate_buffers(const buffer_list& inputs,
     for (int i = 0; i < list->count; ++i) {
       const buffer& b = list->items[i];
       if (b.begin % b.alignment != 0) {
-        std::snprintf(error_buffer(), 256,
-                      "lce: %s is not aligned to its element size (%zu bytes)", b.name,
-                      b.alignment);
+        std::snprintf(error_buffer(), 256, "lce: %s is not aligned to its element size (%zu bytes)",
+                      b.name, b.alignment);
         return cudaErrorInvalidValue;
       }
     }
@@ -157,8 +157,14 @@ inline cudaError_t validate_workspace_disjoint(const void* d_workspace, std::siz
 
 /// The workspace check of the two-phase protocol.
 inline cudaError_t validate_workspace(std::size_t given, std::size_t needed) noexcept {
-  if (given < needed)
-    return invalid("workspace_bytes is smaller than the size query returned");
+  if (given < needed) return invalid("workspace_bytes is smaller than the size query returned");
+  return cudaSuccess;
+}
+
+/// The workspace's alignment (the launchers carve it in workspace_layout's aligned regions).
+inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept {
+  if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
+    return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
   return cudaSuccess;
 }
 

@@ -36,9 +36,9 @@ cudaError_t run_empty_backward(const backward_args<Element, Grad>& a, const prob
                                const loss_options& o, cudaStream_t stream) noexcept {
   if (o.accumulate) return cudaSuccess;
   if (a.dw != nullptr)
-    LCE_RETURN_IF_ERROR(cudaMemset2DAsync(a.dw, static_cast<std::size_t>(s.dw_stride()) * sizeof(Grad),
-                                          0, static_cast<std::size_t>(s.d) * sizeof(Grad),
-                                          static_cast<std::size_t>(s.v), stream));
+    LCE_RETURN_IF_ERROR(cudaMemset2DAsync(
+        a.dw, static_cast<std::size_t>(s.dw_stride()) * sizeof(Grad), 0,
+        static_cast<std::size_t>(s.d) * sizeof(Grad), static_cast<std::size_t>(s.v), stream));
   if (a.db != nullptr)
     LCE_RETURN_IF_ERROR(
         cudaMemsetAsync(a.db, 0, static_cast<std::size_t>(s.v) * sizeof(Grad), stream));

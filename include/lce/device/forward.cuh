@@ -4,20 +4,21 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
 #include "../args.hpp"
 #include "../config.hpp"
-#include "../detail/device_check.hpp"
-#include "../detail/workspace.hpp"
-#include "../kernel/elementwise.cuh"
-#include "../kernel/forward_finalize.cuh"
+#include "../detail/stored_exp.hpp"
 #include "../detail/tensor_map.hpp"
+#include "../detail/workspace.hpp"
+#include "../kernel/forward_finalize.cuh"
 #include "../kernel/fused_forward.cuh"
 #include "../kernel/fused_forward_sm90.cuh"
 #include "../status.hpp"
+#include "../thread/finish_row.cuh"
+#include "../thread/loss_scalars.cuh"
+#include "launch.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace device {
@@ -26,11 +27,6 @@ namespace device {
 /// any current GPU several times over; the choice depends on the shape only, which keeps the
 /// workspace size a pure function of the shape.
 inline constexpr std::int64_t forward_target_blocks = 1024;
-
-/// Grid of one fused forward kernel: (row tiles, vocabulary splits of tiles_per_split tiles).
-struct forward_grid {
-  std::int64_t row_tiles = 0, vocab_tiles = 0, tiles_per_split = 0, splits = 0;
-};
 
 inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v) noexcept {
   forward_grid g;
@@ -41,42 +37,6 @@ inline forward_grid make_forward_grid(const problem& s, int block_m, int block_v
   const std::int64_t splits = std::clamp<std::int64_t>(wanted, 1, g.vocab_tiles);
   g.tiles_per_split = (g.vocab_tiles + splits - 1) / splits;
   g.splits = (g.vocab_tiles + g.tiles_per_split - 1) / g.tiles_per_split;
-  return g;
-}
-
-/// SM count the sm_90a grids are balanced for (H100 SXM and H200). A constant, so that the
-/// workspace size stays a function of the shape alone; on a device with another count the grid
-/// is as correct, only less evenly spread.
-inline constexpr std::int64_t nominal_sms = 132;
-/// Most vocabulary splits of an sm_90a grid (the partial statistics hold splits·n states).
-inline constexpr std::int64_t max_sm90_splits = 64;
-
-/// Grid of an sm_90a kernel (block::tile_pipeline_sm90::run_split): row tiles (rounded up to a
-/// multiple of the cluster's `cluster_m` blocks) × vocabulary splits, where split y gets
-/// ⌊T/splits⌋ or ⌈T/splits⌉ of the T vocabulary tiles. Blocks run one per SM, so the
-/// kernel's time is about ⌈blocks / SMs⌉ waves of T/splits tiles each: the number of splits
-/// minimizes that (plus a tenth of a tile per block for its pipeline fill and drain). At
-/// 8192 × 256000 with 128 × 256 tiles: 33 splits, 2112 blocks = 16 full waves, 0.3% above
-/// T·rows/SMs, where 16 splits (1024 blocks, 7.8 waves) lose 4%.
-inline forward_grid make_balanced_grid(const problem& s, int block_m, int block_v,
-                                       int cluster_m = 1) noexcept {
-  forward_grid g;
-  g.row_tiles = (s.n + block_m - 1) / block_m;
-  g.row_tiles = (g.row_tiles + cluster_m - 1) / cluster_m * cluster_m;
-  g.vocab_tiles = (s.v + block_v - 1) / block_v;
-  g.splits = 1;
-  double best = -1.0;
-  const std::int64_t most = std::max<std::int64_t>(std::min(g.vocab_tiles, max_sm90_splits), 1);
-  for (std::int64_t splits = 1; splits <= most; ++splits) {
-    const auto waves = static_cast<double>((g.row_tiles * splits + nominal_sms - 1) / nominal_sms);
-    const double cost =
-        waves * (static_cast<double>(g.vocab_tiles) / static_cast<double>(splits) + 0.1);
-    if (best < 0.0 || cost < best) {
-      best = cost;
-      g.splits = splits;
-    }
-  }
-  g.tiles_per_split = (g.vocab_tiles + g.splits - 1) / g.splits;  // the most any split gets
   return g;
 }
 
@@ -96,16 +56,16 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   using sm90_config = typename sm90_config_of<Config>::type;
   using sm90_general_config = typename sm90_general_config_of<Config>::type;
   if constexpr (!std::is_void_v<sm90_config>) {
-    p.sm90 = make_balanced_grid(s, sm90_config::block_m, sm90_config::block_v,
-                                sm90_config::cluster_m);
-    p.sm90_general = make_balanced_grid(s, sm90_general_config::block_m,
-                                        sm90_general_config::block_v,
-                                        sm90_general_config::cluster_m);
+    p.sm90 =
+        make_balanced_grid(s, sm90_config::block_m, sm90_config::block_v, sm90_config::cluster_m);
+    p.sm90_general =
+        make_balanced_grid(s, sm90_general_config::block_m, sm90_general_config::block_v,
+                           sm90_general_config::cluster_m);
   }
   const auto n = static_cast<std::size_t>(s.n);
-  const auto splits = static_cast<std::size_t>(
-      std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
-  p.scalars = layout.reserve<kernel::loss_scalars>(1);
+  const auto splits =
+      static_cast<std::size_t>(std::max({p.grid.splits, p.sm90.splits, p.sm90_general.splits}));
+  p.scalars = layout.reserve<thread::loss_scalars>(1);
   p.partial = layout.reserve<thread::row_stats>(splits * n);
   p.target_logit = layout.reserve<float>(n);
   p.ce = layout.reserve<float>(n);
@@ -115,18 +75,9 @@ forward_plan make_forward_plan(const problem& s, detail::workspace_layout& layou
   return p;
 }
 
-inline thread::target_view make_target_view(const std::int64_t* targets,
-                                            const loss_options& o) noexcept {
-  return {targets, o.shift_seq_len, o.ignore_index};
-}
-
-inline thread::logit_transform make_transform(const loss_options& o) noexcept {
-  return {1.0f / o.temperature, o.softcap};
-}
-
 /// Per-row outputs: the caller's buffers, the workspace's where the reduction needs them.
 template <class Element>
-kernel::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
+thread::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
                                      const forward_args<Element>& a) noexcept {
   return {a.lse,
           a.token_loss,
@@ -137,43 +88,11 @@ kernel::row_outputs make_row_outputs(void* ws, const forward_plan& plan,
           detail::at<float>(ws, plan.ce)};
 }
 
-inline kernel::row_loss_params make_row_loss_params(const std::int64_t* targets, const problem& s,
-                                                    const loss_options& o,
-                                                    const float* class_weight,
-                                                    const kernel::loss_scalars* scalars) noexcept {
-  return {make_target_view(targets, o), s.v, class_weight, o.label_smoothing, o.z_loss, scalars};
-}
-
-/// Enqueues the scalars of a loss (valid rows, weight sums, gradient normalizer); counts the
-/// invalid targets into `status` when it is not null.
-inline cudaError_t run_loss_scalars(const std::int64_t* targets, const float* class_weight,
-                                    const float* grad, const problem& s, const loss_options& o,
-                                    kernel::loss_scalars* out, device_status* status,
-                                    cudaStream_t stream) noexcept {
-  constexpr int threads = 512;
-  const kernel::loss_scalars_params p{make_target_view(targets, o), s.n, s.v, class_weight, grad,
-                                      o.reduction, out, status};
-  kernel::loss_scalars_kernel<threads><<<1, threads, 0, stream>>>(p);
-  LCE_CHECK_LAUNCH("loss_scalars_kernel");
-  return cudaSuccess;
-}
-
-/// @brief Whether the current device runs this translation unit's lce kernels
-/// (detail::check_device), probed with loss_scalars_kernel: every call that launches kernels
-/// launches it, and without this check its launch would be the first to fail, with a bare
-/// "no kernel image".
-inline cudaError_t check_current_device() noexcept {
-  static std::atomic<std::uint64_t> verified{0};
-  return detail::check_device(reinterpret_cast<const void*>(kernel::loss_scalars_kernel<512>),
-                              verified);
-}
-
 /// Enqueues the deterministic reduction: loss, z_loss (mean/sum only) and correct.
-inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::int64_t* targets,
+inline cudaError_t run_reduce_loss(const thread::row_outputs& rows, const std::int64_t* targets,
                                    const problem& s, const loss_options& o,
-                                   const kernel::loss_scalars* scalars, float* loss,
-                                   float* z_loss, std::int64_t* correct,
-                                   cudaStream_t stream) noexcept {
+                                   const thread::loss_scalars* scalars, float* loss, float* z_loss,
+                                   std::int64_t* correct, cudaStream_t stream) noexcept {
   const bool reduced = o.reduction != lce::reduction::none;
   if (!(reduced && (loss || z_loss)) && correct == nullptr) return cudaSuccess;
   constexpr int threads = 512;
@@ -190,47 +109,6 @@ inline cudaError_t run_reduce_loss(const kernel::row_outputs& rows, const std::i
   kernel::reduce_loss_kernel<threads><<<1, threads, 0, stream>>>(rp);
   LCE_CHECK_LAUNCH("reduce_loss_kernel");
   return cudaSuccess;
-}
-
-/// Whether `kernel` (an sm_90a kernel) runs on the current device: compute capability 9.0 and
-/// the kernel's code built for sm_90a (binary version 90, and no static shared memory: the
-/// build without sm_90a features, e.g. plain sm_90, carries a static marker instead).
-inline bool sm90_kernel_runs(const void* kernel) noexcept {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  if (major != 9 || minor != 0) return false;
-  cudaFuncAttributes attributes{};
-  if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess ||
-      attributes.binaryVersion != 90 || attributes.sharedSizeBytes != 0) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return true;
-}
-
-/// Launches an sm_90a kernel (one block of `threads` per SM, `smem` bytes of dynamic shared
-/// memory) on `blocks`, in clusters of `cluster_m` blocks along x when cluster_m > 1.
-template <class Params>
-cudaError_t launch_sm90(void (*kernel)(Params), dim3 blocks, int threads, int smem,
-                        int cluster_m, cudaStream_t stream, const Params& p) noexcept {
-  cudaLaunchConfig_t config{};
-  config.gridDim = blocks;
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = static_cast<std::size_t>(smem);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = static_cast<unsigned>(cluster_m);
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = cluster_m > 1 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 /// Whether the sm_90a kernel of `SM90Config` runs this forward: a device of compute capability
@@ -257,9 +135,10 @@ bool prepare_sm90_forward(
 template <class Element, class SM90Config, bool General, bool Store = false>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
-                                   std::int64_t vocab_offset, thread::row_stats* partial, float* target_logit,
-                                   bool& launched, std::int64_t& splits, cudaStream_t stream,
-                                   const kernel::stored_exp<Element>* store = nullptr,
+                                   std::int64_t vocab_offset, thread::row_stats* partial,
+                                   float* target_logit, bool& launched, std::int64_t& splits,
+                                   cudaStream_t stream,
+                                   const detail::stored_exp<Element>* store = nullptr,
                                    std::int64_t row_offset = 0) noexcept {
   using fused = kernel::fused_forward_sm90<Element, SM90Config, General, Store>;
   constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>;
@@ -280,8 +159,8 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.targets.row_offset = row_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  LCE_RETURN_IF_ERROR(cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           fused::smem_bytes));
+  LCE_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
   const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
   LCE_RETURN_IF_ERROR(launch_sm90(entry, blocks, fused::threads, fused::smem_bytes,
                                   SM90Config::cluster_m, stream, fp));
@@ -304,7 +183,7 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
                               const forward_args<Element>& a, const problem& s,
                               const loss_options& o, std::int64_t vocab_offset,
                               std::int64_t& splits, cudaStream_t stream,
-                              const kernel::stored_exp<Element>* store = nullptr,
+                              const detail::stored_exp<Element>* store = nullptr,
                               bool* stored = nullptr) noexcept {
   auto* partial = detail::at<thread::row_stats>(d_workspace, plan.partial);
   auto* target_logit = detail::at<float>(d_workspace, plan.target_logit);
@@ -339,7 +218,14 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
     return reinterpret_cast<std::uintptr_t>(p) % 16 == 0 && (ld * sizeof(Element)) % 16 == 0;
   };
   typename fused::params fp{};
-  fp.op = {a.x, a.w, s.x_stride(), s.w_stride(), s.n, s.v, s.d, aligned(a.x, s.x_stride()),
+  fp.op = {a.x,
+           a.w,
+           s.x_stride(),
+           s.w_stride(),
+           s.n,
+           s.v,
+           s.d,
+           aligned(a.x, s.x_stride()),
            aligned(a.w, s.w_stride())};
   fp.bias = a.bias;
   fp.class_weight = a.class_weight;
@@ -366,12 +252,11 @@ cudaError_t run_fused_forward(void* d_workspace, const forward_plan& plan,
 /// Enqueues the forward. Arguments are already validated. `store`, `stored`: see
 /// run_fused_forward.
 template <class Element, class Config>
-cudaError_t run_forward(void* d_workspace, const forward_plan& plan,
-                        const forward_args<Element>& a, const problem& s,
-                        const loss_options& o, cudaStream_t stream,
-                        const kernel::stored_exp<Element>* store = nullptr,
+cudaError_t run_forward(void* d_workspace, const forward_plan& plan, const forward_args<Element>& a,
+                        const problem& s, const loss_options& o, cudaStream_t stream,
+                        const detail::stored_exp<Element>* store = nullptr,
                         bool* stored = nullptr) noexcept {
-  auto* scalars = detail::at<kernel::loss_scalars>(d_workspace, plan.scalars);
+  auto* scalars = detail::at<thread::loss_scalars>(d_workspace, plan.scalars);
   LCE_RETURN_IF_ERROR(
       run_loss_scalars(a.targets, a.class_weight, nullptr, s, o, scalars, a.status, stream));
 

@@ -32,13 +32,13 @@ struct fused_forward {
 
   struct params {
     block::tile_operands<Element> op;
-    const Element* bias;            ///< [v] or null
-    const float* class_weight;      ///< [v] or null (Σ w·z for label smoothing)
+    const Element* bias;        ///< [v] or null
+    const float* class_weight;  ///< [v] or null (Σ w·z for label smoothing)
     thread::logit_transform transform;
     thread::target_view targets;
-    thread::row_stats* partial;     ///< [splits, n]
-    float* target_logit;            ///< [n]; written by the block whose range holds the target
-    std::int64_t tiles_per_split;   ///< vocabulary tiles per block
+    thread::row_stats* partial;    ///< [splits, n]
+    float* target_logit;           ///< [n]; written by the block whose range holds the target
+    std::int64_t tiles_per_split;  ///< vocabulary tiles per block
   };
 
   __device__ void operator()(const params& p, shared_storage& s) const {
@@ -77,9 +77,8 @@ struct fused_forward {
 #pragma unroll
         for (int j = 0; j < cols_per_lane; ++j) {
           const int c = lane + 32 * j;
-          z[j] = (vocab0 + c < p.op.v)
-                     ? p.transform(s.acc[r * mainloop::acc_stride + c] + bias[j])
-                     : -INFINITY;
+          z[j] = (vocab0 + c < p.op.v) ? p.transform(s.acc[r * mainloop::acc_stride + c] + bias[j])
+                                       : -INFINITY;
           local_max = thread::nan_max(local_max, z[j]);
         }
         const float tile_max = warp::allreduce_max(local_max);

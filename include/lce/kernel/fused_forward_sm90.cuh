@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
 #include "../warp/quad_store.cuh"
@@ -23,25 +24,11 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-/// Where the forward of the `stored` backward strategy keeps, for every row and vocabulary tile
-/// of `tile_cols` columns, the tile's row maximum m (fp32) and e^{z − m} of each of its logits
-/// in the element type: values in (0, 1], so 16 bits keep a relative precision of 2⁻⁹ (bf16)
-/// whatever the logit's magnitude, where a 16-bit logit would lose |z|·2⁻⁹ of z itself. With
-/// the row's lse, p = e^{z − m}·e^{m − lse} (kernel/stored_grad.cuh).
-template <class Element>
-struct stored_exp {
-  Element* values = nullptr;     ///< [n, ld], 16-byte aligned
-  float* tile_max = nullptr;     ///< [n, tiles]
-  std::int64_t ld = 0;           ///< a multiple of 8
-  std::int64_t tiles = 0;        ///< ⌈v / tile_cols⌉
-  std::int64_t tile_cols = 0;    ///< the forward kernel's block_v
-};
-
 /// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
 /// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
 /// the lean one's registers are not sized for the general fold (which spills at 256 columns).
-/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (stored_exp), for
-/// the `stored` backward strategy.
+/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (detail::stored_exp),
+/// for the `stored` backward strategy.
 template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
@@ -58,16 +45,16 @@ struct fused_forward_sm90 {
     CUtensorMap x_map;  ///< X [n, d]: boxes of (block_m rows, block_k)
     CUtensorMap w_map;  ///< W [v, d]: boxes of (block_v rows, block_k)
     std::int64_t n, v, d;
-    const Element* bias;            ///< [v] or null
-    const float* class_weight;      ///< [v] or null
+    const Element* bias;        ///< [v] or null
+    const float* class_weight;  ///< [v] or null
     thread::logit_transform transform;
     thread::target_view targets;
-    thread::row_stats* partial;     ///< [splits, n]
-    float* target_logit;            ///< [n]
+    thread::row_stats* partial;  ///< [splits, n]
+    float* target_logit;         ///< [n]
     /// Σp·z, Σw·z and the argmax are wanted (entropy, label smoothing, argmax or correct);
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
-    stored_exp<Element> store;  ///< Store only
+    detail::stored_exp<Element> store;  ///< Store only
   };
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
@@ -157,8 +144,8 @@ struct fused_forward_sm90 {
   /// Sums of the quad (the four lanes sharing a row), and the merge into the row's state
   /// (without Extras only the sum: Σp·z, Σw·z and `first` are not wanted).
   template <bool Extras = true>
-  __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz,
-                                                    float sum_wz, int first, std::int64_t vocab0,
+  __device__ __forceinline__ static void merge_quad(float mx, float sum, float sum_pz, float sum_wz,
+                                                    int first, std::int64_t vocab0,
                                                     thread::row_stats& stats) {
 #pragma unroll
     for (int lane_mask = 1; lane_mask <= 2; lane_mask *= 2) {
@@ -202,7 +189,7 @@ struct fused_forward_sm90 {
 #pragma unroll
     for (int i = 0; i < frag; ++i) {
       if constexpr (Softcap) {
-        acc[i] = detail::sm90::fast_softcap(acc[i], cap_scale, cap);
+        acc[i] = arch::sm90::fast_softcap(acc[i], cap_scale, cap);
       } else {
         acc[i] *= inv_t;
       }
@@ -231,7 +218,7 @@ struct fused_forward_sm90 {
 #pragma unroll
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
-          const float ez = detail::sm90::fast_exp2((z - mx[h]) * log2e);
+          const float ez = arch::sm90::fast_exp2((z - mx[h]) * log2e);
           if constexpr (Stored) acc[4 * j + 2 * h + e] = ez;  // z is not read again
           sum += ez;
           if constexpr (Extras) {
@@ -263,7 +250,7 @@ struct fused_forward_sm90 {
                                                     std::int64_t vocab0, int quad,
                                                     const std::int64_t (&rows)[2],
                                                     const float (&mx)[2]) {
-    const stored_exp<Element>& st = p.store;
+    const detail::stored_exp<Element>& st = p.store;
     const bool full = vocab0 + block_v <= p.v;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -272,7 +259,7 @@ struct fused_forward_sm90 {
       Element* out = st.values + rows[h] * st.ld + vocab0;
       if (full) {  // 16-byte stores (st.ld is a multiple of 8, so every tile start is aligned)
         warp::quad_store_row<block_v>(out, quad, row_in, [&](int j) {
-          return detail::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          return arch::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
         });
         continue;
       }
@@ -281,7 +268,7 @@ struct fused_forward_sm90 {
       for (int j = 0; j < block_v / 8; ++j) {
         const int c = 8 * j + 2 * quad;
         if (vocab0 + c + 1 < p.v) {
-          detail::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          arch::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
         } else if (vocab0 + c < p.v) {
           out[c] = static_cast<Element>(acc[4 * j + 2 * h]);
         }
@@ -292,10 +279,11 @@ struct fused_forward_sm90 {
   /// Folds one finished tile (columns vocab0 + 8·j + 2·quad + e of rows[h] at
   /// acc[4·j + 2·h + e]) into the rows' statistics. The four lanes of a quad hold one row's
   /// columns between them and end with the same merged statistics.
-  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag], std::int64_t vocab0,
-                                   int quad, const std::int64_t (&rows)[2],
-                                   const std::int64_t (&target)[2],
-                                   thread::row_stats (&stats)[2]) {
+  __device__ __forceinline__ static void fold_tile(const params& p, float (&acc)[frag],
+                                                   std::int64_t vocab0, int quad,
+                                                   const std::int64_t (&rows)[2],
+                                                   const std::int64_t (&target)[2],
+                                                   thread::row_stats (&stats)[2]) {
     const bool full_tile = vocab0 + block_v <= p.v;
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -329,7 +317,8 @@ struct fused_forward_sm90 {
       for (int e = 0; e < 2; ++e) {
         const int col = 8 * j + 2 * quad + e;
         const bool in = full_tile || vocab0 + col < p.v;
-        const float w = !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
+        const float w =
+            !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float z = acc[4 * j + 2 * h + e];

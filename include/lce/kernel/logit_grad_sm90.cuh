@@ -24,8 +24,9 @@
 #include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../thread/cross_entropy.cuh"
+#include "../thread/row_grad.cuh"
 #include "../warp/quad_store.cuh"
-#include "logit_grad.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -45,19 +46,19 @@ struct logit_grad_sm90 {
     CUtensorMap x_map;  ///< the chunk's X rows [grad.row0, grad.row0 + rows): (block_m, block_k)
     CUtensorMap w_map;  ///< the chunk's W rows [grad.vocab0, grad.vocab0 + grad.cols)
     std::int64_t rows, d;
-    Element* dz;        ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
-    std::int64_t ldz;   ///< even
+    Element* dz;       ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
+    std::int64_t ldz;  ///< even
     /// dz 16-byte aligned and ldz a multiple of 8: full tiles take 16-byte stores
     bool wide_stores;
-    logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
-                                      ///< weights only with General)
+    thread::logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
+                                              ///< weights only with General)
   };
 
   struct epilogue {
     const params& p;
     int quad;
     std::int64_t rows[2];  ///< chunk-local
-    row_grad rg[2];
+    thread::row_grad rg[2];
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
       quad = pipeline::fragment_quad();
@@ -65,8 +66,8 @@ struct logit_grad_sm90 {
       rows[1] = rows[0] + 8;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        rg[h] = rows[h] < p.rows ? make_row_grad(p.grad, p.grad.row0 + rows[h])
-                                 : row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
+        rg[h] = rows[h] < p.rows ? thread::make_row_grad(p.grad, p.grad.row0 + rows[h])
+                                 : thread::row_grad{-1, 0.0f, {0.0f, 0.0f, 0.0f}, false};
       }
     }
 
@@ -90,13 +91,14 @@ struct logit_grad_sm90 {
     /// Filter: loss_options::filter_eps > 0 (entries other than the target's with p below it
     /// are stored as 0); a separate instantiation, so the exact path pays nothing for it.
     template <bool Softcap, bool Filter>
-    __device__ __forceinline__ float lean_grad(float raw, const row_grad& r, bool is_target) const {
+    __device__ __forceinline__ float lean_grad(float raw, const thread::row_grad& r,
+                                               bool is_target) const {
       constexpr float log2e = 1.4426950408889634f;
       const float inv_t = p.grad.transform.inv_temperature;
       float z, dzdraw;
       if constexpr (Softcap) {
         const float cap = p.grad.transform.softcap;
-        z = lce::detail::sm90::fast_softcap(raw, inv_t / cap, cap);
+        z = arch::sm90::fast_softcap(raw, inv_t / cap, cap);
         const float q = z * (1.0f / cap);  // 1/cap: loop-invariant, hoisted
         dzdraw = inv_t * fmaf(-q, q, 1.0f);
       } else {
@@ -107,7 +109,7 @@ struct logit_grad_sm90 {
       // first: z·log2e − lse·log2e in one fma would carry the rounding of lse·log2e, which at
       // |z| ~ 1e30 is ~1e22, not 0.
       const float e2 = (z - r.lse) * log2e;
-      const float prob = lce::detail::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
+      const float prob = arch::sm90::fast_exp2(e2 > 0.0f ? 0.0f : e2);
       float g = r.coeffs.p * prob - (is_target ? r.coeffs.target : 0.0f) - r.coeffs.weight;
       if constexpr (Filter) g = (!is_target && prob < p.grad.filter_eps) ? 0.0f : g;
       return r.active ? g * dzdraw : 0.0f;
@@ -123,7 +125,7 @@ struct logit_grad_sm90 {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (rows[h] >= p.rows) continue;
-        const row_grad& r = rg[h];
+        const thread::row_grad& r = rg[h];
         // The target's chunk-local column (or out of range), so the loop compares columns only.
         const std::int64_t target_col = r.y - p.grad.vocab0;
         Element* out = p.dz + rows[h] * p.ldz;
@@ -137,7 +139,7 @@ struct logit_grad_sm90 {
             d[e] = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + e], r, c + e == target_col);
           }
           if (c + 1 < p.grad.cols) {
-            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
+            arch::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }
@@ -151,7 +153,7 @@ struct logit_grad_sm90 {
       const std::int64_t tile_col = t * block_v;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const row_grad& r = rg[h];
+        const thread::row_grad& r = rg[h];
         const std::int64_t local = r.y - p.grad.vocab0 - tile_col;
         const int target_col = local >= 0 && local < block_v ? static_cast<int>(local) : -1;
         warp::quad_store_row<block_v>(
@@ -160,7 +162,7 @@ struct logit_grad_sm90 {
               const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
               const float d1 =
                   lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
-              return lce::detail::sm90::pack_pair<Element>(d0, d1);
+              return arch::sm90::pack_pair<Element>(d0, d1);
             });
       }
     }
@@ -168,7 +170,7 @@ struct logit_grad_sm90 {
     /// The general epilogue: z = transform(raw + b_v) and dZ as logit_grad_kernel forms it.
     __device__ __forceinline__ void store_tile_general(float (&acc)[frag], std::int64_t t) {
       const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
-      const logit_grad_params<Element>& g = p.grad;
+      const thread::logit_grad_params<Element>& g = p.grad;
 #pragma unroll
       for (int j = 0; j < block_v / 8; ++j) {
         float b[2], w[2];
@@ -182,22 +184,21 @@ struct logit_grad_sm90 {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if (rows[h] >= p.rows) continue;
-          const row_grad& r = rg[h];
+          const thread::row_grad& r = rg[h];
           const std::int64_t c = col0 + 8 * j;
           if (c >= g.cols) continue;
           float d[2];
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float z = g.transform(acc[4 * j + 2 * h + e] + b[e]);
-            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse,
-                                                 g.vocab0 + c + e == r.y, w[e],
+            d[e] = r.active ? thread::logit_grad(r.coeffs, z, r.lse, g.vocab0 + c + e == r.y, w[e],
                                                  g.filter_eps) *
                                   g.transform.derivative(z)
                             : 0.0f;
           }
           Element* out = p.dz + rows[h] * p.ldz;
           if (c + 1 < g.cols) {
-            lce::detail::sm90::store_pair(out + c, d[0], d[1]);
+            arch::sm90::store_pair(out + c, d[0], d[1]);
           } else {
             out[c] = static_cast<Element>(d[0]);
           }
@@ -218,8 +219,8 @@ struct logit_grad_sm90 {
 /// per SM.
 template <class Element, class Config, bool General>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
-    logit_grad_sm90_kernel(
-        const __grid_constant__ typename logit_grad_sm90<Element, Config, General>::params p) {
+    logit_grad_sm90_kernel(const __grid_constant__
+                           typename logit_grad_sm90<Element, Config, General>::params p) {
   using kernel_t = logit_grad_sm90<Element, Config, General>;
 #if defined(LCE_SM90A)
   extern __shared__ __align__(128) unsigned char smem[];
@@ -231,7 +232,8 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
   if (threadIdx.x == 0) not_sm90a[0] = 1;
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
   if (threadIdx.x < kernel_t::block_m && row < p.rows && blockIdx.y == 0) {
-    for (std::int64_t c = 0; c < p.grad.cols; ++c) p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
+    for (std::int64_t c = 0; c < p.grad.cols; ++c)
+      p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
   }
 #endif
 }

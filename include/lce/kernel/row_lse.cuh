@@ -7,9 +7,9 @@
 #include <cstdint>
 
 #include "../thread/cross_entropy.cuh"
+#include "../thread/finish_row.cuh"
 #include "../thread/row_stats.cuh"
 #include "../warp/reduce.cuh"
-#include "forward_finalize.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -20,12 +20,12 @@ struct row_lse_params {
   std::int64_t ld, row0;
   const Element* bias;  ///< [v] or null
   thread::logit_transform transform;
-  row_loss_params loss;
-  row_outputs out;
+  thread::row_loss_params loss;
+  thread::row_outputs out;
 };
 
 /// One block per row: streaming statistics over the row (each thread a strided part, then a
-/// fixed-order merge), the target logit from the same fp32 values, then finish_row.
+/// fixed-order merge), the target logit from the same fp32 values, then thread::finish_row.
 template <class Element, int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     row_lse_kernel(const row_lse_params<Element> p) {
@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 
   thread::row_stats st = thread::row_stats_identity();
   for (std::int64_t c = threadIdx.x; c < v; c += Threads) {
-    const float z = p.transform(raw[c] + (p.bias != nullptr ? static_cast<float>(p.bias[c]) : 0.0f));
+    const float z =
+        p.transform(raw[c] + (p.bias != nullptr ? static_cast<float>(p.bias[c]) : 0.0f));
     st = thread::row_stats_push(st, c, z, weight != nullptr ? weight[c] : 1.0f);
     if (c == y) target_logit = z;
   }
@@ -51,7 +52,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     thread::row_stats total = thread::row_stats_identity();
 #pragma unroll
     for (int w = 0; w < Threads / 32; ++w) total = thread::row_stats_merge(total, warp_stats[w]);
-    finish_row(row, total, &target_logit, p.loss, p.out);
+    thread::finish_row(row, total, &target_logit, p.loss, p.out);
   }
 }
 

@@ -1,7 +1,7 @@
 /// @file stored_grad.cuh
 /// @brief The logit gradient of the `stored` backward strategy, in place: the forward kept
 /// e^{z − m_t} in the element type with the fp32 maximum m_t of each (row, vocabulary tile)
-/// (kernel::stored_exp); with the row's lse, p = e^{z − m_t}·e^{m_t − lse}, and
+/// (detail::stored_exp); with the row's lse, p = e^{z − m_t}·e^{m_t − lse}, and
 /// dZ = (a·p − b·[v = y] − c)·dz/draw (thread::row_grad_coeffs) overwrites the stored values,
 /// divided by alpha as kernel/logit_grad.cuh stores it.
 ///
@@ -17,21 +17,22 @@
 
 #include <cstdint>
 
-#include "../detail/sm90.cuh"
+#include "../arch/sm90.cuh"
+#include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
-#include "fused_forward_sm90.cuh"
-#include "logit_grad.cuh"
+#include "../thread/row_grad.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
 template <class Element>
 struct stored_grad_params {
-  logit_grad_params<Element> grad;  ///< lse, targets, scalars, options (logits, bias unused)
-  stored_exp<Element> store;        ///< values in, dZ out
-  const float* target_logit;        ///< [n] the forward's fp32 target logits (transformed),
-                                    ///< by global row; read for rows whose target is in the
-                                    ///< window (grad.vocab0, grad.cols) only
+  thread::logit_grad_params<Element>
+      grad;                           ///< lse, targets, scalars, options (logits, bias unused)
+  detail::stored_exp<Element> store;  ///< values in, dZ out
+  const float* target_logit;          ///< [n] the forward's fp32 target logits (transformed),
+                                      ///< by global row; read for rows whose target is in the
+                                      ///< window (grad.vocab0, grad.cols) only
 };
 
 template <class Element, int Threads>
@@ -42,8 +43,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   // The stored values are the chunk's (local rows); everything else is indexed by global row.
   const std::int64_t local = blockIdx.x;
   const std::int64_t row = p.grad.row0 + local;
-  const row_grad rg = make_row_grad(p.grad, row);
-  const stored_exp<Element>& st = p.store;
+  const thread::row_grad rg = thread::make_row_grad(p.grad, row);
+  const detail::stored_exp<Element>& st = p.store;
   Element* values = st.values + local * st.ld;
   const float* tile_max = st.tile_max + local * st.tiles;
   // Columns of the vocabulary window: v of them from global id vocab0 (the whole vocabulary,
@@ -59,8 +60,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 
   auto grad_of = [&](float e, float m, std::int64_t c) {
     const bool is_target = c == target;
-    const float prob =
-        is_target ? p_target : e * lce::detail::sm90::fast_exp2((m - rg.lse) * log2e);
+    const float prob = is_target ? p_target : e * arch::sm90::fast_exp2((m - rg.lse) * log2e);
     float dzdraw = tf.inv_temperature;
     if (cap > 0.0f) {
       const float z = is_target ? z_target : fminf(fmaxf(m + __logf(e), -cap), cap);
@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       Element pair[2];
       *reinterpret_cast<std::uint32_t*>(pair) = words[k];
       const std::int64_t c = c0 + 2 * k;
-      words[k] = lce::detail::sm90::pack_pair<Element>(grad_of(static_cast<float>(pair[0]), m, c),
-                                                       grad_of(static_cast<float>(pair[1]), m, c + 1));
+      words[k] = arch::sm90::pack_pair<Element>(grad_of(static_cast<float>(pair[0]), m, c),
+                                                grad_of(static_cast<float>(pair[1]), m, c + 1));
     }
     *reinterpret_cast<uint4*>(values + c0) = raw;
   }

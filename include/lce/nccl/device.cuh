@@ -22,7 +22,7 @@
 
 LCE_NAMESPACE_BEGIN
 namespace nccl {
-namespace detail {
+namespace impl {
 
 inline constexpr int row_threads = 256;
 
@@ -43,7 +43,7 @@ struct forward_plan {
 };
 
 template <class Config>
-forward_plan make_forward_plan(const problem& local, lce::detail::workspace_layout& layout) noexcept {
+forward_plan make_forward_plan(const problem& local, detail::workspace_layout& layout) noexcept {
   forward_plan p;
   const auto n = static_cast<std::size_t>(local.n);
   p.local = lce::device::make_forward_plan<Config>(local, layout);
@@ -80,12 +80,11 @@ std::size_t forward_bytes_per_row(const forward_args<Element>& a, const loss_opt
 template <class Element, class Config>
 cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<Element>& a,
                         const problem& global, const vocab_shard& shard, const loss_options& o,
-                        cudaStream_t stream,
-                        const lce::kernel::stored_exp<Element>* store = nullptr,
+                        cudaStream_t stream, const detail::stored_exp<Element>* store = nullptr,
                         bool* stored = nullptr) noexcept {
   const problem local = local_problem(global, shard);
   const std::int64_t n = global.n;
-  auto* scalars = lce::detail::at<lce::kernel::loss_scalars>(ws, plan.local.scalars);
+  auto* scalars = detail::at<lce::thread::loss_scalars>(ws, plan.local.scalars);
   // Valid rows and weight sums over the global vocabulary: the same on every rank.
   LCE_RETURN_IF_ERROR(lce::device::run_loss_scalars(a.targets, a.class_weight, nullptr, global, o,
                                                     scalars, a.status, stream));
@@ -98,10 +97,10 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
   LCE_RETURN_IF_ERROR((lce::device::run_fused_forward<Element, Config>(
       ws, plan.local, la, local, o, shard.v_begin, splits, stream, store, stored)));
 
-  auto* partial = lce::detail::at<thread::row_stats>(ws, plan.local.partial);
-  auto* row_max = lce::detail::at<float>(ws, plan.row_max);
-  auto* packed = lce::detail::at<float>(ws, plan.packed);
-  auto* argmax = lce::detail::at<std::int64_t>(ws, plan.argmax);
+  auto* partial = detail::at<thread::row_stats>(ws, plan.local.partial);
+  auto* row_max = detail::at<float>(ws, plan.row_max);
+  auto* packed = detail::at<float>(ws, plan.packed);
+  auto* argmax = detail::at<std::int64_t>(ws, plan.argmax);
   const bool with_argmax = forward_needs_argmax(a);
   const packed_fields fields = forward_fields(a, o);
 
@@ -115,8 +114,8 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
 
   const thread::target_view targets = lce::device::make_target_view(a.targets, o);
   shard_pack_kernel<row_threads><<<row_blocks(n), row_threads, 0, stream>>>(shard_pack_params{
-      partial, row_max, lce::detail::at<float>(ws, plan.local.target_logit), targets,
-      shard.v_begin, shard.v_end, n, fields, packed, with_argmax ? argmax : nullptr});
+      partial, row_max, detail::at<float>(ws, plan.local.target_logit), targets, shard.v_begin,
+      shard.v_end, n, fields, packed, with_argmax ? argmax : nullptr});
   LCE_CHECK_LAUNCH("shard_pack_kernel");
   // One launch for both reductions; ncclGroupEnd is reached whatever happens in between.
   LCE_NCCL_RETURN_IF_ERROR(ncclGroupStart(), "ncclGroupStart", shard.comm);
@@ -128,7 +127,7 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
   if (!nccl_ok(r)) return nccl_failure(r, "ncclAllReduce (row sums)", shard.comm);
   if (!nccl_ok(end)) return nccl_failure(end, "ncclGroupEnd (row sums)", shard.comm);
 
-  const lce::kernel::row_outputs out = lce::device::make_row_outputs(ws, plan.local, a);
+  const lce::thread::row_outputs out = lce::device::make_row_outputs(ws, plan.local, a);
   shard_finish_kernel<row_threads><<<row_blocks(n), row_threads, 0, stream>>>(shard_finish_params{
       row_max, packed, with_argmax ? argmax : nullptr, fields, n,
       lce::device::make_row_loss_params(a.targets, global, o, a.class_weight, scalars), out});
@@ -151,12 +150,12 @@ struct backward_plan {
 
 template <class Element, class Grad>
 backward_plan make_backward_plan(const problem& local, const backward_options& b,
-                                 lce::detail::workspace_layout& layout) noexcept {
-  lce::detail::workspace_layout probe;
+                                 detail::workspace_layout& layout) noexcept {
+  detail::workspace_layout probe;
   backward_options resolved = b;
   resolved.strategy = lce::device::make_backward_plan<Element, Grad>(local, b, probe).strategy;
-  const bool core_accumulator = !std::is_same_v<Element, float> &&
-                                resolved.strategy == backward_strategy::vocab_chunked;
+  const bool core_accumulator =
+      !std::is_same_v<Element, float> && resolved.strategy == backward_strategy::vocab_chunked;
   backward_plan p;
   if (!core_accumulator) p.dx = layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
   p.local = lce::device::make_backward_plan<Element, Grad>(local, resolved, layout);
@@ -188,9 +187,10 @@ cudaError_t run_reduce_dx(float* dx_acc, Element* dx, const problem& global,
   } else {
     row_count = n / comm.ranks;
     rows = dx_acc + static_cast<std::int64_t>(comm.rank) * row_count * d;  // in place
-    LCE_NCCL_RETURN_IF_ERROR(ncclReduceScatter(dx_acc, rows, static_cast<std::size_t>(row_count * d),
-                                               ncclFloat32, ncclSum, shard.comm, stream),
-                             "ncclReduceScatter (dX)", shard.comm);
+    LCE_NCCL_RETURN_IF_ERROR(
+        ncclReduceScatter(dx_acc, rows, static_cast<std::size_t>(row_count * d), ncclFloat32,
+                          ncclSum, shard.comm, stream),
+        "ncclReduceScatter (dX)", shard.comm);
   }
   const auto blocks =
       static_cast<unsigned>(std::min<std::int64_t>((row_count * d + 255) / 256, 4096));
@@ -209,14 +209,14 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
                          const problem& global, const vocab_shard& shard, const comm_info& comm,
                          const loss_options& o, cublasHandle_t handle,
                          cudaStream_t stream) noexcept {
-  float* dx_acc = lce::detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
+  float* dx_acc = detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
   LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad, Config>(
-      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc,
-      o, handle, stream)));
+      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc, o,
+      handle, stream)));
   if (a.dx == nullptr) return cudaSuccess;
   return run_reduce_dx(dx_acc, a.dx, global, shard, comm, o, stream);
 }
 
-}  // namespace detail
+}  // namespace impl
 }  // namespace nccl
 LCE_NAMESPACE_END

@@ -7,14 +7,14 @@
 
 #include <cstdint>
 
-#include "../kernel/forward_finalize.cuh"
 #include "../thread/cross_entropy.cuh"
+#include "../thread/finish_row.cuh"
 #include "../thread/row_stats.cuh"
 #include "shard.hpp"
 
 LCE_NAMESPACE_BEGIN
 namespace nccl {
-namespace detail {
+namespace impl {
 
 /// What the sum all-reduce carries per row, as fields of a [fields, n] float array: the
 /// rescaled Σ exp(z − max) and the target logit always; Σ exp(z − max)·z only for the entropy;
@@ -42,7 +42,7 @@ inline constexpr std::int64_t no_argmax = INT64_MAX;
 struct shard_combine_params {
   thread::row_stats* partial;  ///< [splits, n]; the merged statistics go to split 0's slot
   std::int64_t n, splits;
-  float* row_max;              ///< [n] out: this shard's row maximum (all-reduced next)
+  float* row_max;  ///< [n] out: this shard's row maximum (all-reduced next)
 };
 
 /// One thread per row: merges the shard's vocabulary splits in order (in place: a thread reads
@@ -53,7 +53,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x;
   if (row >= p.n) return;
   thread::row_stats st = thread::row_stats_identity();
-  for (std::int64_t s = 0; s < p.splits; ++s) st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
+  for (std::int64_t s = 0; s < p.splits; ++s)
+    st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
   p.partial[row] = st;
   p.row_max[row] = st.max;
 }
@@ -66,8 +67,8 @@ struct shard_pack_params {
   std::int64_t v_begin, v_end;
   std::int64_t n;
   packed_fields fields;
-  float* packed;                   ///< [fields.count, n] out
-  std::int64_t* argmax;            ///< [n] out: the candidate for ncclMin, or null
+  float* packed;         ///< [fields.count, n] out
+  std::int64_t* argmax;  ///< [n] out: the candidate for ncclMin, or null
 };
 
 /// One thread per row: rescales the shard's sums to the global maximum (a shard with sum 0
@@ -86,27 +87,27 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const bool nan_row = st.max != st.max;
   const float scale = nan_row ? NAN : (st.sum > 0.0f ? expf(st.max - m) : 0.0f);
   const std::int64_t y = p.targets(row);
-  const bool owns = thread::is_valid_target(y, p.targets.ignore_index) && y >= p.v_begin &&
-                    y < p.v_end;
+  const bool owns =
+      thread::is_valid_target(y, p.targets.ignore_index) && y >= p.v_begin && y < p.v_end;
   p.packed[field_sum * p.n + row] = st.sum * scale;
   p.packed[field_target_logit * p.n + row] = owns ? p.target_logit[row] : 0.0f;
   if (p.fields.entropy >= 0) p.packed[p.fields.entropy * p.n + row] = st.sum_pz * scale;
   if (p.fields.smoothing >= 0) p.packed[p.fields.smoothing * p.n + row] = st.sum_wz;
   if (p.argmax != nullptr) {
-    p.argmax[row] = nan_row ? -1
+    p.argmax[row] = nan_row                           ? -1
                     : (st.max == m && st.argmax >= 0) ? st.argmax + p.v_begin
                                                       : no_argmax;
   }
 }
 
 struct shard_finish_params {
-  const float* row_max;         ///< [n] global
-  const float* packed;          ///< [fields.count, n] global sums
-  const std::int64_t* argmax;   ///< [n] global candidates (ncclMin), or null
+  const float* row_max;        ///< [n] global
+  const float* packed;         ///< [fields.count, n] global sums
+  const std::int64_t* argmax;  ///< [n] global candidates (ncclMin), or null
   packed_fields fields;
   std::int64_t n;
-  lce::kernel::row_loss_params loss;  ///< global: targets, v, class weights, loss scalars
-  lce::kernel::row_outputs out;
+  thread::row_loss_params loss;  ///< global: targets, v, class weights, loss scalars
+  thread::row_outputs out;
 };
 
 /// One thread per row: the global row_stats, then the core's finish_row (every per-row output,
@@ -122,9 +123,9 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       p.row_max[row], p.packed[field_sum * p.n + row],
       p.fields.entropy >= 0 ? p.packed[p.fields.entropy * p.n + row] : 0.0f,
       p.fields.smoothing >= 0 ? p.packed[p.fields.smoothing * p.n + row] : 0.0f, arg};
-  lce::kernel::finish_row(row, st, p.packed + field_target_logit * p.n + row, p.loss, p.out);
+  thread::finish_row(row, st, p.packed + field_target_logit * p.n + row, p.loss, p.out);
 }
 
-}  // namespace detail
+}  // namespace impl
 }  // namespace nccl
 LCE_NAMESPACE_END

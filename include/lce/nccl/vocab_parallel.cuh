@@ -35,14 +35,14 @@
 LCE_NAMESPACE_BEGIN
 namespace nccl {
 
-namespace detail {
+namespace impl {
 struct forward_backward_plan {
   forward_plan forward;
   std::size_t lse = 0;
-  std::size_t backward = 0;  ///< offset of the backward's workspace
-  backward_plan backward_plan;  ///< the chunked plan; with `stored`, its fallback
-  bool stored = false;          ///< the stored strategy: asked for, or automatic's choice
-  std::size_t stored_dx = 0;    ///< the stored backward's fp32 [n, d] partial dX
+  std::size_t backward = 0;              ///< offset of the backward's workspace
+  backward_plan backward_plan;           ///< the chunked plan; with `stored`, its fallback
+  bool stored = false;                   ///< the stored strategy: asked for, or automatic's choice
+  std::size_t stored_dx = 0;             ///< the stored backward's fp32 [n, d] partial dX
   lce::device::stored_plan stored_plan;  ///< the shard's stored values, after stored_dx
   std::size_t bytes = 0;
 };
@@ -53,22 +53,22 @@ template <class Element, class Grad, class Config>
 forward_backward_plan make_forward_backward_plan(const problem& local,
                                                  const backward_options& b) noexcept {
   forward_backward_plan p;
-  lce::detail::workspace_layout layout;
+  detail::workspace_layout layout;
   p.forward = make_forward_plan<Config>(local, layout);
   p.lse = layout.reserve<float>(static_cast<std::size_t>(local.n));
   p.backward = layout.reserve<char>(0);
-  lce::detail::workspace_layout backward_layout;
+  detail::workspace_layout backward_layout;
   p.backward_plan = make_backward_plan<Element, Grad>(local, b, backward_layout);
   p.bytes = p.backward + p.backward_plan.bytes;
-  lce::detail::workspace_layout stored_layout;
+  detail::workspace_layout stored_layout;
   const std::size_t stored_dx =
       stored_layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
   const lce::device::stored_plan stored =
       lce::device::make_stored_plan<Element>(local, local.n, 0, stored_layout);
   const std::size_t stored_bytes = stored_layout.bytes();
   p.stored = b.strategy == backward_strategy::stored ||
-             (b.strategy == backward_strategy::automatic &&
-              lce::detail::can_store<Element, Config> && stored_bytes <= b.memory_budget);
+             (b.strategy == backward_strategy::automatic && detail::can_store<Element, Config> &&
+              stored_bytes <= b.memory_budget);
   if (p.stored) {
     p.stored_dx = stored_dx;
     p.stored_plan = stored;
@@ -80,11 +80,11 @@ forward_backward_plan make_forward_backward_plan(const problem& local,
 /// The checks every launcher runs first, in the documented order (after its own args).
 inline cudaError_t validate_common(const problem& shape, const vocab_shard& shard,
                                    const loss_options& options) noexcept {
-  LCE_RETURN_IF_ERROR(lce::detail::validate_problem(shape));
+  LCE_RETURN_IF_ERROR(detail::validate_problem(shape));
   LCE_RETURN_IF_ERROR(validate_shard(shard, shape));
-  return lce::detail::validate_options(options, shape);
+  return detail::validate_options(options, shape);
 }
-}  // namespace detail
+}  // namespace impl
 
 /// @brief Bytes per row that one rank contributes to the collectives of a call (a ring
 /// all-reduce moves about 2·(k − 1)/k times this over each rank's links).
@@ -101,7 +101,7 @@ template <class Element>
 [[nodiscard]] communication_volume communication_bytes(const forward_args<Element>& args,
                                                        const problem& shape,
                                                        const loss_options& options) noexcept {
-  return {detail::forward_bytes_per_row(args, options), detail::backward_bytes_per_row(shape)};
+  return {impl::forward_bytes_per_row(args, options), impl::backward_bytes_per_row(shape)};
 }
 
 /// @brief Workspace bytes of lce::nccl::forward on this rank: the core forward's for the
@@ -110,8 +110,8 @@ template <class Element>
 template <class Element, class Config = default_config<Element>>
 [[nodiscard]] std::size_t forward_workspace_size(const problem& shape,
                                                  const vocab_shard& shard) noexcept {
-  lce::detail::workspace_layout layout;
-  return detail::make_forward_plan<Config>(detail::local_problem(shape, shard), layout).bytes;
+  detail::workspace_layout layout;
+  return impl::make_forward_plan<Config>(impl::local_problem(shape, shard), layout).bytes;
 }
 
 /// @brief Vocabulary-parallel forward: the loss and every output of forward_args, as
@@ -146,23 +146,22 @@ template <class Element, class Config = default_config<Element>>
                                   const vocab_shard& shard, const loss_options& options,
                                   cudaStream_t stream = nullptr) noexcept {
   static_assert(is_supported_element_v<Element>, "Element must be float, __half or __nv_bfloat16");
-  lce::detail::clear_error();
-  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(args, shape, options));
-  detail::comm_info comm;
-  LCE_RETURN_IF_ERROR(detail::validate_comm(shard, shape, false, comm));
-  lce::detail::workspace_layout layout;
-  const detail::forward_plan plan =
-      detail::make_forward_plan<Config>(detail::local_problem(shape, shard), layout);
+  detail::clear_error();
+  LCE_RETURN_IF_ERROR(impl::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(args, shape, options));
+  impl::comm_info comm;
+  LCE_RETURN_IF_ERROR(impl::validate_comm(shard, shape, false, comm));
+  detail::workspace_layout layout;
+  const impl::forward_plan plan =
+      impl::make_forward_plan<Config>(impl::local_problem(shape, shard), layout);
   if (d_workspace == nullptr) {
     workspace_bytes = plan.bytes;
     return cudaSuccess;
   }
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
-  return detail::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options,
-                                              stream);
+  return impl::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options, stream);
 }
 
 /// @brief Workspace bytes of lce::nccl::backward on this rank: the core backward's for the
@@ -171,10 +170,9 @@ template <class Element, class Config = default_config<Element>>
 template <class Element, class Grad = Element>
 [[nodiscard]] std::size_t backward_workspace_size(const problem& shape, const vocab_shard& shard,
                                                   const backward_options& bopt = {}) noexcept {
-  lce::detail::check_backward_types<Element, Grad>();
-  lce::detail::workspace_layout layout;
-  return detail::make_backward_plan<Element, Grad>(detail::local_problem(shape, shard), bopt,
-                                                   layout)
+  detail::check_backward_types<Element, Grad>();
+  detail::workspace_layout layout;
+  return impl::make_backward_plan<Element, Grad>(impl::local_problem(shape, shard), bopt, layout)
       .bytes;
 }
 
@@ -202,42 +200,41 @@ template <class Element, class Grad, class Config = default_config<Element>>
                                    const vocab_shard& shard, const loss_options& options,
                                    const backward_options& bopt, cublasHandle_t handle,
                                    cudaStream_t stream = nullptr) noexcept {
-  lce::detail::check_backward_types<Element, Grad>();
-  lce::detail::clear_error();
-  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_args(args, shape));
-  if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
-  detail::comm_info comm;
-  LCE_RETURN_IF_ERROR(detail::validate_comm(
+  detail::check_backward_types<Element, Grad>();
+  detail::clear_error();
+  LCE_RETURN_IF_ERROR(impl::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_args(args, shape));
+  if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
+  impl::comm_info comm;
+  LCE_RETURN_IF_ERROR(impl::validate_comm(
       shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
-  lce::detail::workspace_layout layout;
-  const detail::backward_plan plan = detail::make_backward_plan<Element, Grad>(
-      detail::local_problem(shape, shard), bopt, layout);
+  detail::workspace_layout layout;
+  const impl::backward_plan plan =
+      impl::make_backward_plan<Element, Grad>(impl::local_problem(shape, shard), bopt, layout);
   if (d_workspace == nullptr) {
     workspace_bytes = plan.bytes;
     return cudaSuccess;
   }
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
-  lce::detail::cublas_scope scope(handle, stream);
+  detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
-    return lce::detail::cublas_failure(scope.status(), "handle setup");
-  return detail::run_backward<Element, Grad, Config>(d_workspace, plan, args, shape, shard, comm,
-                                                     options, handle, stream);
+    return detail::cublas_failure(scope.status(), "handle setup");
+  return impl::run_backward<Element, Grad, Config>(d_workspace, plan, args, shape, shard, comm,
+                                                   options, handle, stream);
 }
 
 /// @brief Workspace bytes of lce::nccl::forward_backward: the forward's, n floats for the lse,
 /// and the backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
-                                                          const vocab_shard& shard,
-                                                          const backward_options& bopt = {}) noexcept {
-  lce::detail::check_backward_types<Element, Grad>();
-  return detail::make_forward_backward_plan<Element, Grad, Config>(
-             detail::local_problem(shape, shard), bopt)
+[[nodiscard]] std::size_t forward_backward_workspace_size(
+    const problem& shape, const vocab_shard& shard, const backward_options& bopt = {}) noexcept {
+  detail::check_backward_types<Element, Grad>();
+  return impl::make_forward_backward_plan<Element, Grad, Config>(impl::local_problem(shape, shard),
+                                                                 bopt)
       .bytes;
 }
 
@@ -247,9 +244,9 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 /// shard's values of all n rows and an fp32 [n, d] partial dX fit the budget; 16-bit
 /// elements, no bias or class weights, an sm_90a device — else the chunked plan runs) the
 /// shard's forward keeps e^{z − m} of its columns and the backward is one pass and GEMMs over
-/// them: 3 GEMMs, as lce::forward_backward's. Arguments as those two (forward_backward_args: the forward's pointers
-/// and dx, dw, db); `lse` is optional (kept in the workspace when null). With dx, dw and db all
-/// null it runs the forward only.
+/// them: 3 GEMMs, as lce::forward_backward's. Arguments as those two (forward_backward_args: the
+/// forward's pointers and dx, dw, db); `lse` is optional (kept in the workspace when null). With
+/// dx, dw and db all null it runs the forward only.
 template <class Element, class Grad, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t forward_backward(void* d_workspace, std::size_t& workspace_bytes,
                                            const forward_backward_args<Element, Grad>& args,
@@ -257,64 +254,64 @@ template <class Element, class Grad, class Config = default_config<Element>>
                                            const loss_options& options,
                                            const backward_options& bopt, cublasHandle_t handle,
                                            cudaStream_t stream = nullptr) noexcept {
-  lce::detail::check_backward_types<Element, Grad>();
-  lce::detail::clear_error();
-  const forward_args<Element> fa = lce::detail::forward_part(args);
-  LCE_RETURN_IF_ERROR(detail::validate_common(shape, shard, options));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_backward_options(bopt, std::is_same_v<Grad, float>,
-                                                             /*with_forward=*/true));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_forward_args(fa, shape, options));
-  if (handle == nullptr) return lce::detail::invalid("handle (cuBLAS) must not be null");
-  detail::comm_info comm;
-  LCE_RETURN_IF_ERROR(detail::validate_comm(
+  detail::check_backward_types<Element, Grad>();
+  detail::clear_error();
+  const forward_args<Element> fa = detail::forward_part(args);
+  LCE_RETURN_IF_ERROR(impl::validate_common(shape, shard, options));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>,
+                                                        /*with_forward=*/true));
+  LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, shape, options));
+  if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
+  impl::comm_info comm;
+  LCE_RETURN_IF_ERROR(impl::validate_comm(
       shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
-  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(
-      detail::local_problem(shape, shard), bopt);
+  const auto plan = impl::make_forward_backward_plan<Element, Grad, Config>(
+      impl::local_problem(shape, shard), bopt);
   if (d_workspace == nullptr) {
     workspace_bytes = plan.bytes;
     return cudaSuccess;
   }
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(lce::detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
+  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
 
-  float* lse = args.lse ? args.lse : lce::detail::at<float>(d_workspace, plan.lse);
+  float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;
   fwd.lse = lse;
   const bool gradients = args.dx != nullptr || args.dw != nullptr || args.db != nullptr;
-  void* backward_ws = lce::detail::at<char>(d_workspace, plan.backward);
+  void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   // The stored strategy: the shard's forward keeps e^{z − m} of its columns (where its lean
   // sm_90a kernel runs; elsewhere the fallback plan's backward follows).
   using sm90_config = typename sm90_config_of<Config>::type;
   std::int64_t tile_cols = lce::device::vocab_chunk_granule;
   if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
   const std::int64_t v_local = shard.rows();
-  const lce::kernel::stored_exp<Element> st{
-      lce::detail::at<Element>(backward_ws, plan.stored_plan.values),
-      lce::detail::at<float>(backward_ws, plan.stored_plan.tile_max), plan.stored_plan.ld,
-      (v_local + tile_cols - 1) / tile_cols, tile_cols};
+  const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
+                                       detail::at<float>(backward_ws, plan.stored_plan.tile_max),
+                                       plan.stored_plan.ld, (v_local + tile_cols - 1) / tile_cols,
+                                       tile_cols};
   const bool store = gradients && plan.stored;
   bool stored = false;
-  LCE_RETURN_IF_ERROR((detail::run_forward<Element, Config>(
-      d_workspace, plan.forward, fwd, shape, shard, options, stream, store ? &st : nullptr,
-      &stored)));
+  LCE_RETURN_IF_ERROR(
+      (impl::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape, shard, options,
+                                          stream, store ? &st : nullptr, &stored)));
   if (!gradients) return cudaSuccess;
-  const backward_args<Element, Grad> ba = lce::detail::backward_part(args, lse, nullptr);
-  lce::detail::cublas_scope scope(handle, stream);
+  const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
+  detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
-    return lce::detail::cublas_failure(scope.status(), "handle setup");
+    return detail::cublas_failure(scope.status(), "handle setup");
   if (stored) {
-    float* dx_acc = lce::detail::at<float>(backward_ws, plan.stored_dx);
+    float* dx_acc = detail::at<float>(backward_ws, plan.stored_dx);
     LCE_RETURN_IF_ERROR(lce::device::run_stored_backward(
         backward_ws, plan.stored_plan, st,
-        lce::detail::at<lce::kernel::loss_scalars>(d_workspace, plan.forward.local.scalars),
-        lce::detail::at<float>(d_workspace, plan.forward.local.target_logit), ba, shape,
+        detail::at<thread::loss_scalars>(d_workspace, plan.forward.local.scalars),
+        detail::at<float>(d_workspace, plan.forward.local.target_logit), ba, shape,
         lce::device::vocab_window{shard.v_begin, v_local}, dx_acc, options, handle, stream));
     if (args.dx == nullptr) return cudaSuccess;
-    return detail::run_reduce_dx(dx_acc, args.dx, shape, shard, comm, options, stream);
+    return impl::run_reduce_dx(dx_acc, args.dx, shape, shard, comm, options, stream);
   }
-  return detail::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
-                                                     shard, comm, options, handle, stream);
+  return impl::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
+                                                   shard, comm, options, handle, stream);
 }
 
 }  // namespace nccl

@@ -79,15 +79,6 @@ __host__ __device__ inline loss_terms row_loss(float lse, float z_y, float sum_w
   return {ce, z_loss_scale * lse * lse};
 }
 
-/// @brief Loss of one token without options: lse − z_y from the same fp32 values that built
-/// the lse (so it is ≥ 0 up to rounding). Ignored rows give 0, and so do rows whose target is
-/// outside [0, v): they are treated as ignored (and counted in lce::device_status).
-__host__ __device__ inline float token_loss(float lse, float target_logit, std::int64_t y,
-                                            std::int64_t v, std::int64_t ignore_index) noexcept {
-  if (!is_scored_target(y, ignore_index, v)) return 0.0f;
-  return lse - target_logit;
-}
-
 /// @brief Upstream scales of a row's two terms: dL/d(ce_i) and dL/d(zloss_i).
 struct row_scales {
   float ce;
@@ -102,14 +93,8 @@ __host__ __device__ inline row_scales row_grad_scales(float upstream, bool valid
                                                       float z_denom, lce::reduction red) noexcept {
   if (!valid) return {0.0f, 0.0f};
   if (red != lce::reduction::mean) return {upstream, upstream};
-  return {ce_denom != 0.0f ? upstream / ce_denom : 0.0f, z_denom != 0.0f ? upstream / z_denom : 0.0f};
-}
-
-/// @brief Scale g_i of row i without options (ce_denom = z_denom = n_valid).
-__host__ __device__ inline float row_grad_scale(float upstream, bool valid, std::int64_t n_valid,
-                                                lce::reduction red) noexcept {
-  const float n = static_cast<float>(n_valid);
-  return row_grad_scales(upstream, valid, n, n, red).ce;
+  return {ce_denom != 0.0f ? upstream / ce_denom : 0.0f,
+          z_denom != 0.0f ? upstream / z_denom : 0.0f};
 }
 
 /// @brief dL/dz_v = a·p_v − b·[v = y] − c·w_v for one row: the coefficients.
@@ -122,8 +107,7 @@ struct grad_coeffs {
 /// @brief Coefficients of a row's logit gradient, from its scales, lse and options:
 /// a = ce·((1 − α)·w_y + α·w_sum/V) + z·2·s·lse, b = ce·(1 − α)·w_y, c = ce·α/V.
 __host__ __device__ inline grad_coeffs row_grad_coeffs(row_scales g, float lse, float w_y,
-                                                       float w_sum, std::int64_t v,
-                                                       float smoothing,
+                                                       float w_sum, std::int64_t v, float smoothing,
                                                        float z_loss_scale) noexcept {
   const float per_class = smoothing / static_cast<float>(v);
   const float target = g.ce * (1.0f - smoothing) * w_y;
@@ -157,12 +141,6 @@ __host__ __device__ inline float logit_grad(const grad_coeffs& c, float z, float
   return logit_grad_of_prob(c, softmax_prob(z, lse), is_target, w_v, filter_eps);
 }
 
-/// @brief One element of the logit gradient without options: g·(exp(z − lse) − [is_target]).
-__host__ __device__ inline float logit_grad(float z, float lse, bool is_target,
-                                            float g) noexcept {
-  return g * (softmax_prob(z, lse) - (is_target ? 1.0f : 0.0f));
-}
-
 /// @brief Targets as the kernels see them: ignore_index and the causal shift applied, and
 /// with `vocab_offset` (a vocabulary shard whose column 0 is global id vocab_offset, the
 /// vocabulary-parallel layer lce/nccl/) shard-local: valid targets are returned minus the
@@ -171,7 +149,7 @@ __host__ __device__ inline float logit_grad(float z, float lse, bool is_target,
 /// given an offset view: the fused forward is; loss_scalars, finish_row, logit_grad are not.
 struct target_view {
   const std::int64_t* targets;
-  std::int64_t seq_len;       ///< causal shift T, 0 = off
+  std::int64_t seq_len;  ///< causal shift T, 0 = off
   std::int64_t ignore_index;
   std::int64_t vocab_offset = 0;  ///< global id of the shard's column 0 (0: whole vocabulary)
   std::int64_t row_offset = 0;    ///< global row of row 0 (a kernel over a chunk of rows)

@@ -1,7 +1,7 @@
 /// @file online_lse.cuh
-/// @brief Online (streaming) log-sum-exp: a running {max, sum} state, pushing one value and
-/// merging two states. `__host__ __device__` so that the CPU reference and tests use the very
-/// same formulas as the kernels.
+/// @brief Online (streaming) log-sum-exp: a running {max, sum} state, merging two states and
+/// its value (the kernels extend the state in thread::row_stats). `__host__ __device__` so that
+/// the CPU reference and tests use the very same formulas as the kernels.
 #pragma once
 
 #include <cmath>
@@ -36,15 +36,6 @@ __host__ __device__ inline lse_state lse_merge(lse_state a, lse_state b) noexcep
   const float m = fmaxf(a.max, b.max);
   if (m == -INFINITY) return lse_identity();
   return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
-}
-
-/// @brief Adds one value to a state with a single exponential (the common case z ≤ max
-/// rescales nothing). `-inf` (a masked value) leaves the state unchanged; NaN propagates.
-__host__ __device__ inline lse_state lse_push(lse_state s, float z) noexcept {
-  if (z == -INFINITY) return s;
-  if (z <= s.max) return {s.max, s.sum + expf(z - s.max)};
-  if (z > s.max) return {z, s.sum * expf(s.max - z) + 1.0f};  // exp(−inf) = 0 for the empty state
-  return {NAN, NAN};                                           // z or max is NaN
 }
 
 /// @brief log Σ exp(z) of the set: max + log(sum); −inf for the empty set.

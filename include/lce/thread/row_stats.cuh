@@ -15,11 +15,11 @@ namespace thread {
 
 /// @brief Streaming statistics of a set of (index v, logit z_v, class weight w_v).
 struct row_stats {
-  float max;             ///< max z (−inf when empty)
-  float sum;             ///< Σ exp(z − max)
-  float sum_pz;          ///< Σ exp(z − max)·z
-  float sum_wz;          ///< Σ w·z
-  std::int64_t argmax;   ///< smallest index holding max (−1 when empty)
+  float max;            ///< max z (−inf when empty)
+  float sum;            ///< Σ exp(z − max)
+  float sum_pz;         ///< Σ exp(z − max)·z
+  float sum_wz;         ///< Σ w·z
+  std::int64_t argmax;  ///< smallest index holding max (−1 when empty)
 };
 
 __host__ __device__ constexpr row_stats row_stats_identity() noexcept {
@@ -35,8 +35,10 @@ __host__ __device__ inline row_stats row_stats_merge(row_stats a, row_stats b) n
   const float ea = a.sum > 0.0f ? expf(a.max - m) : 0.0f;
   const float eb = b.sum > 0.0f ? expf(b.max - m) : 0.0f;
   std::int64_t arg;
-  if (a.max == b.max) arg = (a.argmax < 0 || (b.argmax >= 0 && b.argmax < a.argmax)) ? b.argmax : a.argmax;
-  else arg = a.max > b.max ? a.argmax : b.argmax;
+  if (a.max == b.max)
+    arg = (a.argmax < 0 || (b.argmax >= 0 && b.argmax < a.argmax)) ? b.argmax : a.argmax;
+  else
+    arg = a.max > b.max ? a.argmax : b.argmax;
   return {m, a.sum * ea + b.sum * eb, a.sum_pz * ea + b.sum_pz * eb, a.sum_wz + b.sum_wz, arg};
 }
 

@@ -13,6 +13,8 @@
 // are copied to a dense layout); targets [n] int64 (int32 is converted); bias [v] in x's
 // dtype; class_weight [v] (converted to fp32). Errors are ValueError (bad argument) or
 // RuntimeError, with lce's own message.
+#include "lce_torch.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -22,8 +24,6 @@
 #include <optional>
 #include <string>
 #include <tuple>
-
-#include "lce_torch.h"
 
 namespace lce_torch {
 namespace {
@@ -47,9 +47,7 @@ using forward_backward_result =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-bool supported(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
+bool supported(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 /// A [rows, cols] matrix lce can read with a row stride: unit column stride and rows that do
 /// not overlap. Anything else (a transposed view, a broadcast) is copied to a dense layout.
@@ -59,9 +57,7 @@ at::Tensor row_major(const at::Tensor& t) {
   return unit_columns && disjoint_rows ? t : t.contiguous();
 }
 
-std::int64_t row_stride(const at::Tensor& t) {
-  return t.size(0) > 1 ? t.stride(0) : t.size(1);
-}
+std::int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
 
 lce::loss_options make_options(std::int64_t ignore_index, std::int64_t reduction,
                                double label_smoothing, double z_loss, double softcap,
@@ -131,8 +127,8 @@ call make_call(const at::Tensor& x_in, const at::Tensor& weight_in,
                     " elements (one per row of x), got ", target.sizes());
   TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
                     "lce_torch: target must be int64 (or int32), got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ",
-                    target.device(), ", x on ", x_in.device());
+  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ", target.device(),
+                    ", x on ", x_in.device());
   c.targets = target.reshape({n}).to(at::kLong).contiguous();
   if (class_weight.has_value() && class_weight->defined()) {
     TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == v,
@@ -173,10 +169,10 @@ at::Tensor or_empty(const at::Tensor& t, const call& c, at::ScalarType dtype) {
 }
 
 forward_result to_result(const call& c, const forward_outputs& o) {
-  return {or_empty(o.loss, c, at::kFloat),         or_empty(o.token_loss, c, at::kFloat),
-          or_empty(o.lse, c, at::kFloat),          or_empty(o.z_loss, c, at::kFloat),
-          or_empty(o.token_z_loss, c, at::kFloat), or_empty(o.argmax, c, at::kLong),
-          or_empty(o.correct, c, at::kLong),       or_empty(o.entropy, c, at::kFloat),
+  return {or_empty(o.loss, c, at::kFloat),          or_empty(o.token_loss, c, at::kFloat),
+          or_empty(o.lse, c, at::kFloat),           or_empty(o.z_loss, c, at::kFloat),
+          or_empty(o.token_z_loss, c, at::kFloat),  or_empty(o.argmax, c, at::kLong),
+          or_empty(o.correct, c, at::kLong),        or_empty(o.entropy, c, at::kFloat),
           or_empty(o.target_logprob, c, at::kFloat)};
 }
 
@@ -228,8 +224,8 @@ at::Tensor checked_lse(const at::Tensor& lse, const call& c) {
   TORCH_CHECK_VALUE(lse.numel() == c.shape.n && lse.scalar_type() == at::kFloat,
                     "lce_torch: lse must be the forward's float32 [", c.shape.n, "], got ",
                     lse.scalar_type(), " ", lse.sizes());
-  TORCH_CHECK_VALUE(lse.device() == c.x.device(), "lce_torch: lse is on ", lse.device(),
-                    ", x on ", c.x.device());
+  TORCH_CHECK_VALUE(lse.device() == c.x.device(), "lce_torch: lse is on ", lse.device(), ", x on ",
+                    c.x.device());
   return lse.reshape({c.shape.n}).contiguous();
 }
 
@@ -257,8 +253,8 @@ gradients take_gradients(call& c, const std::optional<at::Tensor>& dx,
   gradients g;
   const at::ScalarType element = c.x.scalar_type();
   if (dx.has_value() && dx->defined()) {
-    TORCH_CHECK_VALUE(dx->scalar_type() == element, "lce_torch: dx must have x's dtype (",
-                      element, "), got ", dx->scalar_type());
+    TORCH_CHECK_VALUE(dx->scalar_type() == element, "lce_torch: dx must have x's dtype (", element,
+                      "), got ", dx->scalar_type());
     TORCH_CHECK_VALUE(dx->dim() == 2 && dx->size(0) == c.shape.n && dx->size(1) == c.shape.d,
                       "lce_torch: dx must be [", c.shape.n, ", ", c.shape.d, "], got ",
                       dx->sizes());
@@ -469,35 +465,45 @@ std::int64_t forward_workspace_py(std::int64_t n, std::int64_t d, std::int64_t v
 }
 
 }  // namespace
+
+#ifdef LCE_TORCH_WITH_NCCL
+void define_nccl_functions(pybind11::module_& m);  // nccl_ops.cpp
+#endif
+
 }  // namespace lce_torch
 
-#define LCE_TORCH_LOSS_ARGS                                                                      \
-  "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, "       \
+#define LCE_TORCH_LOSS_ARGS                                                               \
+  "int ignore_index, int reduction, float label_smoothing, float z_loss, float softcap, " \
   "float temperature, int shift_seq_len, float filter_eps"
-#define LCE_TORCH_FORWARD_RETURNS                                                                \
-  "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, "            \
+#define LCE_TORCH_FORWARD_RETURNS                                                    \
+  "Tensor loss, Tensor token_loss, Tensor lse, Tensor z_loss, Tensor token_z_loss, " \
   "Tensor argmax, Tensor correct, Tensor entropy, Tensor target_logprob"
 
 TORCH_LIBRARY(lce_torch, m) {
-  m.def("forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? class_weight, "
-        LCE_TORCH_LOSS_ARGS ", int outputs) -> (" LCE_TORCH_FORWARD_RETURNS ")");
-  m.def("backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
-        "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
-        ", int strategy, int memory_budget, bool need_dx, bool need_dw, bool need_db, "
-        "bool fp32_weight_grad) -> (Tensor dx, Tensor dw, Tensor db)");
-  m.def("forward_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
-        ", int outputs, int strategy, int memory_budget, bool need_dx, bool need_dw, "
-        "bool need_db, bool fp32_weight_grad) -> (" LCE_TORCH_FORWARD_RETURNS
-        ", Tensor dx, Tensor dw, Tensor db)");
-  m.def("backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
-        "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
-        ", int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, Tensor(b!)? dw, "
-        "Tensor(c!)? db) -> ()");
-  m.def("forward_backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
-        "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
-        ", int outputs, int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, "
-        "Tensor(b!)? dw, Tensor(c!)? db) -> (" LCE_TORCH_FORWARD_RETURNS ")");
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor? "
+      "class_weight, " LCE_TORCH_LOSS_ARGS ", int outputs) -> (" LCE_TORCH_FORWARD_RETURNS ")");
+  m.def(
+      "backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+      ", int strategy, int memory_budget, bool need_dx, bool need_dw, bool need_db, "
+      "bool fp32_weight_grad) -> (Tensor dx, Tensor dw, Tensor db)");
+  m.def(
+      "forward_backward(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+      ", int outputs, int strategy, int memory_budget, bool need_dx, bool need_dw, "
+      "bool need_db, bool fp32_weight_grad) -> (" LCE_TORCH_FORWARD_RETURNS
+      ", Tensor dx, Tensor dw, Tensor db)");
+  m.def(
+      "backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, Tensor lse, "
+      "Tensor? grad, Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+      ", int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, Tensor(b!)? dw, "
+      "Tensor(c!)? db) -> ()");
+  m.def(
+      "forward_backward_into(Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
+      ", int outputs, int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, "
+      "Tensor(b!)? dw, Tensor(c!)? db) -> (" LCE_TORCH_FORWARD_RETURNS ")");
 }
 
 TORCH_LIBRARY_IMPL(lce_torch, CUDA, m) {
@@ -519,4 +525,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_workspace_size", &lce_torch::forward_workspace_py, pybind11::arg("n"),
         pybind11::arg("d"), pybind11::arg("v"), pybind11::arg("dtype"),
         "lce::forward_workspace_size in bytes");
+#ifdef LCE_TORCH_WITH_NCCL
+  m.attr("with_nccl") = true;  // the vocabulary-parallel operators (lce_torch.distributed)
+  lce_torch::define_nccl_functions(m);
+#else
+  m.attr("with_nccl") = false;
+#endif
 }

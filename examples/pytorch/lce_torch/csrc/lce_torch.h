@@ -25,8 +25,7 @@ struct call {
 
 /// The forward's outputs; an undefined tensor is not computed.
 struct forward_outputs {
-  at::Tensor loss, token_loss, lse, z_loss, token_z_loss, argmax, correct, entropy,
-      target_logprob;
+  at::Tensor loss, token_loss, lse, z_loss, token_z_loss, argmax, correct, entropy, target_logprob;
 };
 
 /// The backward's inputs (lse, upstream grad) and outputs; undefined: not given / not computed.
@@ -46,11 +45,11 @@ struct backward_plan_info {
 
 // Defined once per element type (ops_fp32.cu, ops_fp16.cu, ops_bf16.cu), so that the three
 // instantiations of the library compile in parallel.
-#define LCE_TORCH_DECLARE_ENTRY_POINTS(suffix)                                                  \
-  void forward_##suffix(const call& c, const forward_outputs& out);                             \
-  void backward_##suffix(const call& c, const gradients& g);                                    \
-  void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g); \
-  backward_plan_info choose_backward_##suffix(const lce::problem& shape,                        \
+#define LCE_TORCH_DECLARE_ENTRY_POINTS(suffix)                                                    \
+  void forward_##suffix(const call& c, const forward_outputs& out);                               \
+  void backward_##suffix(const call& c, const gradients& g);                                      \
+  void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g);  \
+  backward_plan_info choose_backward_##suffix(const lce::problem& shape,                          \
                                               const lce::backward_options& bopt, bool fp32_grad); \
   std::int64_t forward_workspace_##suffix(const lce::problem& shape);
 

@@ -201,7 +201,7 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
   void forward_##suffix(const call& c, const forward_outputs& out) {                              \
     detail::forward<Element>(c, out);                                                             \
   }                                                                                               \
-  void backward_##suffix(const call& c, const gradients& g) { detail::backward<Element>(c, g); } \
+  void backward_##suffix(const call& c, const gradients& g) { detail::backward<Element>(c, g); }  \
   void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g) { \
     detail::forward_backward<Element>(c, out, g);                                                 \
   }                                                                                               \
