@@ -79,7 +79,7 @@ template <class Element, class Grad = Element>
 
 /// @brief What the backward will do for a shape and options: the strategy `automatic`
 /// resolves to, the chunk extent (vocabulary rows for vocab_chunked, token rows for
-/// row_chunked) and the workspace. A pure function; nothing is launched.
+/// row_chunked, 0 for stored), the workspace, and the kernel that recomputes the chunks.
 struct backward_choice {
   backward_strategy strategy;
   std::int64_t chunk;           ///< planned extent; the sm_90a fused recompute takes twice as many
@@ -89,15 +89,64 @@ struct backward_choice {
   /// vocabulary chunk below min(2048, max(d, what the whole budget holds)) columns: then it takes
   /// an allowance beyond the budget (workspace_bytes > memory_budget says so).
   std::size_t accumulator_bytes;
+  /// Whether the chunks are recomputed by the sm_90a kernel that fuses Z and dZ (16-bit dZ, twice
+  /// the planned extent per chunk) rather than by a cuBLAS GEMM into the fp32 chunk and lce's dZ
+  /// kernel; `reason` says why (static text). The device's part is queried (and cached), as by
+  /// choose_forward.
+  bool fused_recompute = false;
+  const char* reason = "";
 };
 
-template <class Element, class Grad = Element>
+namespace detail {
+/// The predicate of the sm_90a fused recompute (kernel/logit_grad_sm90.cuh) for a shape on the
+/// current device: sets c.fused_recompute and c.reason.
+template <class Element, class Config>
+void choose_recompute(backward_choice& c, const problem& shape, bool bias_or_weights) noexcept {
+  using sm90 = typename sm90_config_of<Config>::type;
+  using general = typename sm90_general_config_of<Config>::type;
+  c.fused_recompute = false;
+  if constexpr (sizeof(Element) != 2) {
+    c.reason = "fp32 elements: a cuBLAS GEMM recomputes each chunk (the fused kernel takes 16-bit)";
+  } else if constexpr (std::is_void_v<sm90>) {
+    c.reason = "the Config has no sm_90a tile configuration: a cuBLAS GEMM recomputes each chunk";
+  } else {
+    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
+        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
+      c.reason = "a row stride of X or W is not a multiple of 16 bytes: a cuBLAS GEMM recomputes";
+      return;
+    }
+    const bool runs =
+        bias_or_weights
+            ? device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, general, true>>()
+            : device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, sm90, false>>();
+    if (!runs) {
+      c.reason =
+          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+          "code: a cuBLAS GEMM recomputes each chunk";
+      return;
+    }
+    c.fused_recompute = true;
+    c.reason =
+        "the sm_90a kernel recomputes each chunk and forms its dZ (X and W 16-byte "
+        "aligned at the launch)";
+  }
+}
+}  // namespace detail
+
+/// @brief What lce::backward<Element, Grad, Config> will do for a shape and options: the
+/// strategy, chunk and workspace (a pure function of the arguments), and which kernel
+/// recomputes the chunks on the current device (`bias_or_weights`: a bias or class weights
+/// will be passed). Launches nothing.
+template <class Element, class Grad = Element, class Config = default_config<Element>>
 [[nodiscard]] backward_choice choose_backward(const problem& shape,
-                                              const backward_options& bopt = {}) noexcept {
+                                              const backward_options& bopt = {},
+                                              bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   detail::workspace_layout layout;
   const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
-  return {plan.strategy, plan.chunk, plan.bytes, plan.accumulator_bytes};
+  backward_choice c{plan.strategy, plan.chunk, plan.bytes, plan.accumulator_bytes};
+  detail::choose_recompute<Element, Config>(c, shape, bias_or_weights);
+  return c;
 }
 
 /// @brief Gradients of the linear cross-entropy: dX = dZ·W, dW = dZᵀ·X, db = Σ_i dZ_i with

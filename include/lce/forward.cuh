@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <type_traits>
 
 #include "args.hpp"
 #include "config.hpp"
@@ -63,6 +64,62 @@ template <class Element, class Config = default_config<Element>>
 [[nodiscard]] std::size_t forward_workspace_size(const problem& shape) noexcept {
   detail::workspace_layout layout;
   return device::make_forward_plan<Config>(shape, layout).bytes;
+}
+
+/// @brief Which kernel lce::forward runs (forward_choice::kernel).
+enum class forward_kernel : int {
+  sm90 = 0,  ///< sm_90a: TMA + wgmma pipeline, the lean epilogue (no bias, no class weights)
+  sm90_general = 1,  ///< sm_90a with the general epilogue (a bias or class weights)
+  tiled = 2,         ///< the portable tiled kernel: mma.sync for 16-bit elements, FFMA for fp32
+};
+
+/// @brief Which forward kernel runs for a shape on the current device, why, and the workspace.
+struct forward_choice {
+  forward_kernel kernel;
+  std::size_t workspace_bytes;  ///< forward_workspace_size
+  const char* reason;           ///< why this kernel (static text)
+};
+
+/// @brief What lce::forward<Element, Config> will run for `shape` on the current device
+/// (`bias_or_weights`: a bias or class weights will be passed): the sm_90a kernels where their
+/// predicate holds — 16-bit elements, a Config with an sm_90a tile configuration, row strides of
+/// X and W that are multiples of 16 bytes, a device of compute capability 9.0 with this binary's
+/// sm_90a code — else the tiled kernel, with the first condition that failed as the reason. The
+/// device's part is queried once per kernel and device and cached; nothing is launched. At the
+/// launch X and W must also be 16-byte aligned (only the pointers can tell), else the tiled
+/// kernel runs.
+template <class Element, class Config = default_config<Element>>
+[[nodiscard]] forward_choice choose_forward(const problem& shape,
+                                            bool bias_or_weights = false) noexcept {
+  forward_choice c{forward_kernel::tiled, forward_workspace_size<Element, Config>(shape), ""};
+  using sm90 = typename sm90_config_of<Config>::type;
+  using general = typename sm90_general_config_of<Config>::type;
+  if constexpr (sizeof(Element) != 2) {
+    c.reason = "fp32 elements: the sm_90a kernels take 16-bit elements";
+  } else if constexpr (std::is_void_v<sm90>) {
+    c.reason = "the Config has no sm_90a tile configuration";
+  } else {
+    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
+        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
+      c.reason =
+          "a row stride of X or W is not a multiple of 16 bytes (the sm_90a copy engine needs it)";
+      return c;
+    }
+    const bool runs =
+        bias_or_weights
+            ? device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, general, true>>()
+            : device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, sm90, false>>();
+    if (!runs) {
+      c.reason =
+          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+          "code (build for 90a)";
+      return c;
+    }
+    c.kernel = bias_or_weights ? forward_kernel::sm90_general : forward_kernel::sm90;
+    c.reason = bias_or_weights ? "sm_90a kernel, general epilogue (a bias or class weights)"
+                               : "sm_90a kernel, lean epilogue";
+  }
+  return c;
 }
 
 /// @brief Cross-entropy loss of Z = X·Wᵀ + b against `targets`, fused: tiles of Z live in

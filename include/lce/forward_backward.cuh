@@ -78,10 +78,23 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights) {
     const std::int64_t rows = plan.stored_plan.rows < shape.n ? plan.stored_plan.rows : 0;
-    return {backward_strategy::stored, rows, plan.bytes, 0};
+    backward_choice c{backward_strategy::stored, rows, plan.bytes, 0};
+    c.reason = rows > 0 ? "stored in row chunks: no recomputation (on a device without the "
+                          "sm_90a kernel the launch runs the chunked plan)"
+                        : "stored: no recomputation (on a device without the sm_90a kernel the "
+                          "launch runs the chunked plan)";
+    return c;
   }
-  return {plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
-          plan.backward_plan.accumulator_bytes};
+  backward_choice c{plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
+                    plan.backward_plan.accumulator_bytes};
+  if (c.strategy == backward_strategy::row_chunked) {
+    c.reason =
+        "row_chunked in one pass: a cuBLAS GEMM recomputes each chunk (its lse comes "
+        "from the same chunk)";
+    return c;
+  }
+  detail::choose_recompute<Element, Config>(c, shape, bias_or_weights);
+  return c;
 }
 
 /// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and

@@ -1,6 +1,7 @@
 // CPU contract tests of lce::backward: argument validation, strategy/Grad checks and the
 // two-phase workspace protocol. No GPU: every call here returns before launching anything.
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "contract/common.hpp"
@@ -296,4 +297,34 @@ TEMPLATE_TEST_CASE(
       lce::backward_options{lce::backward_strategy::vocab_chunked, bopt.memory_budget});
   CHECK(f.accumulator_bytes == 0);
   CHECK(f.workspace_bytes <= bopt.memory_budget);
+}
+
+// choose_backward says which kernel recomputes the chunks: never the sm_90a one in this binary
+// (PTX for compute_80 only), for a reason it names; the GPU suites check the sm_90a case.
+TEST_CASE("choose_backward: the recompute kernel and why", "[contract][backward][choice]") {
+  const lce::problem shape{8192, 4096, 128256};
+  const auto says = [](const char* reason, const char* words) {
+    return std::string(reason).find(words) != std::string::npos;
+  };
+  const lce::backward_choice f = lce::choose_backward<float, float>(shape);
+  CHECK_FALSE(f.fused_recompute);
+  CHECK(says(f.reason, "fp32"));
+  for (const bool bias : {false, true}) {
+    const lce::backward_choice b =
+        lce::choose_backward<__nv_bfloat16, __nv_bfloat16>(shape, lce::backward_options{}, bias);
+    CHECK_FALSE(b.fused_recompute);
+    CHECK(says(b.reason, "compute capability 9.0"));
+    CHECK(b.strategy == lce::backward_strategy::vocab_chunked);
+  }
+  lce::problem strided = shape;
+  strided.ldw = 4097;
+  CHECK(says(lce::choose_backward<__half>(strided).reason, "multiple of 16 bytes"));
+  // forward_backward's one-pass row_chunked recomputes through cuBLAS whatever the device.
+  lce::backward_options rows;
+  rows.strategy = lce::backward_strategy::row_chunked;
+  rows.memory_budget = std::size_t{1} << 30;
+  const lce::backward_choice r = lce::choose_forward_backward<__nv_bfloat16, float>(shape, rows);
+  CHECK(r.strategy == lce::backward_strategy::row_chunked);
+  CHECK_FALSE(r.fused_recompute);
+  CHECK(says(r.reason, "one pass"));
 }

@@ -2,6 +2,7 @@
 // protocol. No GPU: every call here must return before launching anything.
 #include <algorithm>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "contract/common.hpp"
@@ -299,5 +300,46 @@ TEST_CASE("sm_90a grid: balanced vocabulary splits fill whole waves and cover ev
   if (block_v == 256 && cluster == 2) {
     CHECK(lce::forward_workspace_size<__nv_bfloat16>(shape) >=
           sizeof(lce::thread::row_stats) * static_cast<std::size_t>(shape.n * g.splits));
+  }
+}
+
+namespace {
+/// A tile configuration without an sm_90a kernel.
+struct contract_tiled_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+
+bool says(const char* reason, const char* words) {
+  return std::string(reason).find(words) != std::string::npos;
+}
+}  // namespace
+
+// choose_forward names the kernel and the first condition that ruled the sm_90a one out. This
+// binary holds PTX for compute_80 only, so its sm_90a kernels never run, with or without a GPU:
+// the device's verdict is "no" here on every machine (the GPU suites check the "yes").
+TEST_CASE("choose_forward: the kernel and why", "[contract][forward][choice]") {
+  const lce::problem shape{8192, 4096, 128256};
+  const lce::forward_choice f = lce::choose_forward<float>(shape);
+  CHECK(f.kernel == lce::forward_kernel::tiled);
+  CHECK(says(f.reason, "fp32"));
+  CHECK(f.workspace_bytes == lce::forward_workspace_size<float>(shape));
+
+  const auto tiled = lce::choose_forward<__nv_bfloat16, contract_tiled_config>(shape);
+  CHECK(tiled.kernel == lce::forward_kernel::tiled);
+  CHECK(says(tiled.reason, "no sm_90a tile configuration"));
+  CHECK(tiled.workspace_bytes ==
+        (lce::forward_workspace_size<__nv_bfloat16, contract_tiled_config>(shape)));
+
+  lce::problem strided = shape;
+  strided.ldx = 4100;  // 8200 bytes: not a multiple of 16
+  CHECK(says(lce::choose_forward<__half>(strided).reason, "multiple of 16 bytes"));
+  strided.ldx = 4104;  // 8208 bytes
+  strided.ldw = 4097;
+  CHECK(says(lce::choose_forward<__half>(strided).reason, "multiple of 16 bytes"));
+
+  for (const bool bias : {false, true}) {
+    const lce::forward_choice b = lce::choose_forward<__nv_bfloat16>(shape, bias);
+    CHECK(b.kernel == lce::forward_kernel::tiled);
+    CHECK(says(b.reason, "compute capability 9.0"));
+    // Asked twice (the device's verdict is cached): the same answer.
+    CHECK(lce::choose_forward<__nv_bfloat16>(shape, bias).kernel == b.kernel);
   }
 }

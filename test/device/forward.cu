@@ -306,3 +306,23 @@ TEMPLATE_TEST_CASE(
   check_forward_config<TestType, sm90_narrow>(spec, "config=sm90-128");
   check_forward_config<TestType, sm90_single>(spec, "config=sm90-no-cluster");
 }
+
+// The visible choice (choose_forward, choose_backward) agrees with the device: this binary has
+// sm_90a code, so on a device of compute capability 9.0 the sm_90a kernels are named.
+TEST_CASE("choose_forward and choose_backward name the sm_90a kernels on an sm_90a device",
+          "[gpu][forward][choice]") {
+  int device = 0, major = 0, minor = 0;
+  LCE_TEST_CUDA(cudaGetDevice(&device));
+  LCE_TEST_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  LCE_TEST_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const bool sm90a = major == 9 && minor == 0;
+  const lce::problem shape{8192, 4096, 128256};
+  const lce::forward_choice lean = lce::choose_forward<__nv_bfloat16>(shape);
+  const lce::forward_choice general = lce::choose_forward<__nv_bfloat16>(shape, true);
+  const lce::backward_choice backward = lce::choose_backward<__nv_bfloat16>(shape);
+  INFO(lean.reason << " | " << general.reason << " | " << backward.reason);
+  CHECK(lean.kernel == (sm90a ? lce::forward_kernel::sm90 : lce::forward_kernel::tiled));
+  CHECK(general.kernel == (sm90a ? lce::forward_kernel::sm90_general : lce::forward_kernel::tiled));
+  CHECK(backward.fused_recompute == sm90a);
+  CHECK(lce::choose_forward<float>(shape).kernel == lce::forward_kernel::tiled);
+}

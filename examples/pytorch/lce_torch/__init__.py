@@ -703,8 +703,9 @@ def choose_backward(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16,
                     fp32_weight_grad: bool = False, strategy: str = "auto",
                     memory_budget: Optional[int] = None) -> dict:
     """What the backward will do for a shape (lce::choose_backward): {'strategy', 'chunk',
-    'workspace_bytes', 'accumulator_bytes'} (the fp32 accumulators inside workspace_bytes). A
-    pure function of its arguments; launches nothing."""
+    'workspace_bytes', 'accumulator_bytes' (the fp32 accumulators inside workspace_bytes),
+    'fused_recompute' (the sm_90a kernel recomputes the chunks on the current device),
+    'reason'}. Launches nothing."""
     strat = _parse_strategy(strategy)
     return _C.choose_backward(
         n, d, v, str(dtype).removeprefix("torch."), bool(fp32_weight_grad or strat == _ROW_CHUNKED),

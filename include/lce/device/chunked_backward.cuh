@@ -127,9 +127,8 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
                                    Element* dz, std::int64_t ldz, bool& launched,
                                    cudaStream_t stream) noexcept {
   using fused = kernel::logit_grad_sm90<Element, Config, General>;
-  const void* entry =
-      reinterpret_cast<const void*>(kernel::logit_grad_sm90_kernel<Element, Config, General>);
-  if (ldz % 2 != 0 || !sm90_kernel_runs(entry)) return cudaSuccess;
+  constexpr auto entry = kernel::logit_grad_sm90_kernel<Element, Config, General>;
+  if (ldz % 2 != 0 || !sm90_kernel_runs<entry>()) return cudaSuccess;
   typename fused::params fp{};
   if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, Config::block_m, Config::block_k) ||
       !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw,

@@ -118,10 +118,8 @@ template <class Element, class SM90Config, bool General, bool Store>
 bool prepare_sm90_forward(
     typename kernel::fused_forward_sm90<Element, SM90Config, General, Store>::params& fp,
     const forward_args<Element>& a, const problem& s) noexcept {
-  if (!sm90_kernel_runs(reinterpret_cast<const void*>(
-          kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>))) {
+  if (!sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>>())
     return false;
-  }
   return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
                                  SM90Config::block_k) &&
          detail::encode_tile_map(&fp.w_map, a.w, s.v, s.d, s.w_stride(),

@@ -104,13 +104,12 @@ inline forward_grid make_balanced_grid(const problem& s, int block_m, int block_
   return g;
 }
 
-/// Whether `kernel` (an sm_90a kernel) runs on the current device: compute capability 9.0 and
-/// the kernel's code built for sm_90a (binary version 90, and no static shared memory: the
-/// build without sm_90a features, e.g. plain sm_90, carries a static marker instead).
-inline bool sm90_kernel_runs(const void* kernel) noexcept {
-  int device = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+/// Whether `kernel` (an sm_90a kernel) runs on device `device`: compute capability 9.0 and the
+/// kernel's code built for sm_90a (binary version 90, and no static shared memory: the build
+/// without sm_90a features, e.g. plain sm_90, carries a static marker instead).
+inline bool sm90_kernel_runs_on(const void* kernel, int device) noexcept {
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
@@ -123,6 +122,39 @@ inline bool sm90_kernel_runs(const void* kernel) noexcept {
     return false;
   }
   return true;
+}
+
+/// @brief The can_implement predicate of an sm_90a kernel as far as the device decides it:
+/// whether `Kernel` runs on the current device (sm90_kernel_runs_on). A kernel's attributes on a
+/// device never change, so the verdict is kept per kernel and device (devices 0–63; bit d of
+/// `known` and `runs`): after the first call on a device, a launch pays one cudaGetDevice.
+/// What the device does not decide (16-bit elements, a Config with an sm_90a tile
+/// configuration, operands the copy engine can read) is checked by the caller.
+template <auto Kernel>
+bool sm90_kernel_runs() noexcept {
+  static std::atomic<std::uint64_t> known{0};
+  static std::atomic<std::uint64_t> runs{0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  const std::uint64_t bit = device >= 0 && device < 64 ? std::uint64_t{1} << device : 0;
+  if (bit != 0 && (known.load(std::memory_order_acquire) & bit) != 0)
+    return (runs.load(std::memory_order_relaxed) & bit) != 0;
+  const bool verdict = sm90_kernel_runs_on(reinterpret_cast<const void*>(Kernel), device);
+  if (bit != 0) {
+    if (verdict) runs.fetch_or(bit, std::memory_order_relaxed);
+    known.fetch_or(bit, std::memory_order_release);
+  }
+  return verdict;
+}
+
+/// Whether rows of `ld` elements of `Element` meet the tensor maps' stride rule (a multiple of
+/// 16 bytes); the base pointer's 16-byte alignment is only known at the launch.
+template <class Element>
+constexpr bool tensor_map_stride_ok(std::int64_t ld) noexcept {
+  return (static_cast<std::uint64_t>(ld) * sizeof(Element)) % 16 == 0;
 }
 
 /// Launches an sm_90a kernel (one block of `threads` per SM, `smem` bytes of dynamic shared

@@ -448,6 +448,8 @@ pybind11::dict choose_backward_py(std::int64_t n, std::int64_t d, std::int64_t v
   out["chunk"] = info.chunk;
   out["workspace_bytes"] = info.workspace_bytes;
   out["accumulator_bytes"] = info.accumulator_bytes;
+  out["fused_recompute"] = info.fused_recompute;
+  out["reason"] = std::string(info.reason);
   return out;
 }
 

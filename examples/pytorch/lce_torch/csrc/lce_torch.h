@@ -41,6 +41,8 @@ struct backward_plan_info {
   std::int64_t chunk = 0;
   std::int64_t workspace_bytes = 0;
   std::int64_t accumulator_bytes = 0;
+  bool fused_recompute = false;  ///< the sm_90a recompute + dZ kernel on the current device
+  const char* reason = "";       ///< why (static text)
 };
 
 // Defined once per element type (ops_fp32.cu, ops_fp16.cu, ops_bf16.cu), so that the three

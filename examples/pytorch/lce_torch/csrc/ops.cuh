@@ -187,9 +187,12 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
     choice = lce::choose_backward<Element, float>(shape, bopt);
   else
     choice = lce::choose_backward<Element, Element>(shape, bopt);
-  return {static_cast<std::int64_t>(choice.strategy), choice.chunk,
+  return {static_cast<std::int64_t>(choice.strategy),
+          choice.chunk,
           static_cast<std::int64_t>(choice.workspace_bytes),
-          static_cast<std::int64_t>(choice.accumulator_bytes)};
+          static_cast<std::int64_t>(choice.accumulator_bytes),
+          choice.fused_recompute,
+          choice.reason};
 }
 
 }  // namespace detail
