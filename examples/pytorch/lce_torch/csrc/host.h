@@ -81,6 +81,67 @@ inline lce::backward_options make_backward_options(std::int64_t strategy,
   return b;
 }
 
+/// Checks and normalizes the inputs shared by every operator.
+inline call make_call(const at::Tensor& x_in, const at::Tensor& weight_in,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                      const std::optional<at::Tensor>& class_weight,
+                      const lce::loss_options& options, std::int64_t vocab_size = -1) {
+  // A shard (vocab_size >= 0): the weight and bias are this rank's rows; class weights and
+  // shape.v are the global vocabulary's.
+  const bool shard = vocab_size >= 0;
+  const char* weight_name = shard ? "weight_shard" : "weight";
+  TORCH_CHECK_VALUE(x_in.is_cuda(), "lce_torch: x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "lce_torch: x must be [n, d], got ", x_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.dim() == 2, "lce_torch: ", weight_name, " must be ",
+                    shard ? "[rows, d]" : "[v, d]", ", got ", weight_in.sizes());
+  TORCH_CHECK_VALUE(supported(x_in.scalar_type()),
+                    "lce_torch: x must be float32, float16 or bfloat16, got ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(weight_in.scalar_type() == x_in.scalar_type(), "lce_torch: ", weight_name,
+                    " must have x's dtype (", x_in.scalar_type(), "), got ",
+                    weight_in.scalar_type());
+  TORCH_CHECK_VALUE(weight_in.device() == x_in.device(), "lce_torch: ", weight_name, " is on ",
+                    weight_in.device(), ", x on ", x_in.device());
+  TORCH_CHECK_VALUE(weight_in.size(1) == x_in.size(1), "lce_torch: x is ", x_in.sizes(), " and ",
+                    weight_name, " ", weight_in.sizes(), ": their last dimensions differ");
+  call c;
+  c.x = row_major(x_in);
+  c.weight = row_major(weight_in);
+  const std::int64_t n = c.x.size(0), rows = c.weight.size(0);
+  const std::int64_t v = shard ? vocab_size : rows;
+  c.shape.n = n;
+  c.shape.d = c.x.size(1);
+  c.shape.v = v;
+  c.shape.ldx = row_stride(c.x);
+  c.shape.ldw = row_stride(c.weight);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == rows, "lce_torch: bias must be [", rows,
+                      shard ? "] (this rank's rows)" : "]", ", got ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == x_in.scalar_type(),
+                      "lce_torch: bias must have x's dtype (", x_in.scalar_type(), "), got ",
+                      bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == x_in.device(), "lce_torch: bias is on ", bias->device(),
+                      ", x on ", x_in.device());
+    c.bias = bias->contiguous();
+  }
+  TORCH_CHECK_VALUE(target.numel() == n, "lce_torch: target must have ", n,
+                    " elements (one per row of x), got ", target.sizes());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                    "lce_torch: target must be int64 (or int32), got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.device() == x_in.device(), "lce_torch: target is on ", target.device(),
+                    ", x on ", x_in.device());
+  c.targets = target.reshape({n}).to(at::kLong).contiguous();
+  if (class_weight.has_value() && class_weight->defined()) {
+    TORCH_CHECK_VALUE(class_weight->dim() == 1 && class_weight->size(0) == v,
+                      "lce_torch: class_weight must be ", shard ? "the global [" : "[", v,
+                      "], got ", class_weight->sizes());
+    TORCH_CHECK_VALUE(class_weight->device() == x_in.device(), "lce_torch: class_weight is on ",
+                      class_weight->device(), ", x on ", x_in.device());
+    c.class_weight = class_weight->to(at::kFloat).contiguous();
+  }
+  c.options = options;
+  return c;
+}
+
 inline at::Tensor optional_output(bool wanted, at::IntArrayRef sizes, const at::TensorOptions& o) {
   return wanted ? at::empty(sizes, o) : at::Tensor();
 }
