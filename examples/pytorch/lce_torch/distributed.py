@@ -45,8 +45,8 @@ from . import (
     LinearCrossEntropyOutput,
     _parse_reduction,
     _parse_strategy,
-    _rows,
 )
+from . import _inputs
 from ._targets import _check_targets, _parse_check_targets
 
 __all__ = [
@@ -620,66 +620,10 @@ def _valid_rows(target2, ignore_index, seq_len, comm, sequence_parallel, n_rows)
 
 def _prepare_shard(x, weight, bias, target, class_weight, shift):
     """Checks the inputs (class_weight is global, [V]) and brings them to what the operators
-    take: x [n, D] rows, the shard's rows, int64 targets [n], fp32 class weights."""
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("lce_torch.distributed: x and weight_shard must be tensors")
-    if x.device.type not in ("cuda", "meta"):
-        raise ValueError(f"lce_torch.distributed: x must be a CUDA tensor, got device {x.device}")
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(
-            f"lce_torch.distributed: x must be [..., D] and weight_shard [rows, D], got "
-            f"{tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"lce_torch.distributed: x is {tuple(x.shape)} and weight_shard "
-            f"{tuple(weight.shape)}: the hidden sizes differ"
-        )
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            "lce_torch.distributed: x, weight_shard and bias_shard must have one dtype "
-            f"(float32, float16 or bfloat16), got {x.dtype}, {weight.dtype}"
-            + (f", {bias.dtype}" if bias is not None else "")
-        )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"lce_torch.distributed: dtype must be float32, float16 or bfloat16, got {x.dtype}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(
-            f"lce_torch.distributed: bias_shard must be [{weight.shape[0]}] (this rank's rows), "
-            f"got {tuple(bias.shape)}"
-        )
-    if not isinstance(target, Tensor):
-        raise TypeError("lce_torch.distributed: target must be a tensor")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"lce_torch.distributed: target must be int64 (or int32), got {target.dtype}"
-        )
-    lead = tuple(x.shape[:-1])
-    x2 = _rows(x.reshape(-1, x.shape[-1]))
-    target2 = target.reshape(-1)
-    if target2.dtype != torch.int64:
-        target2 = target2.long()
-    if class_weight is not None:
-        class_weight = class_weight.to(device=x.device, dtype=torch.float32)
-    if shift is True:
-        if x.dim() < 2:
-            raise ValueError(
-                "lce_torch.distributed: shift=True needs x of shape [B, T, D] or [T, D]"
-            )
-        seq_len = x.shape[-2]
-    elif shift is False or shift is None:
-        seq_len = 0
-    else:
-        seq_len = int(shift)
-        if seq_len <= 0:
-            raise ValueError(f"lce_torch.distributed: shift={shift} must be positive")
-    return x2, _rows(weight), bias, target2, class_weight, lead, seq_len
+    take: x [n, D] rows, the shard's rows, int64 targets, fp32 class weights
+    (_inputs.prepare; the caller checks what depends on the gathered rows and V)."""
+    return _inputs.prepare(x, weight, bias, target, class_weight, shift,
+                           who="lce_torch.distributed", shard=True)
 
 
 class VocabParallelLinearCrossEntropy(nn.Module):
