@@ -399,21 +399,8 @@ def linear_cross_entropy(
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
     )
-    outputs = 0
-    if return_token_loss:
-        outputs |= _WANT_TOKEN_LOSS
-    if return_lse:
-        outputs |= _WANT_LSE
-    if return_z_loss:
-        outputs |= _WANT_TOKEN_Z_LOSS if red == _NONE else _WANT_Z_LOSS
-    if return_argmax:
-        outputs |= _WANT_ARGMAX
-    if return_accuracy:
-        outputs |= _WANT_CORRECT
-    if return_entropy:
-        outputs |= _WANT_ENTROPY
-    if return_target_logprob:
-        outputs |= _WANT_TARGET_LOGPROB
+    outputs = _outputs_mask(red, return_token_loss, return_lse, return_z_loss, return_argmax,
+                            return_accuracy, return_entropy, return_target_logprob)
     _check_targets(_parse_check_targets(check_targets), target2, w2.shape[0], int(ignore_index),
                    seq_len)
     fp32_grad = bool(fp32_weight_grad or strat == _ROW_CHUNKED)
@@ -423,16 +410,46 @@ def linear_cross_entropy(
         seq_len, outputs, strat, -1 if memory_budget is None else int(memory_budget), fp32_grad,
         bool(grad_in_forward), float(filter_eps),
     )
-    loss = results[0].view(lead) if red == _NONE else results[0]
-    if outputs == 0:
-        return loss
-    (token_loss, lse, z_reduced, token_z, argmax, correct, entropy, logprob) = results[1:]
-    accuracy = None
+    valid_rows = None
     if return_accuracy:
         valid = target2 != ignore_index
         if seq_len:
             valid = valid.reshape(-1, seq_len)[:, 1:]
-        accuracy = correct.float() / valid.sum().clamp(min=1).float()
+        valid_rows = valid.sum().clamp(min=1).float()
+    return _pack_outputs(results, red, lead, outputs, valid_rows, return_lse, return_z_loss,
+                         return_token_loss, return_argmax, return_accuracy, return_entropy,
+                         return_target_logprob)
+
+
+def _outputs_mask(red, token_loss, lse, z_loss, argmax, accuracy, entropy, logprob) -> int:
+    """The operators' `outputs` bits for the return_* flags."""
+    outputs = 0
+    if token_loss:
+        outputs |= _WANT_TOKEN_LOSS
+    if lse:
+        outputs |= _WANT_LSE
+    if z_loss:
+        outputs |= _WANT_TOKEN_Z_LOSS if red == _NONE else _WANT_Z_LOSS
+    if argmax:
+        outputs |= _WANT_ARGMAX
+    if accuracy:
+        outputs |= _WANT_CORRECT
+    if entropy:
+        outputs |= _WANT_ENTROPY
+    if logprob:
+        outputs |= _WANT_TARGET_LOGPROB
+    return outputs
+
+
+def _pack_outputs(results, red, lead, outputs, valid_rows, return_lse, return_z_loss,
+                  return_token_loss, return_argmax, return_accuracy, return_entropy,
+                  return_target_logprob):
+    """The loss, or a LinearCrossEntropyOutput with the requested fields in x's leading shape,
+    from the nine outputs of the autograd function (`valid_rows`: the accuracy's denominator)."""
+    loss = results[0].view(lead) if red == _NONE else results[0]
+    if outputs == 0:
+        return loss
+    (token_loss, lse, z_reduced, token_z, argmax, correct, entropy, logprob) = results[1:]
     return LinearCrossEntropyOutput(
         loss=loss,
         lse=lse.view(lead) if return_lse else None,
@@ -440,7 +457,7 @@ def linear_cross_entropy(
         token_loss=(loss if red == _NONE else token_loss.view(lead)) if return_token_loss else None,
         argmax=argmax.view(lead) if return_argmax else None,
         correct=correct if return_accuracy else None,
-        accuracy=accuracy,
+        accuracy=correct.float() / valid_rows if return_accuracy else None,
         entropy=entropy.view(lead) if return_entropy else None,
         target_logprob=logprob.view(lead) if return_target_logprob else None,
     )
