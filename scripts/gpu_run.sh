@@ -9,8 +9,8 @@
 #          test spec that replaces every executable's selection under compute-sanitizer),
 #          SANITIZE_TOOLS (default: memcheck racecheck initcheck synccheck), BUILD_DIR,
 #          BUILD_TARGETS (default: all targets).
-#          GPU_TEST_ARGS: extra ctest arguments of the test step, e.g. "-E device_huge" to
-#          leave the [huge] sizes out (ctest -R device_huge runs them alone).
+#          GPU_TEST_ARGS: extra ctest arguments of the test step, e.g. "-E gpu_huge" to
+#          leave the [huge] sizes out (ctest -R gpu_huge runs them alone).
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -44,20 +44,20 @@ if has test; then
 fi
 
 if [[ " $steps " == *" focus "* ]]; then
-  # One test executable (FOCUS_TEST, default device_forward) with a Catch2 filter, time-boxed:
+  # One test executable (FOCUS_TEST, default gpu_forward) with a Catch2 filter, time-boxed:
   # the quick check of a new kernel before the whole suite.
-  exe=$(find "$build" -type f -name "${FOCUS_TEST:-device_forward}" -perm -u+x | head -1)
+  exe=$(find "$build" -type f -name "${FOCUS_TEST:-gpu_forward}" -perm -u+x | head -1)
   start=$SECONDS
   timeout "${FOCUS_TIMEOUT_S:-180}" "$exe" "${FOCUS_FILTER:-*}" >"$out/focus.log" 2>&1
   rc=$?
-  summary+=("focus ${FOCUS_TEST:-device_forward} '${FOCUS_FILTER:-*}': rc=$rc, $(grep -E 'test cases' "$out/focus.log" | tail -1) ($((SECONDS - start)) s)")
+  summary+=("focus ${FOCUS_TEST:-gpu_forward} '${FOCUS_FILTER:-*}': rc=$rc, $(grep -E 'test cases' "$out/focus.log" | tail -1) ($((SECONDS - start)) s)")
   grep -h '^RESULT' "$out/focus.log" >>"$out/results.txt" 2>/dev/null || true
   [[ $rc -ne 0 ]] && grep -E "FAILED|REQUIRE|with expansion|Timeout|error" -A3 "$out/focus.log" | head -60
 fi
 
 if [[ " $steps " == *" sass "* ]]; then
   # Instruction mix of the fused forward kernels (HGMMA = wgmma, HMMA = mma.sync, spills).
-  exe=$(find "$build" -type f -name device_forward -perm -u+x | head -1)
+  exe=$(find "$build" -type f -name gpu_forward -perm -u+x | head -1)
   cuobjdump -sass "$exe" >"$out/sass.tmp" 2>/dev/null
   awk '/Function :/ {f=$3} /HGMMA|HMMA|LDL|STL|MUFU.EX2|SYNCS|UTMALDG/ {split($2,a,"."); c[f" "a[1]]++}
        END {for (k in c) print c[k], k}' "$out/sass.tmp" | grep fused_forward | sort -k2 >"$out/sass.txt"
@@ -88,19 +88,19 @@ if has sanitize; then
   # are the ones the other selections already race- and sync-check). Target: < 3 min in all.
   export LCE_TEST_QUICK=1
   selection=(
-    "device_forward|*optional*,*all-ignored*"
-    "device_backward|*optional*,*all-ignored*"
-    "device_forward_backward|*optional*,*all-ignored*"
-    "device_options|*all-ignored*"
-    "device_robustness|[sanitize]"
-    "device_fuzz|*"
+    "gpu_forward|*optional*,*all-ignored*"
+    "gpu_backward|*optional*,*all-ignored*"
+    "gpu_forward_backward|*optional*,*all-ignored*"
+    "gpu_options|*all-ignored*"
+    "gpu_robustness|[sanitize]"
+    "gpu_fuzz|*"
   )
   start=$SECONDS
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}; do
     for item in "${selection[@]}"; do
       t=${item%%|*}
       filter=${SANITIZE_FILTER:-${item#*|}}
-      [[ $t == device_fuzz && ( $tool == racecheck || $tool == synccheck ) ]] && continue
+      [[ $t == gpu_fuzz && ( $tool == racecheck || $tool == synccheck ) ]] && continue
       exe=$(find "$build" -type f -name "$t" -perm -u+x | head -1)
       [[ -z $exe ]] && continue
       log="$out/sanitize-$tool-$t.tmp"

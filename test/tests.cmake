@@ -22,29 +22,29 @@ lce_add_test(NAME contract
 set_property(TARGET contract PROPERTY CUDA_ARCHITECTURES 80-virtual)
 
 # GPU: against the fp64 references; the GPU reference's own check rides with the forward.
-lce_add_test(NAME device_forward GPU
-  SOURCES device/forward.cu support/gpu_reference.cu)
-lce_add_test(NAME device_backward GPU
-  SOURCES device/backward.cu)
-lce_add_test(NAME device_forward_backward GPU
-  SOURCES device/forward_backward.cu)
+lce_add_test(NAME gpu_forward GPU
+  SOURCES gpu/forward.cu support/gpu_reference.cu)
+lce_add_test(NAME gpu_backward GPU
+  SOURCES gpu/backward.cu)
+lce_add_test(NAME gpu_forward_backward GPU
+  SOURCES gpu/forward_backward.cu)
 # GPU: the loss options and their outputs, every strategy and element type. The tag [small]
 # (or the name filter "options small*") selects the quick subset for compute-sanitizer.
-lce_add_test(NAME device_options GPU
-  SOURCES device/options.cu)
+lce_add_test(NAME gpu_options GPU
+  SOURCES gpu/options.cu)
 # GPU: the robustness contract (docs/robustness.md): invalid targets and device_status,
 # NaN/Inf inputs, extreme logits, degenerate shapes (n = 0, v = 1, d = 1), misaligned pointers,
 # bitwise determinism of every output and strategy. [sanitize]: the compute-sanitizer subset.
-lce_add_test(NAME device_robustness GPU
-  SOURCES device/robustness.cu)
+lce_add_test(NAME gpu_robustness GPU
+  SOURCES gpu/robustness.cu)
 # GPU: seeded fuzz, 500 random cases against the fp64 CPU reference (LCE_FUZZ_SEED replays).
-lce_add_test(NAME device_fuzz GPU
-  SOURCES device/fuzz.cu)
+lce_add_test(NAME gpu_fuzz GPU
+  SOURCES gpu/fuzz.cu)
 # GPU: element counts beyond 2^31 (n·v, v·d, n·d), tag [huge]: ~50 GB of device memory, < 1 min.
-lce_add_test(NAME device_huge GPU
-  SOURCES device/huge.cu)
+lce_add_test(NAME gpu_huge GPU
+  SOURCES gpu/huge.cu)
 # The [huge] sizes take ~50 GB of device memory: never alongside another GPU test.
-set_tests_properties(device_huge PROPERTIES RUN_SERIAL TRUE)
+set_tests_properties(gpu_huge PROPERTIES RUN_SERIAL TRUE)
 
 # The vocabulary-parallel layer (include/lce/nccl/), when NCCL is found: its argument contract
 # on the CPU, the sharded results against the fp64 references on two GPUs (label gpu;
@@ -79,12 +79,12 @@ endif()
 
 # GPU: a binary built for sm_80 and plain sm_90 (no "a"): on an H100/H200 the launcher must
 # skip the sm_90a kernels (their builds without wgmma/TMA) and run the mma.sync kernel.
-lce_add_test(NAME device_arch_fallback GPU
-  SOURCES device/arch_fallback.cu support/gpu_reference.cu)
-set_property(TARGET device_arch_fallback PROPERTY CUDA_ARCHITECTURES 80 90)
+lce_add_test(NAME gpu_arch_fallback GPU
+  SOURCES gpu/arch_fallback.cu support/gpu_reference.cu)
+set_property(TARGET gpu_arch_fallback PROPERTY CUDA_ARCHITECTURES 80 90)
 
 # GPU: a binary with sm_80 SASS only (no PTX): on a device of another major architecture the
 # launcher's device check must refuse with a message that names the fix (an 8.x device runs it).
-lce_add_test(NAME device_no_kernel_image GPU
-  SOURCES device/no_kernel_image.cu)
-set_property(TARGET device_no_kernel_image PROPERTY CUDA_ARCHITECTURES 80-real)
+lce_add_test(NAME gpu_no_kernel_image GPU
+  SOURCES gpu/no_kernel_image.cu)
+set_property(TARGET gpu_no_kernel_image PROPERTY CUDA_ARCHITECTURES 80-real)

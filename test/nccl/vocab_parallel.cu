@@ -688,7 +688,7 @@ void run_case(const case_spec& spec, targets_in where) {
        scatter_allowed ? "stored/reduce_scatter" : "stored"});
 }
 
-/// The option combinations of test/device/options.cu, on a base shape (n a multiple of seq_len).
+/// The option combinations of test/gpu/options.cu, on a base shape (n a multiple of seq_len).
 std::vector<case_spec> combinations(const case_spec& base, std::int64_t seq_len,
                                     lce::reduction single) {
   const case_spec b = base.with_reduction(single);

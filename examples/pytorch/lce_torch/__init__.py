@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _inputs
 from ._targets import _check_targets, _parse_check_targets
 
 __all__ = [
@@ -76,9 +77,6 @@ _STRATEGIES = {
 }
 _ROW_CHUNKED = 2
 _STORED = 3
-# Devices the operators have kernels for: CUDA, and meta (shape inference through the fake
-# implementations below).
-_DEVICE_TYPES = ("cuda", "meta")
 
 _WANT_TOKEN_LOSS = 1
 _WANT_LSE = 2
@@ -284,81 +282,9 @@ def _parse_strategy(strategy: str) -> int:
         ) from None
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as [rows, cols] with unit column stride and non-overlapping rows, copying only when
-    lce could not read it with a row stride (a transposed or broadcast view)."""
-    if (t.shape[1] <= 1 or t.stride(1) == 1) and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]):
-        return t
-    return t.contiguous()
-
-
 def _prepare(x, weight, bias, target, class_weight, shift):
-    """Checks the inputs and brings them to what the operators take."""
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("lce_torch: x and weight must be tensors")
-    if x.device.type not in _DEVICE_TYPES:
-        raise ValueError(f"lce_torch: x must be a CUDA tensor, got device {x.device}")
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(
-            f"lce_torch: x must be [..., D] and weight [V, D], got {tuple(x.shape)} and "
-            f"{tuple(weight.shape)}"
-        )
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"lce_torch: x is {tuple(x.shape)} and weight {tuple(weight.shape)}: the hidden "
-            "sizes differ"
-        )
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        # Under autocast, compute in autocast's dtype as F.linear would (the casts are
-        # recorded by autograd, so fp32 parameters get fp32 gradients).
-        dtype = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            "lce_torch: x, weight and bias must have one dtype (float32, float16 or bfloat16), "
-            f"got {x.dtype}, {weight.dtype}"
-            + (f", {bias.dtype}" if bias is not None else "")
-        )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"lce_torch: dtype must be float32, float16 or bfloat16, got {x.dtype}")
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(
-            f"lce_torch: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}"
-        )
-    lead = x.shape[:-1]
-    x2 = _rows(x.reshape(-1, x.shape[-1]))
-    n = x2.shape[0]
-    if target.numel() != n:
-        raise ValueError(
-            f"lce_torch: target must have one id per row of x ({tuple(lead)}), got "
-            f"{tuple(target.shape)}"
-        )
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"lce_torch: target must be int64 (or int32), got {target.dtype}")
-    target2 = target.reshape(-1)
-    if target2.dtype != torch.int64:
-        target2 = target2.long()
-    if class_weight is not None:
-        if class_weight.shape != (weight.shape[0],):
-            raise ValueError(
-                f"lce_torch: class_weight must be [{weight.shape[0]}], got "
-                f"{tuple(class_weight.shape)}"
-            )
-        class_weight = class_weight.to(device=x.device, dtype=torch.float32)
-    if shift is True:
-        if x.dim() < 2:
-            raise ValueError("lce_torch: shift=True needs x of shape [B, T, D] or [T, D]")
-        seq_len = x.shape[-2]
-    elif shift is False or shift is None:
-        seq_len = 0
-    else:
-        seq_len = int(shift)
-        if seq_len <= 0 or n % seq_len != 0:
-            raise ValueError(
-                f"lce_torch: shift={shift} must be a positive divisor of the {n} rows of x"
-            )
-    return x2, _rows(weight), bias, target2, class_weight, lead, seq_len
+    """Checks the inputs and brings them to what the operators take (_inputs.prepare)."""
+    return _inputs.prepare(x, weight, bias, target, class_weight, shift)
 
 
 def linear_cross_entropy(
@@ -475,21 +401,8 @@ def linear_cross_entropy(
     x2, w2, bias, target2, class_weight, lead, seq_len = _prepare(
         x, weight, bias, target, class_weight, shift
     )
-    outputs = 0
-    if return_token_loss:
-        outputs |= _WANT_TOKEN_LOSS
-    if return_lse:
-        outputs |= _WANT_LSE
-    if return_z_loss:
-        outputs |= _WANT_TOKEN_Z_LOSS if red == _NONE else _WANT_Z_LOSS
-    if return_argmax:
-        outputs |= _WANT_ARGMAX
-    if return_accuracy:
-        outputs |= _WANT_CORRECT
-    if return_entropy:
-        outputs |= _WANT_ENTROPY
-    if return_target_logprob:
-        outputs |= _WANT_TARGET_LOGPROB
+    outputs = _outputs_mask(red, return_token_loss, return_lse, return_z_loss, return_argmax,
+                            return_accuracy, return_entropy, return_target_logprob)
     _check_targets(_parse_check_targets(check_targets), target2, w2.shape[0], int(ignore_index),
                    seq_len)
     fp32_grad = bool(fp32_weight_grad or strat == _ROW_CHUNKED)
@@ -499,16 +412,46 @@ def linear_cross_entropy(
         seq_len, outputs, strat, -1 if memory_budget is None else int(memory_budget), fp32_grad,
         bool(grad_in_forward), float(filter_eps),
     )
-    loss = results[0].view(lead) if red == _NONE else results[0]
-    if outputs == 0:
-        return loss
-    (token_loss, lse, z_reduced, token_z, argmax, correct, entropy, logprob) = results[1:]
-    accuracy = None
+    valid_rows = None
     if return_accuracy:
         valid = target2 != ignore_index
         if seq_len:
             valid = valid.reshape(-1, seq_len)[:, 1:]
-        accuracy = correct.float() / valid.sum().clamp(min=1).float()
+        valid_rows = valid.sum().clamp(min=1).float()
+    return _pack_outputs(results, red, lead, outputs, valid_rows, return_lse, return_z_loss,
+                         return_token_loss, return_argmax, return_accuracy, return_entropy,
+                         return_target_logprob)
+
+
+def _outputs_mask(red, token_loss, lse, z_loss, argmax, accuracy, entropy, logprob) -> int:
+    """The operators' `outputs` bits for the return_* flags."""
+    outputs = 0
+    if token_loss:
+        outputs |= _WANT_TOKEN_LOSS
+    if lse:
+        outputs |= _WANT_LSE
+    if z_loss:
+        outputs |= _WANT_TOKEN_Z_LOSS if red == _NONE else _WANT_Z_LOSS
+    if argmax:
+        outputs |= _WANT_ARGMAX
+    if accuracy:
+        outputs |= _WANT_CORRECT
+    if entropy:
+        outputs |= _WANT_ENTROPY
+    if logprob:
+        outputs |= _WANT_TARGET_LOGPROB
+    return outputs
+
+
+def _pack_outputs(results, red, lead, outputs, valid_rows, return_lse, return_z_loss,
+                  return_token_loss, return_argmax, return_accuracy, return_entropy,
+                  return_target_logprob):
+    """The loss, or a LinearCrossEntropyOutput with the requested fields in x's leading shape,
+    from the nine outputs of the autograd function (`valid_rows`: the accuracy's denominator)."""
+    loss = results[0].view(lead) if red == _NONE else results[0]
+    if outputs == 0:
+        return loss
+    (token_loss, lse, z_reduced, token_z, argmax, correct, entropy, logprob) = results[1:]
     return LinearCrossEntropyOutput(
         loss=loss,
         lse=lse.view(lead) if return_lse else None,
@@ -516,7 +459,7 @@ def linear_cross_entropy(
         token_loss=(loss if red == _NONE else token_loss.view(lead)) if return_token_loss else None,
         argmax=argmax.view(lead) if return_argmax else None,
         correct=correct if return_accuracy else None,
-        accuracy=accuracy,
+        accuracy=correct.float() / valid_rows if return_accuracy else None,
         entropy=entropy.view(lead) if return_entropy else None,
         target_logprob=logprob.view(lead) if return_target_logprob else None,
     )

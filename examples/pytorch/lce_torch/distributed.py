@@ -34,19 +34,15 @@ from . import (
     _NONE,
     _ROW_CHUNKED,
     _STORED,
-    _WANT_ARGMAX,
-    _WANT_CORRECT,
-    _WANT_ENTROPY,
     _WANT_LSE,
-    _WANT_TARGET_LOGPROB,
-    _WANT_TOKEN_LOSS,
-    _WANT_TOKEN_Z_LOSS,
-    _WANT_Z_LOSS,
     LinearCrossEntropyOutput,
+    _fake_forward_outputs,
+    _outputs_mask,
+    _pack_outputs,
     _parse_reduction,
     _parse_strategy,
-    _rows,
 )
+from . import _inputs
 from ._targets import _check_targets, _parse_check_targets
 
 __all__ = [
@@ -230,28 +226,7 @@ def _check_range(vocab_start, vocab_size, rows: int) -> tuple:
 
 # ------------------------------------------------------------------------------------------
 # Fake (meta) implementations, for torch.compile and FakeTensor tracing; they mirror
-# csrc/nccl_ops.cpp.
-
-
-def _fake_forward_outputs(x: Tensor, reduction: int, outputs: int):
-    n = x.shape[0]
-    reduced = reduction != _NONE
-
-    def out(wanted, shape, dtype):
-        return x.new_empty(shape if wanted else (0,), dtype=dtype)
-
-    f32, i64 = torch.float32, torch.int64
-    return (
-        out(reduced, (), f32),
-        out(not reduced or bool(outputs & _WANT_TOKEN_LOSS), (n,), f32),
-        out(outputs & _WANT_LSE, (n,), f32),
-        out(reduced and bool(outputs & _WANT_Z_LOSS), (), f32),
-        out(outputs & _WANT_TOKEN_Z_LOSS, (n,), f32),
-        out(outputs & _WANT_ARGMAX, (n,), i64),
-        out(outputs & _WANT_CORRECT, (), i64),
-        out(outputs & _WANT_ENTROPY, (n,), f32),
-        out(outputs & _WANT_TARGET_LOGPROB, (n,), f32),
-    )
+# csrc/nccl_ops.cpp (the forward's outputs are the single-GPU operators').
 
 
 def _fake_gradients(x, weight, ranks, scatter_dx, need_dx, need_dw, need_db, fp32_weight_grad):
@@ -568,44 +543,12 @@ def vocab_parallel_linear_cross_entropy(
     )
     results = VocabParallelLinearCrossEntropyFunction.apply(x2, w2, bias_shard, target2,
                                                            class_weight, spec)
-    loss = results[0].view(lead) if red == _NONE else results[0]
-    if outputs == 0:
-        return loss
-    (token_loss, lse, z_reduced, token_z, argmax, correct, entropy, logprob) = results[1:]
-    accuracy = None
+    valid_rows = None
     if return_accuracy:
-        accuracy = correct.float() / _valid_rows(target2, ignore_index, seq_len, comm,
-                                                 sequence_parallel, n_rows)
-    return LinearCrossEntropyOutput(
-        loss=loss,
-        lse=lse.view(lead) if return_lse else None,
-        z_loss=(token_z.view(lead) if red == _NONE else z_reduced) if return_z_loss else None,
-        token_loss=(loss if red == _NONE else token_loss.view(lead)) if return_token_loss else None,
-        argmax=argmax.view(lead) if return_argmax else None,
-        correct=correct if return_accuracy else None,
-        accuracy=accuracy,
-        entropy=entropy.view(lead) if return_entropy else None,
-        target_logprob=logprob.view(lead) if return_target_logprob else None,
-    )
-
-
-def _outputs_mask(red, token_loss, lse, z_loss, argmax, accuracy, entropy, logprob) -> int:
-    outputs = 0
-    if token_loss:
-        outputs |= _WANT_TOKEN_LOSS
-    if lse:
-        outputs |= _WANT_LSE
-    if z_loss:
-        outputs |= _WANT_TOKEN_Z_LOSS if red == _NONE else _WANT_Z_LOSS
-    if argmax:
-        outputs |= _WANT_ARGMAX
-    if accuracy:
-        outputs |= _WANT_CORRECT
-    if entropy:
-        outputs |= _WANT_ENTROPY
-    if logprob:
-        outputs |= _WANT_TARGET_LOGPROB
-    return outputs
+        valid_rows = _valid_rows(target2, ignore_index, seq_len, comm, sequence_parallel, n_rows)
+    return _pack_outputs(results, red, lead, outputs, valid_rows, return_lse, return_z_loss,
+                         return_token_loss, return_argmax, return_accuracy, return_entropy,
+                         return_target_logprob)
 
 
 def _valid_rows(target2, ignore_index, seq_len, comm, sequence_parallel, n_rows) -> Tensor:
@@ -620,66 +563,10 @@ def _valid_rows(target2, ignore_index, seq_len, comm, sequence_parallel, n_rows)
 
 def _prepare_shard(x, weight, bias, target, class_weight, shift):
     """Checks the inputs (class_weight is global, [V]) and brings them to what the operators
-    take: x [n, D] rows, the shard's rows, int64 targets [n], fp32 class weights."""
-    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
-        raise TypeError("lce_torch.distributed: x and weight_shard must be tensors")
-    if x.device.type not in ("cuda", "meta"):
-        raise ValueError(f"lce_torch.distributed: x must be a CUDA tensor, got device {x.device}")
-    if x.dim() < 1 or weight.dim() != 2:
-        raise ValueError(
-            f"lce_torch.distributed: x must be [..., D] and weight_shard [rows, D], got "
-            f"{tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"lce_torch.distributed: x is {tuple(x.shape)} and weight_shard "
-            f"{tuple(weight.shape)}: the hidden sizes differ"
-        )
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise TypeError(
-            "lce_torch.distributed: x, weight_shard and bias_shard must have one dtype "
-            f"(float32, float16 or bfloat16), got {x.dtype}, {weight.dtype}"
-            + (f", {bias.dtype}" if bias is not None else "")
-        )
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"lce_torch.distributed: dtype must be float32, float16 or bfloat16, got {x.dtype}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(
-            f"lce_torch.distributed: bias_shard must be [{weight.shape[0]}] (this rank's rows), "
-            f"got {tuple(bias.shape)}"
-        )
-    if not isinstance(target, Tensor):
-        raise TypeError("lce_torch.distributed: target must be a tensor")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"lce_torch.distributed: target must be int64 (or int32), got {target.dtype}"
-        )
-    lead = tuple(x.shape[:-1])
-    x2 = _rows(x.reshape(-1, x.shape[-1]))
-    target2 = target.reshape(-1)
-    if target2.dtype != torch.int64:
-        target2 = target2.long()
-    if class_weight is not None:
-        class_weight = class_weight.to(device=x.device, dtype=torch.float32)
-    if shift is True:
-        if x.dim() < 2:
-            raise ValueError(
-                "lce_torch.distributed: shift=True needs x of shape [B, T, D] or [T, D]"
-            )
-        seq_len = x.shape[-2]
-    elif shift is False or shift is None:
-        seq_len = 0
-    else:
-        seq_len = int(shift)
-        if seq_len <= 0:
-            raise ValueError(f"lce_torch.distributed: shift={shift} must be positive")
-    return x2, _rows(weight), bias, target2, class_weight, lead, seq_len
+    take: x [n, D] rows, the shard's rows, int64 targets, fp32 class weights
+    (_inputs.prepare; the caller checks what depends on the gathered rows and V)."""
+    return _inputs.prepare(x, weight, bias, target, class_weight, shift,
+                           who="lce_torch.distributed", shard=True)
 
 
 class VocabParallelLinearCrossEntropy(nn.Module):

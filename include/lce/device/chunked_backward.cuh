@@ -130,9 +130,8 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   constexpr auto entry = kernel::logit_grad_sm90_kernel<Element, Config, General>;
   if (ldz % 2 != 0 || !sm90_kernel_runs<entry>()) return cudaSuccess;
   typename fused::params fp{};
-  if (!detail::encode_tile_map(&fp.x_map, x_rows, rows, d, ldx, Config::block_m, Config::block_k) ||
-      !detail::encode_tile_map(&fp.w_map, w_rows, gp.cols, d, ldw,
-                               Config::block_v / Config::cluster_m, Config::block_k)) {
+  if (!encode_operand_maps<Config>(&fp.x_map, x_rows, rows, ldx, &fp.w_map, w_rows, gp.cols, ldw,
+                                   d)) {
     return cudaSuccess;
   }
   problem tiles;
@@ -147,11 +146,7 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
   LCE_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
-  const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  LCE_RETURN_IF_ERROR(launch_sm90(kernel::logit_grad_sm90_kernel<Element, Config, General>, blocks,
-                                  fused::threads, fused::smem_bytes, Config::cluster_m, stream,
-                                  fp));
+      launch_sm90_grid<Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;

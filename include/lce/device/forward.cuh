@@ -120,10 +120,8 @@ bool prepare_sm90_forward(
     const forward_args<Element>& a, const problem& s) noexcept {
   if (!sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>>())
     return false;
-  return detail::encode_tile_map(&fp.x_map, a.x, s.n, s.d, s.x_stride(), SM90Config::block_m,
-                                 SM90Config::block_k) &&
-         detail::encode_tile_map(&fp.w_map, a.w, s.v, s.d, s.w_stride(),
-                                 SM90Config::block_v / SM90Config::cluster_m, SM90Config::block_k);
+  return encode_operand_maps<SM90Config>(&fp.x_map, a.x, s.n, s.x_stride(), &fp.w_map, a.w, s.v,
+                                         s.w_stride(), s.d);
 }
 
 /// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
@@ -158,10 +156,7 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.partial = partial;
   fp.target_logit = target_logit;
   LCE_RETURN_IF_ERROR(
-      cudaFuncSetAttribute(entry, cudaFuncAttributeMaxDynamicSharedMemorySize, fused::smem_bytes));
-  const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
-  LCE_RETURN_IF_ERROR(launch_sm90(entry, blocks, fused::threads, fused::smem_bytes,
-                                  SM90Config::cluster_m, stream, fp));
+      launch_sm90_grid<SM90Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
   launched = true;
   splits = grid.splits;

@@ -12,6 +12,7 @@
 
 #include "../args.hpp"
 #include "../detail/device_check.hpp"
+#include "../detail/tensor_map.hpp"
 #include "../kernel/loss_scalars.cuh"
 #include "../options.hpp"
 #include "../status.hpp"
@@ -157,6 +158,19 @@ constexpr bool tensor_map_stride_ok(std::int64_t ld) noexcept {
   return (static_cast<std::uint64_t>(ld) * sizeof(Element)) % 16 == 0;
 }
 
+/// The tensor maps of an sm_90a kernel's operands (Config: its sm_90a tile configuration): X
+/// rows [rows, d] in boxes of (block_m, block_k), W rows [cols, d] in boxes of
+/// (block_v / cluster_m, block_k), each block of a cluster loading its share. False where the
+/// copy engine cannot read them (alignment, strides, sizes: detail::encode_tile_map).
+template <class Config, class Element>
+bool encode_operand_maps(CUtensorMap* x_map, const Element* x, std::int64_t rows, std::int64_t ldx,
+                         CUtensorMap* w_map, const Element* w, std::int64_t cols, std::int64_t ldw,
+                         std::int64_t d) noexcept {
+  return detail::encode_tile_map(x_map, x, rows, d, ldx, Config::block_m, Config::block_k) &&
+         detail::encode_tile_map(w_map, w, cols, d, ldw, Config::block_v / Config::cluster_m,
+                                 Config::block_k);
+}
+
 /// Launches an sm_90a kernel (one block of `threads` per SM, `smem` bytes of dynamic shared
 /// memory) on `blocks`, in clusters of `cluster_m` blocks along x when cluster_m > 1.
 template <class Params>
@@ -175,6 +189,18 @@ cudaError_t launch_sm90(void (*kernel)(Params), dim3 blocks, int threads, int sm
   config.attrs = attribute;
   config.numAttrs = cluster_m > 1 ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+/// Sets `kernel`'s dynamic shared memory to `smem` bytes and launches it on `grid` (row tiles ×
+/// vocabulary splits), in clusters of Config::cluster_m blocks: the launch of every sm_90a
+/// kernel of the library.
+template <class Config, class Params>
+cudaError_t launch_sm90_grid(void (*kernel)(Params), const forward_grid& grid, int threads,
+                             int smem, cudaStream_t stream, const Params& p) noexcept {
+  LCE_RETURN_IF_ERROR(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 blocks(static_cast<unsigned>(grid.row_tiles), static_cast<unsigned>(grid.splits));
+  return launch_sm90(kernel, blocks, threads, smem, Config::cluster_m, stream, p);
 }
 
 }  // namespace device

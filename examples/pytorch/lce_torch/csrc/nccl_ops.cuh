@@ -45,17 +45,7 @@ void nccl_backward_as(const shard_call& s, const gradients& g) {
   const c10::cuda::CUDAGuard guard(c.x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  lce::backward_args<Element, Grad> a;
-  a.x = pointer<const Element>(c.x);
-  a.w = pointer<const Element>(c.weight);
-  a.bias = pointer<const Element>(c.bias);
-  a.targets = pointer<const std::int64_t>(c.targets);
-  a.class_weight = pointer<const float>(c.class_weight);
-  a.lse = pointer<const float>(g.lse);
-  a.grad = pointer<const float>(g.grad);
-  a.dx = pointer<Element>(g.dx);
-  a.dw = pointer<Grad>(g.dw);
-  a.db = pointer<Grad>(g.db);
+  const lce::backward_args<Element, Grad> a = make_backward_args<Element, Grad>(c, g);
   const lce::nccl::vocab_shard shard = make_shard(s);
   std::size_t bytes = 0;
   check(lce::nccl::backward<Element, Grad>(nullptr, bytes, a, c.shape, shard, c.options, c.bopt,
@@ -73,25 +63,8 @@ void nccl_forward_backward_as(const shard_call& s, const forward_outputs& o, con
   const c10::cuda::CUDAGuard guard(c.x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
   cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  const lce::forward_args<Element> f = make_forward_args<Element>(c, o);
-  lce::forward_backward_args<Element, Grad> a;
-  a.x = f.x;
-  a.w = f.w;
-  a.bias = f.bias;
-  a.targets = f.targets;
-  a.class_weight = f.class_weight;
-  a.loss = f.loss;
-  a.token_loss = f.token_loss;
-  a.lse = f.lse;
-  a.z_loss = f.z_loss;
-  a.token_z_loss = f.token_z_loss;
-  a.argmax = f.argmax;
-  a.correct = f.correct;
-  a.entropy = f.entropy;
-  a.target_logprob = f.target_logprob;
-  a.dx = pointer<Element>(g.dx);
-  a.dw = pointer<Grad>(g.dw);
-  a.db = pointer<Grad>(g.db);
+  const lce::forward_backward_args<Element, Grad> a =
+      make_forward_backward_args<Element, Grad>(c, o, g);
   const lce::nccl::vocab_shard shard = make_shard(s);
   std::size_t bytes = 0;
   check(lce::nccl::forward_backward<Element, Grad>(nullptr, bytes, a, c.shape, shard, c.options,

@@ -76,24 +76,10 @@ lce::forward_args<Element> make_forward_args(const call& c, const forward_output
   return a;
 }
 
-template <class Element>
-void forward(const call& c, const forward_outputs& o) {
-  const c10::cuda::CUDAGuard guard(c.x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  const lce::forward_args<Element> args = make_forward_args<Element>(c, o);
-  std::size_t bytes = 0;
-  check(lce::forward<Element>(nullptr, bytes, args, c.shape, c.options, stream), "lce forward");
-  workspace ws(bytes, c.x.device());
-  check(lce::forward<Element>(ws.data, bytes, args, c.shape, c.options, stream), "lce forward");
-}
-
+/// The backward's arguments: the call's inputs, the forward's lse and upstream gradient, and
+/// the gradients to write.
 template <class Element, class Grad>
-void backward_as(const call& c, const gradients& g) {
-  const c10::cuda::CUDAGuard guard(c.x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  // PyTorch's handle for this device and stream, with PyTorch's cuBLAS workspace installed;
-  // lce sets the handle's pointer mode for the call and restores it.
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+lce::backward_args<Element, Grad> make_backward_args(const call& c, const gradients& g) {
   lce::backward_args<Element, Grad> a;
   a.x = pointer<const Element>(c.x);
   a.w = pointer<const Element>(c.weight);
@@ -105,19 +91,14 @@ void backward_as(const call& c, const gradients& g) {
   a.dx = pointer<Element>(g.dx);
   a.dw = pointer<Grad>(g.dw);
   a.db = pointer<Grad>(g.db);
-  std::size_t bytes = 0;
-  check(lce::backward<Element, Grad>(nullptr, bytes, a, c.shape, c.options, c.bopt, handle, stream),
-        "lce backward");
-  workspace ws(bytes, c.x.device());
-  check(lce::backward<Element, Grad>(ws.data, bytes, a, c.shape, c.options, c.bopt, handle, stream),
-        "lce backward");
+  return a;
 }
 
+/// forward_backward's arguments: the forward's (make_forward_args) and the gradients.
 template <class Element, class Grad>
-void forward_backward_as(const call& c, const forward_outputs& o, const gradients& g) {
-  const c10::cuda::CUDAGuard guard(c.x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+lce::forward_backward_args<Element, Grad> make_forward_backward_args(const call& c,
+                                                                     const forward_outputs& o,
+                                                                     const gradients& g) {
   const lce::forward_args<Element> f = make_forward_args<Element>(c, o);
   lce::forward_backward_args<Element, Grad> a;
   a.x = f.x;
@@ -137,6 +118,43 @@ void forward_backward_as(const call& c, const forward_outputs& o, const gradient
   a.dx = pointer<Element>(g.dx);
   a.dw = pointer<Grad>(g.dw);
   a.db = pointer<Grad>(g.db);
+  return a;
+}
+
+template <class Element>
+void forward(const call& c, const forward_outputs& o) {
+  const c10::cuda::CUDAGuard guard(c.x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const lce::forward_args<Element> args = make_forward_args<Element>(c, o);
+  std::size_t bytes = 0;
+  check(lce::forward<Element>(nullptr, bytes, args, c.shape, c.options, stream), "lce forward");
+  workspace ws(bytes, c.x.device());
+  check(lce::forward<Element>(ws.data, bytes, args, c.shape, c.options, stream), "lce forward");
+}
+
+template <class Element, class Grad>
+void backward_as(const call& c, const gradients& g) {
+  const c10::cuda::CUDAGuard guard(c.x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  // PyTorch's handle for this device and stream, with PyTorch's cuBLAS workspace installed;
+  // lce sets the handle's pointer mode for the call and restores it.
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const lce::backward_args<Element, Grad> a = make_backward_args<Element, Grad>(c, g);
+  std::size_t bytes = 0;
+  check(lce::backward<Element, Grad>(nullptr, bytes, a, c.shape, c.options, c.bopt, handle, stream),
+        "lce backward");
+  workspace ws(bytes, c.x.device());
+  check(lce::backward<Element, Grad>(ws.data, bytes, a, c.shape, c.options, c.bopt, handle, stream),
+        "lce backward");
+}
+
+template <class Element, class Grad>
+void forward_backward_as(const call& c, const forward_outputs& o, const gradients& g) {
+  const c10::cuda::CUDAGuard guard(c.x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  const lce::forward_backward_args<Element, Grad> a =
+      make_forward_backward_args<Element, Grad>(c, o, g);
   std::size_t bytes = 0;
   check(lce::forward_backward<Element, Grad>(nullptr, bytes, a, c.shape, c.options, c.bopt, handle,
                                              stream),
