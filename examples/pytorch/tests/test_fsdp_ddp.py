@@ -145,7 +145,7 @@ def test_ddp(group):
     model = TinyLM().to(DEVICE)
     data = batches(world, 99)
     reference = reference_run(copy.deepcopy(model), data)
-    ddp = DDP(model, device_ids=[DEVICE.index] if ON_GPU else None)
+    ddp = DDP(model, device_ids=[torch.cuda.current_device()] if ON_GPU else None)
     check_run(ddp, reference, data, rank, world, "DDP")
 
 
