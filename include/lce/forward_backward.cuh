@@ -68,8 +68,9 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
 /// lce::backward): `stored` where asked for or where automatic takes it, else the chunked
 /// plan's strategy and chunk; workspace_bytes is the whole call's. With `bias_or_weights` (a
 /// bias or class weights are passed) the stored strategy cannot run and the chunked plan's
-/// strategy is reported, in the same workspace. The device is not consulted (a device without
-/// the sm_90a kernel also falls back).
+/// strategy is reported, in the same workspace. The strategy does not consult the device (a
+/// device without the sm_90a kernel also falls back from stored); `fused_recompute` and
+/// `reason` do, as choose_backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
 [[nodiscard]] backward_choice choose_forward_backward(const problem& shape,
                                                       const backward_options& bopt = {},

@@ -1,4 +1,5 @@
-"""pytest hooks of lce_torch's tests: a summary of the measured relative errors.
+"""pytest hooks and fixtures of lce_torch's tests: no TF32 in any test, a fresh seed per test
+(LCE_TEST_SEED=<n> replays one), and a summary of the measured relative errors.
 
 Every comparison against the fp64 reference is recorded (test_lce_torch.record); at the end
 of the session the largest error per (check, dtype, quantity) is printed, for lce and for
@@ -6,8 +7,31 @@ PyTorch computing in the same dtype, so that the closing note of a GPU run can q
 """
 
 import collections
+import os
+import random
+
+import pytest
+import torch
 
 ERRORS = []  # (check, dtype, quantity, lce error, torch-at-dtype error or None)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """No TF32 anywhere (the fp32 baselines and the references must be exact fp32/fp64)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed every run (LCE_TEST_SEED=<n> replays one), set as torch's."""
+    value = int(os.environ.get("LCE_TEST_SEED", random.randrange(2**31)))
+    torch.manual_seed(value)
+    return value
 
 
 def pytest_terminal_summary(terminalreporter):

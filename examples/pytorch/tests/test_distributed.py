@@ -86,14 +86,6 @@ def world():
         dist.destroy_process_group()
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
 @pytest.fixture
 def seed(world):
     """One seed for every rank: rank 0's (fresh every run, or LCE_TEST_SEED)."""

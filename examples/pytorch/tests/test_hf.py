@@ -14,8 +14,6 @@ lce's kernels. Needs transformers (tests/requirements-hf.txt pins the tested ver
 
 import importlib
 import math
-import os
-import random
 
 import pytest
 import torch
@@ -47,21 +45,6 @@ FAMILIES = {  # name: (config class, model class, config overrides)
                {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("LCE_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(value)
-    return value
 
 
 def make_model(family, dtype=torch.float32, **overrides):

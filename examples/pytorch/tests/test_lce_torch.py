@@ -15,9 +15,7 @@ failure message (LCE_TEST_SEED=<n> replays one).
 """
 
 import math
-import os
 import pathlib
-import random
 import sys
 
 import pytest
@@ -43,23 +41,6 @@ def loss_tolerance(dtype):
 
 def grad_tolerance(dtype):
     return 1e-5 if dtype == torch.float32 else 1e-2
-
-
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """No TF32 anywhere (the fp32 baseline and the references must be exact fp32/fp64)."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
-@pytest.fixture
-def seed():
-    value = int(os.environ.get("LCE_TEST_SEED", random.randrange(2**31)))
-    torch.manual_seed(value)
-    return value
 
 
 # ------------------------------------------------------------------------------------------
