@@ -468,10 +468,14 @@ void bm_naive_forward_backward(benchmark::State& state, lce::problem s, data_fam
 struct variant {
   lce::backward_strategy strategy;
   std::size_t budget_mib;
+  bool fp32_dw = false;  // stored only: Grad = float, so row chunks within the budget
 };
 
 std::string variant_name(const variant& c) {
-  if (c.strategy == lce::backward_strategy::stored) return "stored";  // n·v·2 bytes, any budget
+  if (c.strategy == lce::backward_strategy::stored) {
+    if (!c.fp32_dw) return "stored";  // every row at once: n·v·2 bytes, any budget
+    return "stored_f32dw/" + std::to_string(c.budget_mib) + "MiB";  // row chunks in the budget
+  }
   const char* strategy =
       c.strategy == lce::backward_strategy::row_chunked ? "row_chunked" : "vocab_chunked";
   return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
@@ -528,6 +532,7 @@ void register_benchmarks() {
         variants.push_back({lce::backward_strategy::row_chunked, 4096});
       }
       if (f != data_family::peaked) variants.push_back({lce::backward_strategy::stored, 0});
+      if (f == data_family::lm) variants.push_back({lce::backward_strategy::stored, 1024, true});
       // LCE_BENCH_VOCAB_BUDGETS="160,205": more vocab_chunked budgets (MiB) of the LM family,
       // for chunk-width experiments.
       if (f == data_family::lm) {
@@ -537,7 +542,9 @@ void register_benchmarks() {
       for (const variant& c : variants) {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
-        if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
+        if (c.strategy == lce::backward_strategy::stored && c.fp32_dw) {
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt, lce::loss_options{});
+        } else if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
           add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt, lce::loss_options{});
           if (f == data_family::lm) {
             lce::loss_options softcap;  // Gemma 2 as trained
@@ -569,11 +576,12 @@ void register_benchmarks() {
     const variant variants[] = {{lce::backward_strategy::vocab_chunked, default_budget},
                                 {lce::backward_strategy::row_chunked, 1024},
                                 {lce::backward_strategy::row_chunked, 4096},
-                                {lce::backward_strategy::stored, 0}};
+                                {lce::backward_strategy::stored, 0},
+                                {lce::backward_strategy::stored, 1024, true}};
     for (const variant& c : variants) {
       const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
       const std::string name = rows + "/" + variant_name(c);
-      if (c.strategy == lce::backward_strategy::row_chunked)
+      if (c.strategy == lce::backward_strategy::row_chunked || c.fp32_dw)
         add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt,
             lce::loss_options{});
       else
