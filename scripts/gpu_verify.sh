@@ -5,7 +5,7 @@
 # no timing is read from this call). Every log goes into $OUT/logs.tgz (the device tool brings
 # back at most 8 files); the summaries are printed.
 #   env: VERIFY_S (seconds for both parts, default 540), BUILD_TARGETS and GPU_TEST_ARGS as
-#        gpu_run.sh's (default: every gpu_* suite but gpu_huge), PYTEST_ARGS (default -x),
+#        gpu_run.sh's (default: every gpu_* suite but gpu_huge), PYTEST_ARGS (pytest arguments),
 #        SANITIZE=1 also runs gpu_run.sh's compute-sanitizer step after the tests.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,7 +34,7 @@ steps="test"
 (
   export OUT=$logs/py MAX_JOBS=8 TINY_LM=1
   # shellcheck disable=SC2086
-  timeout "$budget" bash examples/pytorch/run_gpu_tests.sh ${PYTEST_ARGS:--x} \
+  timeout "$budget" bash examples/pytorch/run_gpu_tests.sh ${PYTEST_ARGS:-} \
     >"$logs/py/stdout.log" 2>&1
   echo "py: rc=$?" >>"$logs/py/stdout.log"
 ) &
