@@ -200,14 +200,9 @@ template <class Element, class Grad, class Config = default_config<Element>>
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   detail::workspace_layout layout;
   const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) return device::run_empty_backward(args, shape, options, stream);
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(device::check_current_device());

@@ -163,14 +163,9 @@ template <class Element, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   detail::workspace_layout layout;
   const device::forward_plan plan = device::make_forward_plan<Config>(shape, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) return device::run_empty_forward(args, options, stream);
   LCE_RETURN_IF_ERROR(device::check_current_device());
   return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);
