@@ -110,25 +110,24 @@ void choose_recompute(backward_choice& c, const problem& shape, bool bias_or_wei
   } else if constexpr (std::is_void_v<sm90>) {
     c.reason = "the Config has no sm_90a tile configuration: a cuBLAS GEMM recomputes each chunk";
   } else {
-    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
-        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
-      c.reason = "a row stride of X or W is not a multiple of 16 bytes: a cuBLAS GEMM recomputes";
-      return;
+    switch (device::sm90_can_run<Element, kernel::logit_grad_sm90_kernel<Element, sm90, false>,
+                                 kernel::logit_grad_sm90_kernel<Element, general, true>>(
+        shape, bias_or_weights)) {
+      case device::sm90_verdict::row_stride:
+        c.reason = "a row stride of X or W is not a multiple of 16 bytes: a cuBLAS GEMM recomputes";
+        break;
+      case device::sm90_verdict::device:
+        c.reason =
+            "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+            "code: a cuBLAS GEMM recomputes each chunk";
+        break;
+      case device::sm90_verdict::runs:
+        c.fused_recompute = true;
+        c.reason =
+            "the sm_90a kernel recomputes each chunk and forms its dZ (X and W 16-byte "
+            "aligned at the launch)";
+        break;
     }
-    const bool runs =
-        bias_or_weights
-            ? device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, general, true>>()
-            : device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, sm90, false>>();
-    if (!runs) {
-      c.reason =
-          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
-          "code: a cuBLAS GEMM recomputes each chunk";
-      return;
-    }
-    c.fused_recompute = true;
-    c.reason =
-        "the sm_90a kernel recomputes each chunk and forms its dZ (X and W 16-byte "
-        "aligned at the launch)";
   }
 }
 }  // namespace detail

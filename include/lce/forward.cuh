@@ -99,25 +99,25 @@ template <class Element, class Config = default_config<Element>>
   } else if constexpr (std::is_void_v<sm90>) {
     c.reason = "the Config has no sm_90a tile configuration";
   } else {
-    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
-        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
-      c.reason =
-          "a row stride of X or W is not a multiple of 16 bytes (the sm_90a copy engine needs it)";
-      return c;
+    switch (device::sm90_can_run<Element, kernel::fused_forward_sm90_kernel<Element, sm90, false>,
+                                 kernel::fused_forward_sm90_kernel<Element, general, true>>(
+        shape, bias_or_weights)) {
+      case device::sm90_verdict::row_stride:
+        c.reason =
+            "a row stride of X or W is not a multiple of 16 bytes (the sm_90a copy engine needs "
+            "it)";
+        break;
+      case device::sm90_verdict::device:
+        c.reason =
+            "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+            "code (build for 90a)";
+        break;
+      case device::sm90_verdict::runs:
+        c.kernel = bias_or_weights ? forward_kernel::sm90_general : forward_kernel::sm90;
+        c.reason = bias_or_weights ? "sm_90a kernel, general epilogue (a bias or class weights)"
+                                   : "sm_90a kernel, lean epilogue";
+        break;
     }
-    const bool runs =
-        bias_or_weights
-            ? device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, general, true>>()
-            : device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, sm90, false>>();
-    if (!runs) {
-      c.reason =
-          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
-          "code (build for 90a)";
-      return c;
-    }
-    c.kernel = bias_or_weights ? forward_kernel::sm90_general : forward_kernel::sm90;
-    c.reason = bias_or_weights ? "sm_90a kernel, general epilogue (a bias or class weights)"
-                               : "sm_90a kernel, lean epilogue";
   }
   return c;
 }
