@@ -34,12 +34,8 @@ struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
-  static constexpr int block_m = pipeline::block_m;
   static constexpr int block_v = pipeline::block_v;
-  static constexpr int block_k = pipeline::block_k;
-  static constexpr int threads = pipeline::threads;
   static constexpr int frag = pipeline::frag;
-  static constexpr int smem_bytes = pipeline::smem_bytes;
 
   struct params {
     CUtensorMap x_map;  ///< X [n, d]: boxes of (block_m rows, block_k)
@@ -339,29 +335,20 @@ struct fused_forward_sm90 {
   }
 };
 
-/// Dynamic shared memory of fused_forward_sm90<Element, Config, General>::smem_bytes; one block
-/// per SM.
+/// One block per SM, with the pipeline's smem_bytes of dynamic shared memory. Without sm_90a
+/// features (block::tile_pipeline_sm90::run_kernel) its rows read NaN.
 template <class Element, class Config, bool General, bool Store = false>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     fused_forward_sm90_kernel(
         const __grid_constant__
         typename fused_forward_sm90<Element, Config, General, Store>::params p) {
   using kernel_t = fused_forward_sm90<Element, Config, General, Store>;
-#if defined(LCE_SM90A)
-  extern __shared__ __align__(128) unsigned char smem[];
-  kernel_t{}(p, kernel_t::pipeline::storage(smem));
-#else
-  // Built for a device without sm_90a features (e.g. sm_90 without "a"). The static shared
-  // marker tells the launcher (device::sm90_kernel_runs reads sharedSizeBytes) not to pick this
-  // build; should it run anyway, its rows read NaN rather than garbage.
-  __shared__ volatile int not_sm90a[4];
-  if (threadIdx.x == 0) not_sm90a[0] = 1;
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
-  if (threadIdx.x < kernel_t::block_m && row < p.n) {
-    p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =
-        thread::row_stats{NAN, NAN, NAN, NAN, -1};
-  }
-#endif
+  kernel_t::pipeline::template run_kernel<kernel_t>(p, [&](std::int64_t row) {
+    if (row < p.n) {
+      p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =
+          thread::row_stats{NAN, NAN, NAN, NAN, -1};
+    }
+  });
 }
 
 }  // namespace kernel
