@@ -136,14 +136,9 @@ template <class Element, class Grad, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) {
     LCE_RETURN_IF_ERROR(device::run_empty_forward(fa, options, stream));
     backward_args<Element, Grad> empty;

@@ -145,8 +145,8 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   fp.ldz = ldz;
   fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
-  LCE_RETURN_IF_ERROR(
-      launch_sm90_grid<Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90_grid<Config>(entry, grid, fused::pipeline::threads,
+                                               fused::pipeline::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;

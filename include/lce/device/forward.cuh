@@ -155,8 +155,8 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   fp.targets.row_offset = row_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  LCE_RETURN_IF_ERROR(
-      launch_sm90_grid<SM90Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90_grid<SM90Config>(entry, grid, fused::pipeline::threads,
+                                                   fused::pipeline::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
   launched = true;
   splits = grid.splits;

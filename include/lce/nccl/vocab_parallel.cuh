@@ -154,12 +154,8 @@ template <class Element, class Config = default_config<Element>>
   detail::workspace_layout layout;
   const impl::forward_plan plan =
       impl::make_forward_plan<Config>(impl::local_problem(shape, shard), layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   return impl::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options, stream);
 }
@@ -212,12 +208,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   detail::workspace_layout layout;
   const impl::backward_plan plan =
       impl::make_backward_plan<Element, Grad>(impl::local_problem(shape, shard), bopt, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   detail::cublas_scope scope(handle, stream);
@@ -267,12 +259,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
       shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
   const auto plan = impl::make_forward_backward_plan<Element, Grad, Config>(
       impl::local_problem(shape, shard), bopt);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
 
   float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
