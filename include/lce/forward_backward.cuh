@@ -50,12 +50,13 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   }
   // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel;
   // bias, class weights and the device are seen at the launch, which falls back to the chunked
-  // plan) within the budget: in one chunk, or in chunks of at least min_row_chunk rows (below
-  // that the passes over the fp32 dW rival the GEMMs). 3 GEMMs and no recomputation. Asked
+  // plan) within the budget: in one chunk, or in chunks of at least min_stored_chunk rows
+  // (below that the passes over the fp32 dW weigh on the GEMMs). 3 GEMMs and no recomputation.
+  // Asked
   // for, stored runs in chunks where it can and in one chunk otherwise, whatever the budget.
   p.stored = b.strategy == backward_strategy::stored ||
              (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
-              (fits || chunks.rows >= std::min(s.n, device::min_row_chunk)));
+              (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk)));
   if (p.stored) {
     p.stored_plan = !fits && chunks.rows > 0 ? chunks : whole;
     p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);

@@ -259,7 +259,7 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
             .strategy != lce::backward_strategy::stored);
 
   // Row chunks: with an fp32 dW, a budget below the n rows' values gives chunks of whole row
-  // tiles, as tall as the budget holds; automatic takes them from min_row_chunk rows up.
+  // tiles, as tall as the budget holds; automatic takes them from min_stored_chunk rows up.
   {
     const std::int64_t ld = (shape.v + 7) / 8 * 8;
     lce::backward_options chunked;
@@ -291,8 +291,11 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     CHECK(whole.strategy == lce::backward_strategy::stored);
     CHECK(whole.chunk == 0);
     CHECK(whole.workspace_bytes >= stored_values);
-    // Below min_row_chunk rows a chunk: automatic declines; asked for, stored still chunks.
+    // Below min_stored_chunk rows a chunk (the default budget: ~1000 rows): automatic
+    // declines; asked for, stored still chunks.
     lce::backward_options small;
+    CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
+          lce::backward_strategy::stored);
     small.memory_budget = std::size_t{128} << 20;  // ~500 rows
     CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
           lce::backward_strategy::stored);
@@ -300,7 +303,7 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     const lce::backward_choice few = lce::choose_forward_backward<TestType, float>(shape, small);
     CHECK(few.strategy == lce::backward_strategy::stored);
     CHECK(few.chunk > 0);
-    CHECK(few.chunk < lce::device::min_row_chunk);
+    CHECK(few.chunk < lce::device::min_stored_chunk);
     // Not one row tile within the budget: all rows at once.
     small.memory_budget = std::size_t{16} << 20;
     CHECK(lce::choose_forward_backward<TestType, float>(shape, small).chunk == 0);
