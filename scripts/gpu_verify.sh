@@ -25,7 +25,7 @@ steps="test"
 [[ ${SANITIZE:-0} == 1 ]] && steps="test sanitize"
 (
   export OUT=$logs/cpp
-  export BUILD_TARGETS=${BUILD_TARGETS:-"gpu_forward gpu_backward gpu_forward_backward gpu_options gpu_robustness gpu_fuzz gpu_arch_fallback gpu_no_kernel_image nccl_one_rank"}
+  export BUILD_TARGETS=${BUILD_TARGETS:-"gpu_forward gpu_backward gpu_forward_backward gpu_options gpu_robustness gpu_fuzz gpu_arch_fallback gpu_no_kernel_image nccl_one_rank nccl_vocab_parallel"}
   export GPU_TEST_ARGS=${GPU_TEST_ARGS:-"-E gpu_huge"}
   # shellcheck disable=SC2086
   timeout "$budget" bash scripts/gpu_run.sh $steps >"$logs/cpp/stdout.log" 2>&1
