@@ -400,7 +400,7 @@ void bm_lce_backward(benchmark::State& state, lce::problem s, data_family f,
   });
 }
 
-template <class Grad>
+template <class Grad, class Config = lce::default_config<bf16>>
 void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_family f,
                              lce::backward_options bopt, lce::loss_options options) {
   guarded(state, [&] {
@@ -416,8 +416,11 @@ void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_famil
     args.targets = data.targets.data();
     args.loss = loss.data();
     std::size_t bytes = 0;
-    LCE_EXAMPLE_CHECK(
-        lce::forward_backward(nullptr, bytes, args, s, options, bopt, ctx.handle, ctx.stream));
+    const auto run = [&](void* ws) {
+      return lce::forward_backward<bf16, Grad, Config>(ws, bytes, args, s, options, bopt,
+                                                       ctx.handle, ctx.stream);
+    };
+    LCE_EXAMPLE_CHECK(run(nullptr));
     require_memory(bytes + n * d * sizeof(bf16) + v * d * sizeof(Grad));
     device_buffer<bf16> dx(n * d);
     device_buffer<Grad> dw(v * d);
@@ -425,12 +428,8 @@ void bm_lce_forward_backward(benchmark::State& state, lce::problem s, data_famil
     args.dw = dw.data();
     device_buffer<unsigned char> workspace(bytes);
     measure(
-        state,
-        [&] {
-          LCE_EXAMPLE_CHECK(lce::forward_backward(workspace.data(), bytes, args, s, options, bopt,
-                                                  ctx.handle, ctx.stream));
-        },
-        6 * ndv(s), floor.forward_backward_ms, bytes);
+        state, [&] { LCE_EXAMPLE_CHECK(run(workspace.data())); }, 6 * ndv(s),
+        floor.forward_backward_ms, bytes);
     report_loss(state, loss);
   });
 }
@@ -468,10 +467,14 @@ void bm_naive_forward_backward(benchmark::State& state, lce::problem s, data_fam
 struct variant {
   lce::backward_strategy strategy;
   std::size_t budget_mib;
+  bool fp32_dw = false;  // stored only: Grad = float, so row chunks within the budget
 };
 
 std::string variant_name(const variant& c) {
-  if (c.strategy == lce::backward_strategy::stored) return "stored";  // n·v·2 bytes, any budget
+  if (c.strategy == lce::backward_strategy::stored) {
+    if (!c.fp32_dw) return "stored";  // every row at once: n·v·2 bytes, any budget
+    return "stored_f32dw/" + std::to_string(c.budget_mib) + "MiB";  // row chunks in the budget
+  }
   const char* strategy =
       c.strategy == lce::backward_strategy::row_chunked ? "row_chunked" : "vocab_chunked";
   return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
@@ -528,6 +531,7 @@ void register_benchmarks() {
         variants.push_back({lce::backward_strategy::row_chunked, 4096});
       }
       if (f != data_family::peaked) variants.push_back({lce::backward_strategy::stored, 0});
+      if (f == data_family::lm) variants.push_back({lce::backward_strategy::stored, 1024, true});
       // LCE_BENCH_VOCAB_BUDGETS="160,205": more vocab_chunked budgets (MiB) of the LM family,
       // for chunk-width experiments.
       if (f == data_family::lm) {
@@ -537,9 +541,15 @@ void register_benchmarks() {
       for (const variant& c : variants) {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
-        if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
+        if (c.strategy == lce::backward_strategy::stored && c.fp32_dw) {
+          add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt, lce::loss_options{});
+        } else if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
           add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt, lce::loss_options{});
           if (f == data_family::lm) {
+            // 128-wide tiles: more L2→SM traffic per FLOP than the default's 256, but the stored
+            // epilogue fits the registers there (no spills in the per-tile loop)
+            add("fwdbwd/lce_sm90_128" + name, bm_lce_forward_backward<bf16, sm90_narrow_config>, s,
+                f, bopt, lce::loss_options{});
             lce::loss_options softcap;  // Gemma 2 as trained
             softcap.softcap = 30.0f;
             add("fwdbwd/lce_softcap30" + name, bm_lce_forward_backward<bf16>, s, f, bopt, softcap);
@@ -569,11 +579,12 @@ void register_benchmarks() {
     const variant variants[] = {{lce::backward_strategy::vocab_chunked, default_budget},
                                 {lce::backward_strategy::row_chunked, 1024},
                                 {lce::backward_strategy::row_chunked, 4096},
-                                {lce::backward_strategy::stored, 0}};
+                                {lce::backward_strategy::stored, 0},
+                                {lce::backward_strategy::stored, 1024, true}};
     for (const variant& c : variants) {
       const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
       const std::string name = rows + "/" + variant_name(c);
-      if (c.strategy == lce::backward_strategy::row_chunked)
+      if (c.strategy == lce::backward_strategy::row_chunked || c.fp32_dw)
         add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, data_family::lm, bopt,
             lce::loss_options{});
       else

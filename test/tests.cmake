@@ -47,8 +47,8 @@ lce_add_test(NAME gpu_huge GPU
 set_tests_properties(gpu_huge PROPERTIES RUN_SERIAL TRUE)
 
 # The vocabulary-parallel layer (include/lce/nccl/), when NCCL is found: its argument contract
-# on the CPU, and the sharded results against the fp64 references on two GPUs (label gpu;
-# skipped with fewer than 2 devices). The GPU test drives both devices from one process: one
+# on the CPU, the sharded results against the fp64 references on two GPUs (label gpu;
+# skipped with fewer than 2 devices), and one rank on one GPU. The GPU test drives both devices from one process: one
 # host thread per rank, communicators from ncclCommInitAll.
 if(TARGET lce::nccl)
   add_library(lce_multi_gpu_test_main STATIC support/gpu_main.cpp)
@@ -68,8 +68,13 @@ if(TARGET lce::nccl)
   add_test(NAME nccl_vocab_parallel COMMAND nccl_vocab_parallel)
   set_tests_properties(nccl_vocab_parallel PROPERTIES LABELS "gpu;nccl" SKIP_RETURN_CODE 77
     TIMEOUT 1500 ENVIRONMENT "NCCL_NVLS_ENABLE=0")
+
+  # One GPU: a communicator of one rank (every strategy, the stored one included).
+  lce_add_test(NAME nccl_one_rank GPU SOURCES nccl/one_rank.cu)
+  target_link_libraries(nccl_one_rank PRIVATE lce::nccl)
+  set_tests_properties(nccl_one_rank PROPERTIES LABELS "gpu;nccl" ENVIRONMENT "NCCL_NVLS_ENABLE=0")
 else()
-  message(STATUS "lce: NCCL not found: the nccl_contract and nccl_vocab_parallel tests are skipped")
+  message(STATUS "lce: NCCL not found: the nccl_contract, nccl_vocab_parallel and nccl_one_rank tests are skipped")
 endif()
 
 # GPU: a binary built for sm_80 and plain sm_90 (no "a"): on an H100/H200 the launcher must

@@ -110,25 +110,24 @@ void choose_recompute(backward_choice& c, const problem& shape, bool bias_or_wei
   } else if constexpr (std::is_void_v<sm90>) {
     c.reason = "the Config has no sm_90a tile configuration: a cuBLAS GEMM recomputes each chunk";
   } else {
-    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
-        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
-      c.reason = "a row stride of X or W is not a multiple of 16 bytes: a cuBLAS GEMM recomputes";
-      return;
+    switch (device::sm90_can_run<Element, kernel::logit_grad_sm90_kernel<Element, sm90, false>,
+                                 kernel::logit_grad_sm90_kernel<Element, general, true>>(
+        shape, bias_or_weights)) {
+      case device::sm90_verdict::row_stride:
+        c.reason = "a row stride of X or W is not a multiple of 16 bytes: a cuBLAS GEMM recomputes";
+        break;
+      case device::sm90_verdict::device:
+        c.reason =
+            "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+            "code: a cuBLAS GEMM recomputes each chunk";
+        break;
+      case device::sm90_verdict::runs:
+        c.fused_recompute = true;
+        c.reason =
+            "the sm_90a kernel recomputes each chunk and forms its dZ (X and W 16-byte "
+            "aligned at the launch)";
+        break;
     }
-    const bool runs =
-        bias_or_weights
-            ? device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, general, true>>()
-            : device::sm90_kernel_runs<kernel::logit_grad_sm90_kernel<Element, sm90, false>>();
-    if (!runs) {
-      c.reason =
-          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
-          "code: a cuBLAS GEMM recomputes each chunk";
-      return;
-    }
-    c.fused_recompute = true;
-    c.reason =
-        "the sm_90a kernel recomputes each chunk and forms its dZ (X and W 16-byte "
-        "aligned at the launch)";
   }
 }
 }  // namespace detail
@@ -200,14 +199,9 @@ template <class Element, class Grad, class Config = default_config<Element>>
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   detail::workspace_layout layout;
   const device::backward_plan plan = device::make_backward_plan<Element, Grad>(shape, bopt, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) return device::run_empty_backward(args, shape, options, stream);
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(device::check_current_device());

@@ -99,25 +99,25 @@ template <class Element, class Config = default_config<Element>>
   } else if constexpr (std::is_void_v<sm90>) {
     c.reason = "the Config has no sm_90a tile configuration";
   } else {
-    if (!device::tensor_map_stride_ok<Element>(shape.x_stride()) ||
-        !device::tensor_map_stride_ok<Element>(shape.w_stride())) {
-      c.reason =
-          "a row stride of X or W is not a multiple of 16 bytes (the sm_90a copy engine needs it)";
-      return c;
+    switch (device::sm90_can_run<Element, kernel::fused_forward_sm90_kernel<Element, sm90, false>,
+                                 kernel::fused_forward_sm90_kernel<Element, general, true>>(
+        shape, bias_or_weights)) {
+      case device::sm90_verdict::row_stride:
+        c.reason =
+            "a row stride of X or W is not a multiple of 16 bytes (the sm_90a copy engine needs "
+            "it)";
+        break;
+      case device::sm90_verdict::device:
+        c.reason =
+            "the current device is not of compute capability 9.0, or this binary has no sm_90a "
+            "code (build for 90a)";
+        break;
+      case device::sm90_verdict::runs:
+        c.kernel = bias_or_weights ? forward_kernel::sm90_general : forward_kernel::sm90;
+        c.reason = bias_or_weights ? "sm_90a kernel, general epilogue (a bias or class weights)"
+                                   : "sm_90a kernel, lean epilogue";
+        break;
     }
-    const bool runs =
-        bias_or_weights
-            ? device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, general, true>>()
-            : device::sm90_kernel_runs<kernel::fused_forward_sm90_kernel<Element, sm90, false>>();
-    if (!runs) {
-      c.reason =
-          "the current device is not of compute capability 9.0, or this binary has no sm_90a "
-          "code (build for 90a)";
-      return c;
-    }
-    c.kernel = bias_or_weights ? forward_kernel::sm90_general : forward_kernel::sm90;
-    c.reason = bias_or_weights ? "sm_90a kernel, general epilogue (a bias or class weights)"
-                               : "sm_90a kernel, lean epilogue";
   }
   return c;
 }
@@ -163,14 +163,9 @@ template <class Element, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   detail::workspace_layout layout;
   const device::forward_plan plan = device::make_forward_plan<Config>(shape, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) return device::run_empty_forward(args, options, stream);
   LCE_RETURN_IF_ERROR(device::check_current_device());
   return device::run_forward<Element, Config>(d_workspace, plan, args, shape, options, stream);

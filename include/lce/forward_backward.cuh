@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "backward.cuh"
+#include "device/stored.cuh"
 #include "forward.cuh"
 
 LCE_NAMESPACE_BEGIN
@@ -39,15 +40,25 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   p.backward_plan = device::make_backward_plan<Element, Grad>(s, b, backward_layout);
   p.bytes = p.backward + p.backward_plan.bytes;
   workspace_layout stored_layout;
-  const device::stored_plan stored = device::make_stored_plan<Element>(s, stored_layout);
+  const device::stored_plan whole = device::make_stored_plan<Element>(s, s.n, 0, stored_layout);
+  const bool fits = whole.bytes <= b.memory_budget;
+  // Where the n rows do not fit and dW is fp32 (each chunk adds to it), row chunks as tall as
+  // the budget holds.
+  device::stored_plan chunks;
+  if constexpr (can_store<Element, Config> && std::is_same_v<Grad, float>) {
+    if (!fits) chunks = device::make_stored_chunk_plan<Element, Config>(s, b.memory_budget);
+  }
   // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel;
   // bias, class weights and the device are seen at the launch, which falls back to the chunked
-  // plan) and its workspace fits the budget: 3 GEMMs and no recomputation.
+  // plan) within the budget: in one chunk, or in chunks of at least min_stored_chunk rows
+  // (below that the passes over the fp32 dW weigh on the GEMMs). 3 GEMMs and no recomputation.
+  // Asked
+  // for, stored runs in chunks where it can and in one chunk otherwise, whatever the budget.
   p.stored = b.strategy == backward_strategy::stored ||
              (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
-              stored.bytes <= b.memory_budget);
+              (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk)));
   if (p.stored) {
-    p.stored_plan = stored;
+    p.stored_plan = !fits && chunks.rows > 0 ? chunks : whole;
     p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);
   }
   return p;
@@ -68,10 +79,12 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
   detail::check_backward_types<Element, Grad>();
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
   if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights) {
-    backward_choice c{backward_strategy::stored, 0, plan.bytes, 0};
-    c.reason =
-        "stored: no recomputation (on a device without the sm_90a kernel the launch "
-        "runs the chunked plan)";
+    const std::int64_t rows = plan.stored_plan.rows < shape.n ? plan.stored_plan.rows : 0;
+    backward_choice c{backward_strategy::stored, rows, plan.bytes, 0};
+    c.reason = rows > 0 ? "stored in row chunks: no recomputation (on a device without the "
+                          "sm_90a kernel the launch runs the chunked plan)"
+                        : "stored: no recomputation (on a device without the sm_90a kernel the "
+                          "launch runs the chunked plan)";
     return c;
   }
   backward_choice c{plan.backward_plan.strategy, plan.backward_plan.chunk, plan.bytes,
@@ -124,14 +137,9 @@ template <class Element, class Grad, class Config = default_config<Element>>
   LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
   LCE_RETURN_IF_ERROR(
-      detail::validate_workspace_disjoint(d_workspace, plan.bytes, inputs, outputs));
+      detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (shape.n == 0) {
     LCE_RETURN_IF_ERROR(device::run_empty_forward(fa, options, stream));
     backward_args<Element, Grad> empty;
@@ -146,7 +154,18 @@ template <class Element, class Grad, class Config = default_config<Element>>
   fwd.lse = lse;
   const bool gradients = args.dx != nullptr || args.dw != nullptr || args.db != nullptr;
   void* backward_ws = detail::at<char>(d_workspace, plan.backward);
-  if (gradients && plan.stored) {
+  if (gradients && plan.stored && plan.stored_plan.rows < shape.n) {
+    const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
+    detail::cublas_scope scope(handle, stream);
+    if (scope.status() != CUBLAS_STATUS_SUCCESS)
+      return detail::cublas_failure(scope.status(), "handle setup");
+    bool launched = false;
+    LCE_RETURN_IF_ERROR((device::run_stored_chunks<Element, Grad, Config>(
+        d_workspace, plan.forward, backward_ws, plan.stored_plan, fwd, ba, shape, options, handle,
+        stream, launched)));
+    if (launched) return cudaSuccess;
+    // Elsewhere: the forward, then the fallback plan's backward from its lse (below).
+  } else if (gradients && plan.stored) {
     // The forward stores e^{z − m} where its lean sm_90a kernel runs; elsewhere it runs as
     // usual and the fallback plan's backward follows, from its lse.
     using sm90_config = typename sm90_config_of<Config>::type;
@@ -167,8 +186,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
       return device::run_stored_backward(
           backward_ws, plan.stored_plan, st,
           detail::at<thread::loss_scalars>(d_workspace, plan.forward.scalars),
-          detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape, options, handle,
-          stream);
+          detail::at<float>(d_workspace, plan.forward.target_logit), ba, shape,
+          device::vocab_window{0, shape.v}, nullptr, options, handle, stream);
     }
     return device::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
                                                        options, handle, stream);

@@ -258,7 +258,58 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   CHECK(lce::choose_forward_backward<TestType, TestType, contract_mma_sync_config>(shape, bopt)
             .strategy != lce::backward_strategy::stored);
 
-  // fp32 inputs never store.
+  // Row chunks: with an fp32 dW, a budget below the n rows' values gives chunks of whole row
+  // tiles, as tall as the budget holds; automatic takes them from min_stored_chunk rows up.
+  {
+    const std::int64_t ld = (shape.v + 7) / 8 * 8;
+    lce::backward_options chunked;
+    chunked.memory_budget = std::size_t{1} << 30;  // ~4000 of the 8192 rows
+    const lce::backward_choice rows = lce::choose_forward_backward<TestType, float>(shape, chunked);
+    CHECK(rows.strategy == lce::backward_strategy::stored);
+    CHECK(rows.chunk > 0);
+    CHECK(rows.chunk < shape.n);
+    CHECK(rows.chunk % 128 == 0);
+    CHECK(static_cast<std::size_t>(rows.chunk) * ld * 2 <= chunked.memory_budget);
+    CHECK(static_cast<double>(rows.chunk + 256) * ld * 2 > 0.95 * chunked.memory_budget);
+    CHECK(rows.accumulator_bytes == 0);  // dW is the caller's fp32
+    CHECK(rows.workspace_bytes ==
+          (lce::forward_backward_workspace_size<TestType, float>(shape, chunked)));
+    // Its stored regions are within the budget; the forward's are outside it, as for every
+    // strategy.
+    lce::backward_options tiny = chunked;
+    tiny.memory_budget = 0;
+    CHECK(rows.workspace_bytes <=
+          lce::forward_backward_workspace_size<TestType, float>(shape, tiny) +
+              chunked.memory_budget);
+    // A 16-bit dW cannot be added to chunk by chunk: automatic runs the chunked plan, and
+    // stored, asked for, all rows at once.
+    CHECK(lce::choose_forward_backward<TestType, TestType>(shape, chunked).strategy !=
+          lce::backward_strategy::stored);
+    chunked.strategy = lce::backward_strategy::stored;
+    const lce::backward_choice whole =
+        lce::choose_forward_backward<TestType, TestType>(shape, chunked);
+    CHECK(whole.strategy == lce::backward_strategy::stored);
+    CHECK(whole.chunk == 0);
+    CHECK(whole.workspace_bytes >= stored_values);
+    // Below min_stored_chunk rows a chunk (the default budget: ~1000 rows): automatic
+    // declines; asked for, stored still chunks.
+    lce::backward_options small;
+    CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
+          lce::backward_strategy::stored);
+    small.memory_budget = std::size_t{128} << 20;  // ~500 rows
+    CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
+          lce::backward_strategy::stored);
+    small.strategy = lce::backward_strategy::stored;
+    const lce::backward_choice few = lce::choose_forward_backward<TestType, float>(shape, small);
+    CHECK(few.strategy == lce::backward_strategy::stored);
+    CHECK(few.chunk > 0);
+    CHECK(few.chunk < lce::device::min_stored_chunk);
+    // Not one row tile within the budget: all rows at once.
+    small.memory_budget = std::size_t{16} << 20;
+    CHECK(lce::choose_forward_backward<TestType, float>(shape, small).chunk == 0);
+  }
+
+  // fp32 inputs never store.  // fp32 inputs never store.
   lce::backward_options big;
   big.memory_budget = std::size_t{16} << 30;
   CHECK(lce::choose_forward_backward<float>(shape, big).strategy != lce::backward_strategy::stored);

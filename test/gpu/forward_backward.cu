@@ -175,6 +175,54 @@ TEMPLATE_TEST_CASE("forward_backward matches the fp64 GPU reference on large sha
   run_all_variants<TestType, float>(data, ctx, false);
 }
 
+// The stored strategy in row chunks (fp32 dW): chunks of at most half the rows, the last one
+// shorter; the causal shift's sequences straddle the chunk boundaries. On a device without the
+// sm_90a kernel the call runs its fallback plan (the results must be the same).
+TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 reference",
+                   "[gpu][forward_backward][stored]", __half, __nv_bfloat16) {
+  const case_spec spec = GENERATE(case_spec{1000, 72, 1000}.shifted(50),
+                                  case_spec{1000, 136, 4099}
+                                      .sum()
+                                      .no_bias()
+                                      .smoothing(0.1f)
+                                      .with_z_loss(1e-3f)
+                                      .capped(20.0f)
+                                      .with_temperature(0.8f),
+                                  case_spec{777, 72, 2051}.none().no_bias().shifted(37),
+                                  case_spec{1300, 72, 1000}.no_bias().padded(8, 3, 5, 7));
+  problem_data<TestType> data(spec, fresh_seed());
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe());
+  gpu_context ctx;
+  const lce::problem& s = data.shape;
+  lce::backward_options whole;
+  whole.strategy = lce::backward_strategy::stored;
+  whole.memory_budget = std::size_t{1} << 40;
+  const auto all_rows = lce::choose_forward_backward<TestType, float>(s, whole);
+  REQUIRE(all_rows.strategy == lce::backward_strategy::stored);
+  REQUIRE(all_rows.chunk == 0);  // one chunk
+  // The budget: halved from the stored values of all rows until the plan has chunks of at most
+  // half the rows (the plan's own arithmetic decides the chunk height).
+  variant how{lce::backward_strategy::stored, std::size_t{1} << 40, "stored/rows"};
+  for (how.budget = static_cast<std::size_t>(s.n) * ((s.v + 7) / 8 * 8) * 2; how.budget > 0;
+       how.budget /= 2) {
+    const auto choice = lce::choose_forward_backward<TestType, float>(s, options_of(how));
+    REQUIRE(choice.strategy == lce::backward_strategy::stored);
+    if (choice.chunk > 0 && 2 * choice.chunk <= s.n) break;
+  }
+  REQUIRE(how.budget > 0);
+  const auto rows = lce::choose_forward_backward<TestType, float>(s, options_of(how)).chunk;
+  INFO("budget " << how.budget << " rows per chunk " << rows);
+  outputs<TestType, float> out(s, true);
+  const measured m = run_forward_backward(data, ctx, how, out);
+  print_result<TestType, float>("forward_backward", data.spec, how.label.c_str(), m);
+  // With a 16-bit dW the same budget runs stored in one chunk.
+  outputs<TestType, TestType> out16(s, true);
+  const measured m16 = run_forward_backward(data, ctx, how, out16);
+  print_result<TestType, TestType>("forward_backward", data.spec, how.label.c_str(), m16);
+}
+
 TEMPLATE_TEST_CASE("forward_backward: lse and token_loss are optional", "[gpu][forward_backward]",
                    float, __half, __nv_bfloat16) {
   const auto red = GENERATE(lce::reduction::mean, lce::reduction::none);

@@ -1,7 +1,8 @@
 // GPU tests of the vocabulary-parallel layer on two GPUs (skipped with fewer): W sharded by
 // vocabulary rows over ranks 0 and 1 (uneven shards; cases where one rank owns none of the
 // targets), every loss option and output, fp32/fp16/bf16, forward, backward (dX all-reduced or
-// reduce-scattered; vocab_chunked and row_chunked; several chunks), forward_backward and
+// reduce-scattered; vocab_chunked and row_chunked; several chunks), forward_backward (those and
+// stored) and
 // accumulate, against the fp64 reference of the full problem (CPU for small shapes, GPU for
 // larger ones, on device 0). Every output of every rank is checked; per-row outputs must be the
 // same on both ranks.
@@ -678,6 +679,13 @@ void run_case(const case_spec& spec, targets_in where) {
       data, rs,
       {lce::backward_strategy::row_chunked, lce::backward_options{}.memory_budget,
        lce::nccl::dx_reduction::all_reduce, "row_chunked"});
+  // Each rank stores its shard's values (16-bit, no bias or class weights; else the fallback).
+  run_forward_backward<Element, Element>(
+      data, rs,
+      {lce::backward_strategy::stored, lce::backward_options{}.memory_budget,
+       scatter_allowed ? lce::nccl::dx_reduction::reduce_scatter
+                       : lce::nccl::dx_reduction::all_reduce,
+       scatter_allowed ? "stored/reduce_scatter" : "stored"});
 }
 
 /// The option combinations of test/gpu/options.cu, on a base shape (n a multiple of seq_len).

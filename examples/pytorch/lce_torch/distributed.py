@@ -468,9 +468,12 @@ def vocab_parallel_linear_cross_entropy(
             probabilities are the global ones).
         check_targets: as in linear_cross_entropy, against the global V ('device', the
             default: a device-side assertion without host synchronization).
-        Other arguments: as linear_cross_entropy. strategy 'stored' raises ValueError
-        (lce::nccl recomputes the logits in the backward); grad_in_forward computes the
-        gradients in the forward (lce::nccl::forward_backward) and saves no work there.
+        Other arguments: as linear_cross_entropy. strategy 'stored': each rank keeps
+        e^(z - m) of its shard's logits in 16 bits (n·V_shard·2 bytes) from the forward and
+        forms dZ from them instead of recomputing; it computes the gradients in the forward
+        (lce::nccl::forward_backward), so 'mean' or 'sum' only, and holds all n rows at once
+        (no row chunks on this layer). grad_in_forward alone computes the gradients in the
+        forward and saves no work with the recomputing strategies.
 
     Returns:
         The loss (or LinearCrossEntropyOutput with a ``return_*`` flag), as linear_cross_entropy.
@@ -482,11 +485,12 @@ def vocab_parallel_linear_cross_entropy(
     red = _parse_reduction(reduction)
     strat = _parse_strategy(strategy)
     if strat == _STORED:
-        raise ValueError(
-            "lce_torch.distributed: strategy='stored' is not supported with vocabulary "
-            "parallelism (lce::nccl recomputes the logits in the backward); use 'auto', "
-            "'vocab_chunked' or 'row_chunked'"
-        )
+        if red == _NONE:
+            raise ValueError(
+                "lce_torch.distributed: strategy='stored' computes the gradients in the "
+                "forward, which needs reduction 'mean' or 'sum'"
+            )
+        grad_in_forward = True
     weight_shard, bias_shard, group = _local_head(weight_shard, bias_shard, group)
     x2, w2, bias_shard, target2, class_weight, lead, seq_len = _prepare_shard(
         x, weight_shard, bias_shard, target, class_weight, shift
@@ -604,10 +608,10 @@ class VocabParallelLinearCrossEntropy(nn.Module):
         super().__init__()
         _parse_reduction(reduction)
         _parse_check_targets(check_targets)
-        if _parse_strategy(strategy) == _STORED:
+        if _parse_strategy(strategy) == _STORED and _parse_reduction(reduction) == _NONE:
             raise ValueError(
-                "lce_torch.distributed: strategy='stored' is not supported with vocabulary "
-                "parallelism (lce::nccl recomputes the logits in the backward)"
+                "lce_torch.distributed: strategy='stored' computes the gradients in the "
+                "forward, which needs reduction 'mean' or 'sum'"
             )
         if (vocab_start is None) != (vocab_size is None):
             raise ValueError("lce_torch.distributed: pass vocab_start and vocab_size together, "

@@ -269,6 +269,12 @@ CASES = {
                                                     "target_logprob")),
     "vocab_chunked": dict(strategy="vocab_chunked", memory_budget=96 * 1024),
     "row_chunked": dict(strategy="row_chunked", memory_budget=64 * 1024),
+    "stored": dict(strategy="stored"),
+    "stored_options": dict(strategy="stored", lead=(4, 24), shift=True, label_smoothing=0.1,
+                           z_loss=1e-3, softcap=20.0, temperature=0.8, ignore_fraction=0.1,
+                           returns=("lse", "z_loss", "accuracy")),
+    "stored_fp32_weight_grad": dict(strategy="stored", fp32_weight_grad=True,
+                                    reduction="sum"),
     "fp32_weight_grad": dict(fp32_weight_grad=True, bias=True),
     "grad_in_forward": dict(grad_in_forward=True, bias=True, label_smoothing=0.1),
     "filter_eps": dict(filter_eps=2.0**-12),
@@ -318,7 +324,7 @@ def test_sequence_parallel(world, seed, dtype, local_targets):
             local_targets=local_targets, bias=True, label_smoothing=0.1, ignore_fraction=0.1)
 
 
-@pytest.mark.parametrize("case", ["none", "grad_in_forward", "outputs"])
+@pytest.mark.parametrize("case", ["none", "grad_in_forward", "outputs", "stored"])
 def test_sequence_parallel_options(world, seed, case):
     _, ranks, _ = world
     options = dict(CASES[case])
@@ -429,7 +435,8 @@ def test_errors(world):
     y = torch.randint(0, 10 * ranks, (8,), device=device)
     call = lced.vocab_parallel_linear_cross_entropy
     with pytest.raises(ValueError, match="stored"):
-        call(x, w, y, vocab_start=10 * rank, vocab_size=10 * ranks, strategy="stored")
+        call(x, w, y, vocab_start=10 * rank, vocab_size=10 * ranks, strategy="stored",
+             reduction="none")
     with pytest.raises(ValueError, match="together"):
         call(x, w, y, vocab_start=10 * rank)
     with pytest.raises(ValueError, match="not inside the vocabulary"):
@@ -449,7 +456,7 @@ def test_errors(world):
     with pytest.raises(TypeError, match="dtype"):
         call(x, w.double(), y, vocab_start=10 * rank, vocab_size=10 * ranks)
     with pytest.raises(ValueError, match="stored"):
-        lced.VocabParallelLinearCrossEntropy(strategy="stored")
+        lced.VocabParallelLinearCrossEntropy(strategy="stored", reduction="none")
 
 
 def test_check_targets(world):

@@ -76,6 +76,25 @@ struct tile_pipeline_sm90 {
     return *reinterpret_cast<shared_storage*>((base + 1023) & ~std::uintptr_t{1023});
   }
 
+  /// The body of a __global__ kernel on this pipeline: the functor `Kernel` over the dynamic
+  /// shared memory. Built without sm_90a features (e.g. plain sm_90, or sm_80), a static shared
+  /// marker instead tells the launcher (device::sm90_kernel_runs reads sharedSizeBytes) not to
+  /// pick this build; should it run anyway, thread t < 128 of block (x, y) calls
+  /// `fallback(x·128 + t)` to poison its row's outputs (NaN rather than garbage).
+  template <class Kernel, class Params, class Fallback>
+  __device__ __forceinline__ static void run_kernel(const Params& p, Fallback&& fallback) {
+#if defined(LCE_SM90A)
+    extern __shared__ __align__(128) unsigned char smem[];
+    Kernel{}(p, storage(smem));
+    (void)fallback;
+#else
+    __shared__ volatile int not_sm90a[4];
+    if (threadIdx.x == 0) not_sm90a[0] = 1;
+    const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * block_m + threadIdx.x;
+    if (threadIdx.x < block_m) fallback(row);
+#endif
+  }
+
   /// First of the two fragment rows a consumer thread holds, relative to the whole matrix
   /// (row tile blockIdx.x): row 16·(t/32) + (t%32)/4 of its warpgroup's 64; the other is +8.
   __device__ __forceinline__ static std::int64_t fragment_row0(int half) {

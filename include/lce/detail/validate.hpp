@@ -65,7 +65,7 @@ inline cudaError_t validate_backward_options(const backward_options& b, bool fp3
   if (b.strategy == backward_strategy::stored && !with_forward)
     return invalid(
         "backward_options.strategy stored needs the forward's stored values: only "
-        "lce::forward_backward runs it");
+        "lce::forward_backward and lce::nccl::forward_backward run it");
   if (b.strategy == backward_strategy::row_chunked && !fp32_grad)
     return invalid("backward_options.strategy row_chunked needs fp32 dW/db (Grad = float)");
   return cudaSuccess;
@@ -166,6 +166,28 @@ inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept 
   if (reinterpret_cast<std::uintptr_t>(d_workspace) % workspace_layout::alignment != 0)
     return invalid("d_workspace must be 256-byte aligned (as cudaMalloc returns)");
   return cudaSuccess;
+}
+
+/// The two-phase workspace protocol of every launcher (docs/api.md): with d_workspace null, a
+/// size query that stores `needed` in workspace_bytes (the caller then returns cudaSuccess and
+/// launches nothing); else the launch's checks of the pointer's alignment and of the size.
+inline cudaError_t two_phase_workspace(const void* d_workspace, std::size_t& workspace_bytes,
+                                       std::size_t needed) noexcept {
+  if (d_workspace == nullptr) {
+    workspace_bytes = needed;
+    return cudaSuccess;
+  }
+  LCE_RETURN_IF_ERROR(validate_workspace_pointer(d_workspace));
+  return validate_workspace(workspace_bytes, needed);
+}
+
+/// As above; a launch also checks that the workspace overlaps none of the call's buffers.
+inline cudaError_t two_phase_workspace(const void* d_workspace, std::size_t& workspace_bytes,
+                                       std::size_t needed, const buffer_list& inputs,
+                                       const buffer_list& outputs) noexcept {
+  LCE_RETURN_IF_ERROR(two_phase_workspace(d_workspace, workspace_bytes, needed));
+  if (d_workspace == nullptr) return cudaSuccess;
+  return validate_workspace_disjoint(d_workspace, needed, inputs, outputs);
 }
 
 }  // namespace detail

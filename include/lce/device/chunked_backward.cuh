@@ -10,8 +10,7 @@
 /// On sm_90a with 16-bit inputs the recompute and dZ are one lce kernel instead
 /// (kernel/logit_grad_sm90.cuh) writing 16-bit dZ, no fp32 chunk, so each chunk covers twice
 /// the plan's columns (vocab_chunked) or rows (row_chunked with the lse given).
-/// The stored strategy's backward (forward_backward only: dZ from the forward's stored values,
-/// no recompute) is here too: stored_plan, run_stored_backward.
+/// The stored strategy (no recompute) is device/stored.cuh.
 #pragma once
 
 #include <algorithm>
@@ -21,14 +20,12 @@
 #include "../args.hpp"
 #include "../config.hpp"
 #include "../detail/cublas.cuh"
-#include "../detail/stored_exp.hpp"
 #include "../detail/tensor_map.hpp"
 #include "../detail/workspace.hpp"
 #include "../kernel/elementwise.cuh"
 #include "../kernel/logit_grad.cuh"
 #include "../kernel/logit_grad_sm90.cuh"
 #include "../kernel/row_lse.cuh"
-#include "../kernel/stored_grad.cuh"
 #include "../options.hpp"
 #include "../thread/finish_row.cuh"
 #include "../thread/loss_scalars.cuh"
@@ -58,6 +55,10 @@ inline constexpr std::int64_t min_vocab_chunk = 2048;
 /// row_chunked reads and rewrites the fp32 dW once per row chunk: below this many rows per
 /// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
 inline constexpr std::int64_t min_row_chunk = 1024;
+/// stored in row chunks adds each chunk's dW GEMM to the fp32 dW (v·d·8 bytes of traffic per
+/// chunk, in that GEMM's epilogue): automatic takes such chunks from this many rows up, where
+/// that traffic is a small part of the chunk's three GEMMs; below it, the chunked plan.
+inline constexpr std::int64_t min_stored_chunk = 2048;
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
   return (x + m - 1) / m * m;
@@ -148,8 +149,8 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   fp.ldz = ldz;
   fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
-  LCE_RETURN_IF_ERROR(
-      launch_sm90_grid<Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90_grid<Config>(entry, grid, fused::pipeline::threads,
+                                               fused::pipeline::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("logit_grad_sm90_kernel");
   launched = true;
   return cudaSuccess;
@@ -399,69 +400,6 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
         LCE_RETURN_IF_ERROR(
             gemm(handle, N, N, v_local, 1, nr, alpha, dz, ldz_c, ones, nr, beta, a.db, v_local));
     }
-  }
-  return cudaSuccess;
-}
-
-/// Workspace regions of the `stored` strategy's backward (lce::forward_backward): the values
-/// e^{z − m} [n, ld] in the element type, the tile maxima [n, tiles] and the ones of db. The
-/// tile count is an upper bound for every sm_90a tile width (≥ vocab_chunk_granule columns).
-struct stored_plan {
-  std::size_t ones = 0, values = 0, tile_max = 0;
-  std::int64_t ld = 0, tiles = 0;
-  std::size_t bytes = 0;
-};
-
-template <class Element>
-stored_plan make_stored_plan(const problem& s, detail::workspace_layout& layout) noexcept {
-  stored_plan p;
-  const auto n = static_cast<std::size_t>(s.n);
-  p.ones = layout.reserve<Element>(n);
-  p.ld = round_up(s.v, 8);
-  p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
-  p.values = layout.reserve<Element>(n * static_cast<std::size_t>(p.ld));
-  p.tile_max = layout.reserve<float>(n * static_cast<std::size_t>(p.tiles));
-  p.bytes = layout.bytes();
-  return p;
-}
-
-/// The stored strategy's backward, after the forward wrote `st` (with a.lse, the forward's
-/// `scalars` and fp32 `target_logit`): dZ in place over the stored values, then dX = dZ·W,
-/// dW = dZᵀ·X and db = dZᵀ·1, each written once (added with o.accumulate).
-template <class Element, class Grad>
-cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
-                                const detail::stored_exp<Element>& st,
-                                const thread::loss_scalars* scalars, const float* target_logit,
-                                const backward_args<Element, Grad>& a, const problem& s,
-                                const loss_options& o, cublasHandle_t handle,
-                                cudaStream_t stream) noexcept {
-  using detail::gemm;
-  constexpr cublasOperation_t N = CUBLAS_OP_N;
-  constexpr cublasOperation_t T = CUBLAS_OP_T;
-  constexpr int threads = 256;
-  const float* one = &scalars->one;
-  const float* zero = &scalars->zero;
-  const float* alpha = &scalars->alpha;
-  const float* first_beta = o.accumulate ? one : zero;
-  const kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, 0), st,
-                                               target_logit};
-  kernel::stored_grad_kernel<Element, threads>
-      <<<static_cast<unsigned>(s.n), threads, 0, stream>>>(sp);
-  LCE_CHECK_LAUNCH("stored_grad_kernel");
-  const Element* dz = st.values;
-  if (a.dx != nullptr)  // dXᵀ [d, n] = Wᵀ · dZᵀ
-    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, s.n, s.v, alpha, a.w, s.w_stride(), dz, st.ld,
-                             first_beta, a.dx, s.dx_stride()));
-  if (a.dw != nullptr)  // dWᵀ [d, v] = Xᵀ · dZ
-    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, s.n, alpha, a.x, s.x_stride(), dz, st.ld,
-                             first_beta, a.dw, s.dw_stride()));
-  if (a.db != nullptr) {  // db [v, 1] = dZᵀ · 1
-    auto* ones = detail::at<Element>(ws, plan.ones);
-    kernel::fill_kernel<Element>
-        <<<std::min<std::int64_t>((s.n + 255) / 256, 1024), 256, 0, stream>>>(ones, s.n, 1.0f);
-    LCE_CHECK_LAUNCH("fill_kernel");
-    LCE_RETURN_IF_ERROR(
-        gemm(handle, N, N, s.v, 1, s.n, alpha, dz, st.ld, ones, s.n, first_beta, a.db, s.v));
   }
   return cudaSuccess;
 }

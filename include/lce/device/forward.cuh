@@ -125,14 +125,17 @@ bool prepare_sm90_forward(
 }
 
 /// Enqueues the sm_90a kernel of `SM90Config` if it applies (see prepare_sm90_forward); sets
-/// `launched` and `splits`. Store: the kernel also writes `*store` (stored_exp).
+/// `launched` and `splits`. Store: the kernel also writes `*store` (stored_exp). `row_offset`:
+/// the global row of a.x's row 0 when the call covers a chunk of rows (targets are indexed by
+/// global row; everything else by the chunk's).
 template <class Element, class SM90Config, bool General, bool Store = false>
 cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<Element>& a,
                                    const problem& s, const loss_options& o,
                                    std::int64_t vocab_offset, thread::row_stats* partial,
                                    float* target_logit, bool& launched, std::int64_t& splits,
                                    cudaStream_t stream,
-                                   const detail::stored_exp<Element>* store = nullptr) noexcept {
+                                   const detail::stored_exp<Element>* store = nullptr,
+                                   std::int64_t row_offset = 0) noexcept {
   using fused = kernel::fused_forward_sm90<Element, SM90Config, General, Store>;
   constexpr auto entry = kernel::fused_forward_sm90_kernel<Element, SM90Config, General, Store>;
   typename fused::params fp{};
@@ -149,10 +152,11 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
               o.label_smoothing != 0.0f;
   fp.targets = make_target_view(a.targets, o);
   fp.targets.vocab_offset = vocab_offset;
+  fp.targets.row_offset = row_offset;
   fp.partial = partial;
   fp.target_logit = target_logit;
-  LCE_RETURN_IF_ERROR(
-      launch_sm90_grid<SM90Config>(entry, grid, fused::threads, fused::smem_bytes, stream, fp));
+  LCE_RETURN_IF_ERROR(launch_sm90_grid<SM90Config>(entry, grid, fused::pipeline::threads,
+                                                   fused::pipeline::smem_bytes, stream, fp));
   LCE_CHECK_LAUNCH("fused_forward_sm90_kernel");
   launched = true;
   splits = grid.splits;

@@ -158,6 +158,28 @@ constexpr bool tensor_map_stride_ok(std::int64_t ld) noexcept {
   return (static_cast<std::uint64_t>(ld) * sizeof(Element)) % 16 == 0;
 }
 
+/// The first condition of an sm_90a kernel's predicate that fails for a shape on the current
+/// device (sm90_can_run), or `runs`.
+enum class sm90_verdict : int {
+  runs = 0,        ///< the kernel runs (provided X and W are 16-byte aligned at the launch)
+  row_stride = 1,  ///< a row stride of X or W is not a multiple of 16 bytes
+  device = 2,      ///< the device is not of compute capability 9.0, or no sm_90a code was built
+};
+
+/// @brief The part of the predicate of an sm_90a kernel pair (Lean: no bias, no class weights;
+/// General: the general epilogue, taken with `general`) that the shape and the device decide:
+/// row strides of X and W the tensor maps take (tensor_map_stride_ok), then sm90_kernel_runs of
+/// the kernel that would run. 16-bit elements and a Config with an sm_90a tile configuration are
+/// the caller's compile-time part; the pointers' alignment is seen at the launch.
+template <class Element, auto Lean, auto General>
+sm90_verdict sm90_can_run(const problem& shape, bool general) noexcept {
+  if (!tensor_map_stride_ok<Element>(shape.x_stride()) ||
+      !tensor_map_stride_ok<Element>(shape.w_stride()))
+    return sm90_verdict::row_stride;
+  const bool runs = general ? sm90_kernel_runs<General>() : sm90_kernel_runs<Lean>();
+  return runs ? sm90_verdict::runs : sm90_verdict::device;
+}
+
 /// The tensor maps of an sm_90a kernel's operands (Config: its sm_90a tile configuration): X
 /// rows [rows, d] in boxes of (block_m, block_k), W rows [cols, d] in boxes of
 /// (block_v / cluster_m, block_k), each block of a cluster loading its share. False where the

@@ -32,9 +32,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     combine_rows_kernel(const combine_params p) {
   const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * Threads + threadIdx.x;
   if (row >= p.n) return;
-  thread::row_stats st = thread::row_stats_identity();
-  for (std::int64_t s = 0; s < p.splits; ++s)
-    st = thread::row_stats_merge(st, p.partial[s * p.n + row]);
+  const thread::row_stats st = thread::row_stats_merge_splits(p.partial, p.n, p.splits, row);
   thread::finish_row(row, st, p.target_logit + row, p.loss, p.out);
 }
 

@@ -34,12 +34,8 @@ struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
-  static constexpr int block_m = pipeline::block_m;
   static constexpr int block_v = pipeline::block_v;
-  static constexpr int block_k = pipeline::block_k;
-  static constexpr int threads = pipeline::threads;
   static constexpr int frag = pipeline::frag;
-  static constexpr int smem_bytes = pipeline::smem_bytes;
 
   struct params {
     CUtensorMap x_map;  ///< X [n, d]: boxes of (block_m rows, block_k)
@@ -276,6 +272,22 @@ struct fused_forward_sm90 {
     }
   }
 
+  /// Calls f(j, e, col, in) for each column of a tile this thread holds: tile-local column
+  /// col = 8·j + 2·quad + e (at acc[4·j + 2·h + e] of either row h); `in`: vocab0 + col < v,
+  /// known true for a full tile.
+  template <class F>
+  __device__ __forceinline__ static void for_each_column(const params& p, std::int64_t vocab0,
+                                                         int quad, bool full_tile, F&& f) {
+#pragma unroll
+    for (int j = 0; j < block_v / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = 8 * j + 2 * quad + e;
+        f(j, e, col, full_tile || vocab0 + col < p.v);
+      }
+    }
+  }
+
   /// Folds one finished tile (columns vocab0 + 8·j + 2·quad + e of rows[h] at
   /// acc[4·j + 2·h + e]) into the rows' statistics. The four lanes of a quad hold one row's
   /// columns between them and end with the same merged statistics.
@@ -286,21 +298,15 @@ struct fused_forward_sm90 {
                                                    thread::row_stats (&stats)[2]) {
     const bool full_tile = vocab0 + block_v <= p.v;
     float mx[2] = {-INFINITY, -INFINITY};
+    for_each_column(p, vocab0, quad, full_tile, [&](int j, int e, int col, bool in) {
+      const float b = (p.bias != nullptr && in) ? static_cast<float>(p.bias[vocab0 + col]) : 0.0f;
 #pragma unroll
-    for (int j = 0; j < block_v / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * j + 2 * quad + e;
-        const bool in = full_tile || vocab0 + col < p.v;
-        const float b = (p.bias != nullptr && in) ? static_cast<float>(p.bias[vocab0 + col]) : 0.0f;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float& z = acc[4 * j + 2 * h + e];
-          z = in ? p.transform(z + b) : -INFINITY;
-          mx[h] = thread::nan_max(mx[h], z);
-        }
+      for (int h = 0; h < 2; ++h) {
+        float& z = acc[4 * j + 2 * h + e];
+        z = in ? p.transform(z + b) : -INFINITY;
+        mx[h] = thread::nan_max(mx[h], z);
       }
-    }
+    });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       mx[h] = thread::nan_max(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
@@ -311,27 +317,21 @@ struct fused_forward_sm90 {
 
     float sum[2] = {0.0f, 0.0f}, sum_pz[2] = {0.0f, 0.0f}, sum_wz[2] = {0.0f, 0.0f};
     int first[2] = {INT_MAX, INT_MAX};
+    for_each_column(p, vocab0, quad, full_tile, [&](int j, int e, int col, bool in) {
+      const float w =
+          !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
 #pragma unroll
-    for (int j = 0; j < block_v / 8; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * j + 2 * quad + e;
-        const bool in = full_tile || vocab0 + col < p.v;
-        const float w =
-            !in ? 0.0f : (p.class_weight != nullptr ? p.class_weight[vocab0 + col] : 1.0f);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float z = acc[4 * j + 2 * h + e];
-          if (z != -INFINITY) {  // masked columns contribute nothing (and no −inf·0)
-            const float ez = expf(z - mx[h]);
-            sum[h] += ez;
-            sum_pz[h] += ez * z;
-            sum_wz[h] += w * z;
-          }
-          first[h] = (z == mx[h] && col < first[h]) ? col : first[h];
+      for (int h = 0; h < 2; ++h) {
+        const float z = acc[4 * j + 2 * h + e];
+        if (z != -INFINITY) {  // masked columns contribute nothing (and no −inf·0)
+          const float ez = expf(z - mx[h]);
+          sum[h] += ez;
+          sum_pz[h] += ez * z;
+          sum_wz[h] += w * z;
         }
+        first[h] = (z == mx[h] && col < first[h]) ? col : first[h];
       }
-    }
+    });
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       merge_quad(mx[h], sum[h], sum_pz[h], sum_wz[h], first[h], vocab0, stats[h]);
@@ -339,29 +339,20 @@ struct fused_forward_sm90 {
   }
 };
 
-/// Dynamic shared memory of fused_forward_sm90<Element, Config, General>::smem_bytes; one block
-/// per SM.
+/// One block per SM, with the pipeline's smem_bytes of dynamic shared memory. Without sm_90a
+/// features (block::tile_pipeline_sm90::run_kernel) its rows read NaN.
 template <class Element, class Config, bool General, bool Store = false>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     fused_forward_sm90_kernel(
         const __grid_constant__
         typename fused_forward_sm90<Element, Config, General, Store>::params p) {
   using kernel_t = fused_forward_sm90<Element, Config, General, Store>;
-#if defined(LCE_SM90A)
-  extern __shared__ __align__(128) unsigned char smem[];
-  kernel_t{}(p, kernel_t::pipeline::storage(smem));
-#else
-  // Built for a device without sm_90a features (e.g. sm_90 without "a"). The static shared
-  // marker tells the launcher (device::sm90_kernel_runs reads sharedSizeBytes) not to pick this
-  // build; should it run anyway, its rows read NaN rather than garbage.
-  __shared__ volatile int not_sm90a[4];
-  if (threadIdx.x == 0) not_sm90a[0] = 1;
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
-  if (threadIdx.x < kernel_t::block_m && row < p.n) {
-    p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =
-        thread::row_stats{NAN, NAN, NAN, NAN, -1};
-  }
-#endif
+  kernel_t::pipeline::template run_kernel<kernel_t>(p, [&](std::int64_t row) {
+    if (row < p.n) {
+      p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =
+          thread::row_stats{NAN, NAN, NAN, NAN, -1};
+    }
+  });
 }
 
 }  // namespace kernel

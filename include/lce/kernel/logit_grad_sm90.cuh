@@ -35,12 +35,8 @@ template <class Element, class Config, bool General = false>
 struct logit_grad_sm90 {
   using pipeline = block::tile_pipeline_sm90<Element, Config>;
   using shared_storage = typename pipeline::shared_storage;
-  static constexpr int block_m = pipeline::block_m;
   static constexpr int block_v = pipeline::block_v;
-  static constexpr int block_k = pipeline::block_k;
-  static constexpr int threads = pipeline::threads;
   static constexpr int frag = pipeline::frag;
-  static constexpr int smem_bytes = pipeline::smem_bytes;
 
   struct params {
     CUtensorMap x_map;  ///< the chunk's X rows [grad.row0, grad.row0 + rows): (block_m, block_k)
@@ -215,27 +211,19 @@ struct logit_grad_sm90 {
   }
 };
 
-/// Dynamic shared memory of logit_grad_sm90<Element, Config, General>::smem_bytes; one block
-/// per SM.
+/// One block per SM, with the pipeline's smem_bytes of dynamic shared memory. Without sm_90a
+/// features (block::tile_pipeline_sm90::run_kernel) dZ reads NaN.
 template <class Element, class Config, bool General>
 __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
     logit_grad_sm90_kernel(const __grid_constant__
                            typename logit_grad_sm90<Element, Config, General>::params p) {
   using kernel_t = logit_grad_sm90<Element, Config, General>;
-#if defined(LCE_SM90A)
-  extern __shared__ __align__(128) unsigned char smem[];
-  kernel_t{}(p, kernel_t::pipeline::storage(smem));
-#else
-  // Without sm_90a features: the static shared marker tells the launcher not to select this
-  // build (device::sm90_kernel_runs); should it run anyway, dZ reads NaN.
-  __shared__ volatile int not_sm90a[4];
-  if (threadIdx.x == 0) not_sm90a[0] = 1;
-  const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * kernel_t::block_m + threadIdx.x;
-  if (threadIdx.x < kernel_t::block_m && row < p.rows && blockIdx.y == 0) {
-    for (std::int64_t c = 0; c < p.grad.cols; ++c)
-      p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
-  }
-#endif
+  kernel_t::pipeline::template run_kernel<kernel_t>(p, [&](std::int64_t row) {
+    if (row < p.rows && blockIdx.y == 0) {
+      for (std::int64_t c = 0; c < p.grad.cols; ++c)
+        p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
+    }
+  });
 }
 
 }  // namespace kernel

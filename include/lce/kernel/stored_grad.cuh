@@ -11,7 +11,8 @@
 /// the derivative factor 1 − (z/c)²). No bias and no class weights (the lean forward that
 /// stores the values has neither).
 ///
-/// One block per row; each thread reads and writes 8 elements (16 bytes) at a time.
+/// One block per row of a chunk of rows (grad.row0: its first global row; the stored values
+/// hold the chunk's rows); each thread reads and writes 8 elements (16 bytes) at a time.
 #pragma once
 
 #include <cstdint>
@@ -29,7 +30,9 @@ struct stored_grad_params {
   thread::logit_grad_params<Element>
       grad;                           ///< lse, targets, scalars, options (logits, bias unused)
   detail::stored_exp<Element> store;  ///< values in, dZ out
-  const float* target_logit;          ///< [n] the forward's fp32 target logits (transformed)
+  const float* target_logit;          ///< [n] the forward's fp32 target logits (transformed),
+                                      ///< by global row; read for rows whose target is in the
+                                      ///< window (grad.vocab0, grad.cols) only
 };
 
 template <class Element, int Threads>
@@ -37,21 +40,26 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     stored_grad_kernel(const stored_grad_params<Element> p) {
   constexpr float log2e = 1.4426950408889634f;
   constexpr int per = 8;  // elements per 16-byte access
-  const std::int64_t row = blockIdx.x;
+  // The stored values are the chunk's (local rows); everything else is indexed by global row.
+  const std::int64_t local = blockIdx.x;
+  const std::int64_t row = p.grad.row0 + local;
   const thread::row_grad rg = thread::make_row_grad(p.grad, row);
   const detail::stored_exp<Element>& st = p.store;
-  Element* values = st.values + row * st.ld;
-  const float* tile_max = st.tile_max + row * st.tiles;
-  const std::int64_t v = p.grad.v;
+  Element* values = st.values + local * st.ld;
+  const float* tile_max = st.tile_max + local * st.tiles;
+  // Columns of the vocabulary window: v of them from global id vocab0 (the whole vocabulary,
+  // or an lce::nccl shard); the target is a global id.
+  const std::int64_t v = p.grad.cols;
+  const std::int64_t target = rg.y - p.grad.vocab0;
   const thread::logit_transform& tf = p.grad.transform;
   const float cap = tf.softcap;
-  // The target's probability from its exact fp32 logit (only read where the row has one).
-  const bool has_target = rg.active && rg.y >= 0 && rg.y < v;
+  // The target's probability from its exact fp32 logit (only read where the window has it).
+  const bool has_target = rg.active && target >= 0 && target < v;
   const float z_target = has_target ? p.target_logit[row] : 0.0f;
   const float p_target = thread::softmax_prob(z_target, rg.lse);
 
   auto grad_of = [&](float e, float m, std::int64_t c) {
-    const bool is_target = c == rg.y;
+    const bool is_target = c == target;
     const float prob = is_target ? p_target : e * arch::sm90::fast_exp2((m - rg.lse) * log2e);
     float dzdraw = tf.inv_temperature;
     if (cap > 0.0f) {

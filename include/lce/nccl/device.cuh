@@ -75,10 +75,13 @@ std::size_t forward_bytes_per_row(const forward_args<Element>& a, const loss_opt
 
 /// Enqueues the vocabulary-parallel forward. Validated arguments; `a.w`, `a.bias` are the
 /// shard's, `a.targets` and `a.class_weight` global.
+/// With `store` (the stored strategy), the shard's lean sm_90a kernel also writes it where it
+/// runs; `*stored` says whether it did (see lce::device::run_fused_forward).
 template <class Element, class Config>
 cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<Element>& a,
                         const problem& global, const vocab_shard& shard, const loss_options& o,
-                        cudaStream_t stream) noexcept {
+                        cudaStream_t stream, const detail::stored_exp<Element>* store = nullptr,
+                        bool* stored = nullptr) noexcept {
   const problem local = local_problem(global, shard);
   const std::int64_t n = global.n;
   auto* scalars = detail::at<lce::thread::loss_scalars>(ws, plan.local.scalars);
@@ -92,7 +95,7 @@ cudaError_t run_forward(void* ws, const forward_plan& plan, const forward_args<E
   la.class_weight = a.class_weight != nullptr ? a.class_weight + shard.v_begin : nullptr;
   std::int64_t splits = 0;
   LCE_RETURN_IF_ERROR((lce::device::run_fused_forward<Element, Config>(
-      ws, plan.local, la, local, o, shard.v_begin, splits, stream)));
+      ws, plan.local, la, local, o, shard.v_begin, splits, stream, store, stored)));
 
   auto* partial = detail::at<thread::row_stats>(ws, plan.local.partial);
   auto* row_max = detail::at<float>(ws, plan.row_max);
@@ -166,26 +169,15 @@ inline std::size_t backward_bytes_per_row(const problem& global) noexcept {
   return sizeof(float) * static_cast<std::size_t>(global.d);
 }
 
-/// Enqueues the vocabulary-parallel backward: the core's chunked driver over the shard (dZ
-/// from the global lse and loss scalars; the sm_90a fused recompute where it applies), dW/db of
-/// the shard, the partial dX in fp32, then its all-reduce (or reduce-scatter) and the
-/// conversion into the caller's dX. The handle's scope is set.
-template <class Element, class Grad, class Config>
-cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
-                         const problem& global, const vocab_shard& shard, const comm_info& comm,
-                         const loss_options& o, cublasHandle_t handle,
-                         cudaStream_t stream) noexcept {
+/// dX = Σ over ranks of this rank's partial sums `dx_acc` (dense fp32 [n, d]), in fp32 and in
+/// place, all-reduced or reduce-scattered; then rounded once into the caller's dX (added to it
+/// with accumulate, after the reduction: the caller's dX is not summed over ranks).
+template <class Element>
+cudaError_t run_reduce_dx(float* dx_acc, Element* dx, const problem& global,
+                          const vocab_shard& shard, const comm_info& comm, const loss_options& o,
+                          cudaStream_t stream) noexcept {
   const std::int64_t n = global.n, d = global.d;
   const std::int64_t lddx = global.dx_stride();
-  float* dx_acc = detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
-  LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad, Config>(
-      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc, o,
-      handle, stream)));
-  if (a.dx == nullptr) return cudaSuccess;
-
-  // dX = Σ over ranks of the partial sums, in fp32 and in place; then rounded once into the
-  // caller's dX (added to it with accumulate, after the reduction: the caller's dX is not
-  // summed over ranks).
   float* rows = dx_acc;
   std::int64_t row_count = n;
   if (shard.dx == dx_reduction::all_reduce) {
@@ -203,9 +195,26 @@ cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_arg
   const auto blocks =
       static_cast<unsigned>(std::min<std::int64_t>((row_count * d + 255) / 256, 4096));
   lce::kernel::convert_rows_kernel<Element>
-      <<<blocks, 256, 0, stream>>>(rows, row_count, d, a.dx, lddx, o.accumulate);
+      <<<blocks, 256, 0, stream>>>(rows, row_count, d, dx, lddx, o.accumulate);
   LCE_CHECK_LAUNCH("convert_rows_kernel");
   return cudaSuccess;
+}
+
+/// Enqueues the vocabulary-parallel backward: the core's chunked driver over the shard (dZ
+/// from the global lse and loss scalars; the sm_90a fused recompute where it applies), dW/db of
+/// the shard, the partial dX in fp32, then its reduction (run_reduce_dx). The handle's scope
+/// is set.
+template <class Element, class Grad, class Config>
+cudaError_t run_backward(void* ws, const backward_plan& plan, const backward_args<Element, Grad>& a,
+                         const problem& global, const vocab_shard& shard, const comm_info& comm,
+                         const loss_options& o, cublasHandle_t handle,
+                         cudaStream_t stream) noexcept {
+  float* dx_acc = detail::at<float>(ws, plan.dx);  // dense [n, d] fp32 partial dX
+  LCE_RETURN_IF_ERROR((lce::device::run_chunked_backward<Element, Grad, Config>(
+      ws, plan.local, a, global, lce::device::vocab_window{shard.v_begin, shard.rows()}, dx_acc, o,
+      handle, stream)));
+  if (a.dx == nullptr) return cudaSuccess;
+  return run_reduce_dx(dx_acc, a.dx, global, shard, comm, o, stream);
 }
 
 }  // namespace impl

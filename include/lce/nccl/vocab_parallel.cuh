@@ -26,6 +26,7 @@
 #include "../config.hpp"
 #include "../detail/validate.hpp"
 #include "../forward.cuh"
+#include "../forward_backward.cuh"
 #include "../options.hpp"
 #include "../status.hpp"
 #include "device.cuh"
@@ -38,11 +39,16 @@ namespace impl {
 struct forward_backward_plan {
   forward_plan forward;
   std::size_t lse = 0;
-  std::size_t backward = 0;  ///< offset of the backward's workspace
-  backward_plan backward_plan;
+  std::size_t backward = 0;              ///< offset of the backward's workspace
+  backward_plan backward_plan;           ///< the chunked plan; with `stored`, its fallback
+  bool stored = false;                   ///< the stored strategy: asked for, or automatic's choice
+  std::size_t stored_dx = 0;             ///< the stored backward's fp32 [n, d] partial dX
+  lce::device::stored_plan stored_plan;  ///< the shard's stored values, after stored_dx
   std::size_t bytes = 0;
 };
 
+/// As lce::forward_backward's plan, on the shard: `stored` (its values of all n rows, no row
+/// chunks) where asked for, or where automatic finds them and the partial dX within the budget.
 template <class Element, class Grad, class Config>
 forward_backward_plan make_forward_backward_plan(const problem& local,
                                                  const backward_options& b) noexcept {
@@ -54,6 +60,20 @@ forward_backward_plan make_forward_backward_plan(const problem& local,
   detail::workspace_layout backward_layout;
   p.backward_plan = make_backward_plan<Element, Grad>(local, b, backward_layout);
   p.bytes = p.backward + p.backward_plan.bytes;
+  detail::workspace_layout stored_layout;
+  const std::size_t stored_dx =
+      stored_layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
+  const lce::device::stored_plan stored =
+      lce::device::make_stored_plan<Element>(local, local.n, 0, stored_layout);
+  const std::size_t stored_bytes = stored_layout.bytes();
+  p.stored = b.strategy == backward_strategy::stored ||
+             (b.strategy == backward_strategy::automatic && detail::can_store<Element, Config> &&
+              stored_bytes <= b.memory_budget);
+  if (p.stored) {
+    p.stored_dx = stored_dx;
+    p.stored_plan = stored;
+    p.bytes = p.backward + std::max(p.backward_plan.bytes, stored_bytes);
+  }
   return p;
 }
 
@@ -134,12 +154,8 @@ template <class Element, class Config = default_config<Element>>
   detail::workspace_layout layout;
   const impl::forward_plan plan =
       impl::make_forward_plan<Config>(impl::local_problem(shape, shard), layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   return impl::run_forward<Element, Config>(d_workspace, plan, args, shape, shard, options, stream);
 }
@@ -192,12 +208,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   detail::workspace_layout layout;
   const impl::backward_plan plan =
       impl::make_backward_plan<Element, Grad>(impl::local_problem(shape, shard), bopt, layout);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
   detail::cublas_scope scope(handle, stream);
@@ -219,10 +231,14 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 }
 
 /// @brief lce::nccl::forward, then lce::nccl::backward with upstream gradient 1 (of the mean or
-/// sum; for reduction none, of the sum of the token losses): 4 GEMMs of work over the shard,
-/// whichever strategy. Arguments as those two (forward_backward_args: the forward's pointers
-/// and dx, dw, db); `lse` is optional (kept in the workspace when null). With dx, dw and db all
-/// null it runs the forward only.
+/// sum; for reduction none, of the sum of the token losses): 4 GEMMs of work over the shard
+/// with the chunked strategies; with `stored` (asked for, or automatic's choice where the
+/// shard's values of all n rows and an fp32 [n, d] partial dX fit the budget; 16-bit
+/// elements, no bias or class weights, an sm_90a device — else the chunked plan runs) the
+/// shard's forward keeps e^{z − m} of its columns and the backward is one pass and GEMMs over
+/// them: 3 GEMMs, as lce::forward_backward's. Arguments as those two (forward_backward_args: the
+/// forward's pointers and dx, dw, db); `lse` is optional (kept in the workspace when null). With
+/// dx, dw and db all null it runs the forward only.
 template <class Element, class Grad, class Config = default_config<Element>>
 [[nodiscard]] cudaError_t forward_backward(void* d_workspace, std::size_t& workspace_bytes,
                                            const forward_backward_args<Element, Grad>& args,
@@ -234,7 +250,8 @@ template <class Element, class Grad, class Config = default_config<Element>>
   detail::clear_error();
   const forward_args<Element> fa = detail::forward_part(args);
   LCE_RETURN_IF_ERROR(impl::validate_common(shape, shard, options));
-  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>));
+  LCE_RETURN_IF_ERROR(detail::validate_backward_options(bopt, std::is_same_v<Grad, float>,
+                                                        /*with_forward=*/true));
   LCE_RETURN_IF_ERROR(detail::validate_forward_args(fa, shape, options));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
   impl::comm_info comm;
@@ -242,27 +259,47 @@ template <class Element, class Grad, class Config = default_config<Element>>
       shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
   const auto plan = impl::make_forward_backward_plan<Element, Grad, Config>(
       impl::local_problem(shape, shard), bopt);
-  if (d_workspace == nullptr) {
-    workspace_bytes = plan.bytes;
-    return cudaSuccess;
-  }
-  LCE_RETURN_IF_ERROR(detail::validate_workspace_pointer(d_workspace));
-  LCE_RETURN_IF_ERROR(detail::validate_workspace(workspace_bytes, plan.bytes));
+  LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
+  if (d_workspace == nullptr) return cudaSuccess;  // the size query
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
 
   float* lse = args.lse ? args.lse : detail::at<float>(d_workspace, plan.lse);
   forward_args<Element> fwd = fa;
   fwd.lse = lse;
-  LCE_RETURN_IF_ERROR((impl::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
-                                                          shard, options, stream)));
-  if (args.dx == nullptr && args.dw == nullptr && args.db == nullptr) return cudaSuccess;
+  const bool gradients = args.dx != nullptr || args.dw != nullptr || args.db != nullptr;
+  void* backward_ws = detail::at<char>(d_workspace, plan.backward);
+  // The stored strategy: the shard's forward keeps e^{z − m} of its columns (where its lean
+  // sm_90a kernel runs; elsewhere the fallback plan's backward follows).
+  using sm90_config = typename sm90_config_of<Config>::type;
+  std::int64_t tile_cols = lce::device::vocab_chunk_granule;
+  if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
+  const std::int64_t v_local = shard.rows();
+  const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
+                                       detail::at<float>(backward_ws, plan.stored_plan.tile_max),
+                                       plan.stored_plan.ld, (v_local + tile_cols - 1) / tile_cols,
+                                       tile_cols};
+  const bool store = gradients && plan.stored;
+  bool stored = false;
+  LCE_RETURN_IF_ERROR(
+      (impl::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape, shard, options,
+                                          stream, store ? &st : nullptr, &stored)));
+  if (!gradients) return cudaSuccess;
   const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
   detail::cublas_scope scope(handle, stream);
   if (scope.status() != CUBLAS_STATUS_SUCCESS)
     return detail::cublas_failure(scope.status(), "handle setup");
-  return impl::run_backward<Element, Grad, Config>(detail::at<char>(d_workspace, plan.backward),
-                                                   plan.backward_plan, ba, shape, shard, comm,
-                                                   options, handle, stream);
+  if (stored) {
+    float* dx_acc = detail::at<float>(backward_ws, plan.stored_dx);
+    LCE_RETURN_IF_ERROR(lce::device::run_stored_backward(
+        backward_ws, plan.stored_plan, st,
+        detail::at<thread::loss_scalars>(d_workspace, plan.forward.local.scalars),
+        detail::at<float>(d_workspace, plan.forward.local.target_logit), ba, shape,
+        lce::device::vocab_window{shard.v_begin, v_local}, dx_acc, options, handle, stream));
+    if (args.dx == nullptr) return cudaSuccess;
+    return impl::run_reduce_dx(dx_acc, args.dx, shape, shard, comm, options, stream);
+  }
+  return impl::run_backward<Element, Grad, Config>(backward_ws, plan.backward_plan, ba, shape,
+                                                   shard, comm, options, handle, stream);
 }
 
 }  // namespace nccl

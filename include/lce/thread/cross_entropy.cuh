@@ -152,6 +152,7 @@ struct target_view {
   std::int64_t seq_len;  ///< causal shift T, 0 = off
   std::int64_t ignore_index;
   std::int64_t vocab_offset = 0;  ///< global id of the shard's column 0 (0: whole vocabulary)
+  std::int64_t row_offset = 0;    ///< global row of row 0 (a kernel over a chunk of rows)
 
   __host__ __device__ std::int64_t operator()(std::int64_t row) const noexcept;
 };
@@ -166,7 +167,7 @@ __host__ __device__ inline std::int64_t shifted_target(const std::int64_t* targe
 }
 
 __host__ __device__ inline std::int64_t target_view::operator()(std::int64_t row) const noexcept {
-  const std::int64_t y = shifted_target(targets, row, seq_len, ignore_index);
+  const std::int64_t y = shifted_target(targets, row + row_offset, seq_len, ignore_index);
   return (vocab_offset != 0 && y != ignore_index) ? y - vocab_offset : y;
 }
 

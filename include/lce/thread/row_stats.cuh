@@ -42,6 +42,16 @@ __host__ __device__ inline row_stats row_stats_merge(row_stats a, row_stats b) n
   return {m, a.sum * ea + b.sum * eb, a.sum_pz * ea + b.sum_pz * eb, a.sum_wz + b.sum_wz, arg};
 }
 
+/// @brief Union of a row's statistics over the vocabulary splits of a [splits, n] array
+/// (`partial[s·n + row]`), merged in split order (so the result is deterministic).
+__host__ __device__ inline row_stats row_stats_merge_splits(const row_stats* partial,
+                                                            std::int64_t n, std::int64_t splits,
+                                                            std::int64_t row) noexcept {
+  row_stats st = row_stats_identity();
+  for (std::int64_t s = 0; s < splits; ++s) st = row_stats_merge(st, partial[s * n + row]);
+  return st;
+}
+
 /// @brief Adds element (v, z, w) with one exponential. z = −inf (a masked column) changes
 /// nothing; the result equals row_stats_merge(s, {z, 1, z, w·z, v}) up to rounding.
 __host__ __device__ inline row_stats row_stats_push(row_stats s, std::int64_t v, float z,

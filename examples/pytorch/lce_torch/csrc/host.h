@@ -73,8 +73,8 @@ inline lce::backward_options make_backward_options(std::int64_t strategy,
                     "or 3 (stored), got ",
                     strategy);
   TORCH_CHECK_VALUE(stored_allowed || strategy != 3,
-                    "lce_torch: strategy 3 (stored) is not available here (vocabulary "
-                    "parallelism recomputes the logits in the backward)");
+                    "lce_torch: strategy 3 (stored) is not available here: this operator has "
+                    "no forward to store from (the forward_backward operator has)");
   lce::backward_options b;
   b.strategy = static_cast<lce::backward_strategy>(strategy);
   if (memory_budget >= 0) b.memory_budget = static_cast<std::size_t>(memory_budget);

@@ -241,7 +241,7 @@ nccl_forward_backward_op(const at::Tensor& x, const at::Tensor& weight,
                       make_options(ignore_index, reduction, label_smoothing, z_loss, softcap,
                                    temperature, shift_seq_len, filter_eps));
   check_ranks(s, ranks);
-  s.c.bopt = make_backward_options(strategy, memory_budget, /*stored_allowed=*/false);
+  s.c.bopt = make_backward_options(strategy, memory_budget, /*stored_allowed=*/true);
   const forward_outputs o = make_forward_outputs(s.c, outputs);
   const gradients g = make_gradients(s, ranks, need_dx, need_dw, need_db, fp32_weight_grad);
   dispatch_forward_backward(s, o, g);

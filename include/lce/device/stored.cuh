@@ -1,0 +1,236 @@
+/// @file stored.cuh
+/// @brief Device-wide `stored` strategy (docs/algorithm.md §5.5): the lean sm_90a forward keeps
+/// e^{z − m} of every logit in the element type with each (row, tile) maximum m, and the
+/// backward forms dZ over them in place (kernel/stored_grad.cuh) before the gradient GEMMs — no
+/// recomputation. All rows at once (after lce's own forward), or in row chunks within the budget
+/// (run_stored_chunks: forward, combine and backward chunk by chunk, fp32 dW). Serves
+/// lce::forward_backward and lce::nccl::forward_backward (a vocabulary window and a partial dX).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "../args.hpp"
+#include "../config.hpp"
+#include "../detail/cublas.cuh"
+#include "../detail/stored_exp.hpp"
+#include "../detail/workspace.hpp"
+#include "../kernel/elementwise.cuh"
+#include "../kernel/forward_finalize.cuh"
+#include "../kernel/stored_grad.cuh"
+#include "../options.hpp"
+#include "../thread/finish_row.cuh"
+#include "../thread/loss_scalars.cuh"
+#include "../thread/row_stats.cuh"
+#include "chunked_backward.cuh"
+#include "forward.cuh"
+#include "launch.cuh"
+
+LCE_NAMESPACE_BEGIN
+namespace device {
+
+/// Workspace regions of the `stored` strategy's backward (lce::forward_backward): the values
+/// e^{z − m} [rows, ld] in the element type, the tile maxima [rows, tiles] and the ones of db,
+/// for `rows` rows at a time. rows = n: one chunk, after a forward over all rows. rows < n
+/// (row chunks, when the n rows do not fit the budget; fp32 dW): the forward runs chunk by
+/// chunk, each chunk's kernel writing its vocabulary-split statistics to `partial` (`splits`
+/// per row at most). The tile count is an upper bound for every sm_90a tile width
+/// (≥ vocab_chunk_granule columns).
+struct stored_plan {
+  std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
+  std::int64_t ld = 0, tiles = 0, rows = 0;
+  std::size_t bytes = 0;
+};
+
+/// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
+/// forward uses (0 for one chunk, whose forward is lce's own).
+template <class Element>
+stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
+                             detail::workspace_layout& layout) noexcept {
+  stored_plan p;
+  p.rows = rows;
+  const auto r = static_cast<std::size_t>(rows);
+  p.ones = layout.reserve<Element>(r);
+  p.ld = round_up(s.v, 8);
+  p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
+  p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
+  p.tile_max = layout.reserve<float>(r * static_cast<std::size_t>(p.tiles));
+  p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
+  p.bytes = layout.bytes();
+  return p;
+}
+
+/// The stored plan in row chunks within `budget` (Element 16-bit, Config with an sm_90a
+/// kernel): as many rows per chunk as the budget holds, in whole row tiles of the kernel. rows
+/// is 0 where no chunk fits or where every row does (then one chunk is the plan).
+template <class Element, class Config>
+stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcept {
+  using config = typename sm90_config_of<Config>::type;
+  const std::int64_t granule = std::int64_t{config::block_m} * config::cluster_m;
+  const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
+  const auto tiles =
+      static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
+  const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
+                              static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
+  const std::size_t slack = 4 * detail::workspace_layout::alignment;
+  std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
+  rows = rows / granule * granule;
+  if (rows <= 0 || rows >= s.n) return {};
+  problem chunk = s;
+  chunk.n = rows;
+  std::int64_t splits =
+      make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m).splits;
+  if (s.n % rows != 0) {  // the last, shorter chunk may take more splits
+    chunk.n = s.n % rows;
+    splits = std::max(
+        splits,
+        make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m).splits);
+  }
+  detail::workspace_layout layout;
+  return make_stored_plan<Element>(s, rows, splits, layout);
+}
+
+/// The rows of one stored backward: [r0, r0 + count) of the problem (count < 0: all n).
+struct row_range {
+  std::int64_t r0 = 0;
+  std::int64_t count = -1;
+};
+
+/// The stored strategy's backward over a range of rows and a vocabulary window (`window`: the
+/// rows of a.w, a.bias, a.dw and a.db, as run_chunked_backward takes it), after the forward
+/// wrote the range's values of the window into `st` (with a.lse, the forward's `scalars` and
+/// fp32 `target_logit`, by global row): dZ in place over the stored values, then dX's rows =
+/// dZ·W_window — into the caller's a.dx, or with `dx_partial` (dense fp32 [n, d]) the window's
+/// partial sum for a collective to reduce — and dW += dZᵀ·X, db += dZᵀ·1, written (or, with
+/// o.accumulate, added) by the first range (r0 = 0), added to by the others (fp32 dW and db
+/// when there are several).
+template <class Element, class Grad>
+cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
+                                const detail::stored_exp<Element>& st,
+                                const thread::loss_scalars* scalars, const float* target_logit,
+                                const backward_args<Element, Grad>& a, const problem& s,
+                                const vocab_window& window, float* dx_partial,
+                                const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
+                                row_range range = {}) noexcept {
+  using detail::gemm;
+  constexpr cublasOperation_t N = CUBLAS_OP_N;
+  constexpr cublasOperation_t T = CUBLAS_OP_T;
+  constexpr int threads = 256;
+  const std::int64_t r0 = range.r0;
+  const std::int64_t rows = range.count < 0 ? s.n : range.count;
+  const std::int64_t v = window.rows;
+  const float* one = &scalars->one;
+  const float* zero = &scalars->zero;
+  const float* alpha = &scalars->alpha;
+  const float* first_beta = o.accumulate ? one : zero;
+  const float* beta = r0 == 0 ? first_beta : one;
+  kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, window.begin), st,
+                                         target_logit};
+  sp.grad.row0 = r0;
+  sp.grad.vocab0 = window.begin;
+  sp.grad.cols = v;
+  kernel::stored_grad_kernel<Element, threads>
+      <<<static_cast<unsigned>(rows), threads, 0, stream>>>(sp);
+  LCE_CHECK_LAUNCH("stored_grad_kernel");
+  const Element* dz = st.values;
+  const Element* x_c = a.x + r0 * s.x_stride();
+  if (a.dx != nullptr) {  // dX_cᵀ [d, rows] = W_windowᵀ · dZ_cᵀ
+    if (dx_partial != nullptr)
+      LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, v, alpha, a.w, s.w_stride(), dz, st.ld,
+                               zero, dx_partial + r0 * s.d, s.d));
+    else
+      LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, rows, v, alpha, a.w, s.w_stride(), dz, st.ld,
+                               first_beta, a.dx + r0 * s.dx_stride(), s.dx_stride()));
+  }
+  if (a.dw != nullptr)  // dWᵀ [d, v] (+)= X_cᵀ · dZ_c
+    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, v, rows, alpha, x_c, s.x_stride(), dz, st.ld, beta,
+                             a.dw, s.dw_stride()));
+  if (a.db != nullptr) {  // db [v, 1] (+)= dZ_cᵀ · 1
+    auto* ones = detail::at<Element>(ws, plan.ones);
+    if (r0 == 0) {
+      kernel::fill_kernel<Element>
+          <<<std::min<std::int64_t>((rows + 255) / 256, 1024), 256, 0, stream>>>(ones, rows, 1.0f);
+      LCE_CHECK_LAUNCH("fill_kernel");
+    }
+    LCE_RETURN_IF_ERROR(
+        gemm(handle, N, N, v, 1, rows, alpha, dz, st.ld, ones, rows, beta, a.db, v));
+  }
+  return cudaSuccess;
+}
+
+/// Per-row outputs of rows [r0, ...): each pointer moved to the chunk's first row.
+inline thread::row_outputs rows_from(thread::row_outputs r, std::int64_t r0) noexcept {
+  const auto from = [r0](auto* p) { return p != nullptr ? p + r0 : p; };
+  return {from(r.lse),    from(r.token_loss), from(r.token_z_loss),
+          from(r.argmax), from(r.entropy),    from(r.target_logprob),
+          from(r.ce)};
+}
+
+/// The stored strategy in row chunks (plan.rows < n; fp32 dW and db, which every chunk adds
+/// to): for each chunk, the lean sm_90a forward over its rows stores their values, the rows'
+/// statistics are combined into the lse and every per-row output, and run_stored_backward
+/// forms their gradients; the loss is reduced over all rows at the end. `fa` is the forward's
+/// arguments with fa.lse set (a.lse the same), `fplan` the forward plan of the whole problem
+/// in `fwd_ws` (its scalars, target logits and per-row regions serve every chunk).
+/// `launched` is false, with nothing enqueued, where the store kernel cannot run (a bias or
+/// class weights, a device without the sm_90a kernel, operands its copy engine cannot read).
+template <class Element, class Grad, class Config>
+cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
+                              const stored_plan& plan, const forward_args<Element>& fa,
+                              const backward_args<Element, Grad>& a, const problem& s,
+                              const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
+                              bool& launched) noexcept {
+  using config = typename sm90_config_of<Config>::type;
+  launched = false;
+  if constexpr (std::is_void_v<config> || sizeof(Element) != 2) {
+    return cudaSuccess;
+  } else {
+    if (fa.bias != nullptr || fa.class_weight != nullptr) return cudaSuccess;
+    {  // the checks of the first launch, before anything is enqueued
+      typename kernel::fused_forward_sm90<Element, config, false, true>::params probe{};
+      problem first = s;
+      first.n = std::min(plan.rows, s.n);
+      if (!prepare_sm90_forward<Element, config, false, true>(probe, fa, first)) return cudaSuccess;
+    }
+    launched = true;
+    auto* scalars = detail::at<thread::loss_scalars>(fwd_ws, fplan.scalars);
+    auto* target_logit = detail::at<float>(fwd_ws, fplan.target_logit);
+    auto* partial = detail::at<thread::row_stats>(ws, plan.partial);
+    LCE_RETURN_IF_ERROR(
+        run_loss_scalars(fa.targets, nullptr, nullptr, s, o, scalars, fa.status, stream));
+    const thread::row_outputs all_rows = make_row_outputs(fwd_ws, fplan, fa);
+    const detail::stored_exp<Element> st{
+        detail::at<Element>(ws, plan.values), detail::at<float>(ws, plan.tile_max), plan.ld,
+        (s.v + config::block_v - 1) / config::block_v, config::block_v};
+    constexpr int combine_threads = 256;
+    for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
+      problem chunk = s;
+      chunk.n = std::min(plan.rows, s.n - r0);
+      forward_args<Element> fc = fa;
+      fc.x = fa.x + r0 * s.x_stride();
+      const forward_grid grid =
+          make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m);
+      bool ran = false;
+      std::int64_t splits = 0;
+      LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, config, false, true>(
+          grid, fc, chunk, o, 0, partial, target_logit + r0, ran, splits, stream, &st, r0)));
+      if (!ran) return detail::invalid("stored forward: the sm_90a kernel stopped launching");
+      thread::row_loss_params loss = make_row_loss_params(fa.targets, s, o, nullptr, scalars);
+      loss.targets.row_offset = r0;
+      const kernel::combine_params cp{partial, target_logit + r0,      chunk.n, splits,
+                                      loss,    rows_from(all_rows, r0)};
+      const auto blocks = static_cast<unsigned>((chunk.n + combine_threads - 1) / combine_threads);
+      kernel::combine_rows_kernel<combine_threads><<<blocks, combine_threads, 0, stream>>>(cp);
+      LCE_CHECK_LAUNCH("combine_rows_kernel");
+      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, a, s,
+                                              vocab_window{0, s.v}, nullptr, o, handle, stream,
+                                              row_range{r0, chunk.n}));
+    }
+    return run_reduce_loss(all_rows, fa.targets, s, o, scalars, fa.loss, fa.z_loss, fa.correct,
+                           stream);
+  }
+}
+
+}  // namespace device
+LCE_NAMESPACE_END
