@@ -467,7 +467,7 @@ void bm_naive_forward_backward(benchmark::State& state, lce::problem s, data_fam
 struct variant {
   lce::backward_strategy strategy;
   std::size_t budget_mib;
-  bool fp32_dw = false;  // stored only: Grad = float, so row chunks within the budget
+  bool fp32_dw = false;  // stored and vocab_chunked: Grad = float (stored: row chunks)
 };
 
 std::string variant_name(const variant& c) {
@@ -475,8 +475,9 @@ std::string variant_name(const variant& c) {
     if (!c.fp32_dw) return "stored";  // every row at once: n·v·2 bytes, any budget
     return "stored_f32dw/" + std::to_string(c.budget_mib) + "MiB";  // row chunks in the budget
   }
-  const char* strategy =
-      c.strategy == lce::backward_strategy::row_chunked ? "row_chunked" : "vocab_chunked";
+  const char* strategy = c.strategy == lce::backward_strategy::row_chunked ? "row_chunked"
+                         : c.fp32_dw                                       ? "vocab_chunked_f32dw"
+                                                                           : "vocab_chunked";
   return std::string(strategy) + "/" + std::to_string(c.budget_mib) + "MiB";
 }
 
@@ -531,7 +532,14 @@ void register_benchmarks() {
         variants.push_back({lce::backward_strategy::row_chunked, 4096});
       }
       if (f != data_family::peaked) variants.push_back({lce::backward_strategy::stored, 0});
-      if (f == data_family::lm) variants.push_back({lce::backward_strategy::stored, 1024, true});
+      if (f == data_family::lm) {
+        // With an fp32 dW: stored row chunks at 256 MiB (~1000 rows a chunk on Llama 3), 512 MiB
+        // and 1 GiB against what automatic runs at the default budget (vocab_chunked): the
+        // evidence for device::min_stored_chunk.
+        for (std::size_t mib : {std::size_t{256}, std::size_t{512}, std::size_t{1024}})
+          variants.push_back({lce::backward_strategy::stored, mib, true});
+        variants.push_back({lce::backward_strategy::vocab_chunked, default_budget, true});
+      }
       // LCE_BENCH_VOCAB_BUDGETS="160,205": more vocab_chunked budgets (MiB) of the LM family,
       // for chunk-width experiments.
       if (f == data_family::lm) {
@@ -541,7 +549,7 @@ void register_benchmarks() {
       for (const variant& c : variants) {
         const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
         const std::string name = rows + "/" + variant_name(c);
-        if (c.strategy == lce::backward_strategy::stored && c.fp32_dw) {
+        if (c.fp32_dw) {
           add("fwdbwd/lce" + name, bm_lce_forward_backward<float>, s, f, bopt, lce::loss_options{});
         } else if (c.strategy == lce::backward_strategy::stored) {  // forward_backward only
           add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, f, bopt, lce::loss_options{});
