@@ -132,6 +132,31 @@ void check_invalid_arguments() {
 
 }  // namespace
 
+/// A tile configuration without an sm_90a part (the api.md example of a custom tile). Outside
+/// the anonymous namespace: kernels on it have hidden visibility, which needs linkage.
+struct mma_sync_only_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+
+// backward compiles and plans with it: its fused recompute is then never instantiated, the
+// cuBLAS recompute runs.
+TEMPLATE_TEST_CASE("backward with a Config without an sm_90a kernel: size query",
+                   "[contract][backward][config]", float, __half, __nv_bfloat16) {
+  const lce::problem shape{300, 72, 127};
+  const lce::backward_args<TestType, float> args = valid_backward_args<TestType, float>();
+  const lce::backward_options bopt;
+  std::size_t bytes = 0;
+  check_success(lce::backward<TestType, float, mma_sync_only_config>(
+      nullptr, bytes, args, shape, lce::loss_options{}, bopt, fake_handle()));
+  CHECK(bytes == (lce::backward_workspace_size<TestType, float>(shape, bopt)));
+  const lce::backward_choice c =
+      lce::choose_backward<TestType, float, mma_sync_only_config>(shape, bopt);
+  CHECK_FALSE(c.fused_recompute);
+  std::size_t short_bytes = bytes - 1;
+  check_invalid(
+      lce::backward<TestType, float, mma_sync_only_config>(
+          fake_workspace(), short_bytes, args, shape, lce::loss_options{}, bopt, fake_handle()),
+      "workspace_bytes");
+}
+
 TEMPLATE_TEST_CASE("backward size query: launches nothing, matches backward_workspace_size",
                    "[contract][backward]", float, __half, __nv_bfloat16) {
   SECTION("Grad = Element") { check_size_queries<TestType, TestType>(); }

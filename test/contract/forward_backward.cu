@@ -226,6 +226,25 @@ TEMPLATE_TEST_CASE("forward_backward accepts valid loss options and every option
 /// A tile configuration without an sm_90a kernel: the stored forward cannot run with it.
 struct contract_mma_sync_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
 
+// Every launcher compiles and plans with a Config that has no sm_90a part (the api.md example
+// of a custom tile): the backward's fused recompute is then never instantiated.
+TEMPLATE_TEST_CASE("forward_backward with a Config without an sm_90a kernel: size query",
+                   "[contract][forward_backward][config]", float, __half, __nv_bfloat16) {
+  const lce::problem shape{300, 72, 127};
+  const auto args = valid_forward_backward_args<TestType, float>();
+  lce::backward_options bopt;
+  std::size_t bytes = 0;
+  check_success(lce::forward_backward<TestType, float, contract_mma_sync_config>(
+      nullptr, bytes, args, shape, lce::loss_options{}, bopt, fake_handle()));
+  CHECK(bytes == (lce::forward_backward_workspace_size<TestType, float, contract_mma_sync_config>(
+                     shape, bopt)));
+  std::size_t short_bytes = bytes - 1;
+  check_invalid(
+      lce::forward_backward<TestType, float, contract_mma_sync_config>(
+          fake_workspace(), short_bytes, args, shape, lce::loss_options{}, bopt, fake_handle()),
+      "workspace_bytes");
+}
+
 // forward_backward's choice: stored where asked for, or where automatic finds its n·v·2 bytes
 // within the budget (16-bit elements); the chunked plan otherwise, in the same workspace.
 TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fits the budget",

@@ -81,6 +81,32 @@ void check_all_invalid(const lce::problem& p, const lce::nccl::vocab_shard& s,
 
 }  // namespace
 
+/// A tile configuration without an sm_90a part (the api.md example of a custom tile). Outside
+/// the anonymous namespace: kernels on it have hidden visibility, which needs linkage.
+struct mma_sync_only_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};
+
+// Every launcher compiles with it (its fused recompute is then never instantiated) and checks
+// its arguments as with the default.
+TEMPLATE_TEST_CASE("nccl contract: a Config without an sm_90a kernel", "[nccl][contract][config]",
+                   float, __half, __nv_bfloat16) {
+  const lce::backward_options bopt{};
+  const lce::nccl::vocab_shard s = shard(-1, 10);
+  for (void* ws : {static_cast<void*>(nullptr), fake_workspace()}) {
+    std::size_t bytes = unlimited_bytes;
+    check_invalid(lce::nccl::forward<TestType, mma_sync_only_config>(
+                      ws, bytes, forward_args<TestType>(), shape, s, {}),
+                  "shard.v_begin");
+    check_invalid(
+        lce::nccl::backward<TestType, TestType, mma_sync_only_config>(
+            ws, bytes, backward_args<TestType, TestType>(), shape, s, {}, bopt, fake_handle()),
+        "shard.v_begin");
+    check_invalid(
+        lce::nccl::forward_backward<TestType, float, mma_sync_only_config>(
+            ws, bytes, forward_backward_args<TestType, float>(), shape, s, {}, bopt, fake_handle()),
+        "shard.v_begin");
+  }
+}
+
 TEMPLATE_TEST_CASE("nccl contract: a bad shard is named", "[nccl][contract]", float, __half,
                    __nv_bfloat16) {
   check_all_invalid<TestType>(shape, shard(-1, 10), {}, "shard.v_begin");

@@ -162,15 +162,17 @@ cudaError_t run_logit_grad_sm90(const thread::logit_grad_params<Element>& gp, co
                                 std::int64_t ldw, std::int64_t d, Element* dz, std::int64_t ldz,
                                 bool& launched, cudaStream_t stream) noexcept {
   launched = false;
-  if constexpr (sizeof(Element) == 2) {
-    if (gp.bias == nullptr && gp.class_weight == nullptr) {
-      using config = typename sm90_config_of<Config>::type;
-      return launch_logit_grad_sm90<Element, config, false>(gp, x_rows, rows, ldx, w_rows, ldw, d,
-                                                            dz, ldz, launched, stream);
-    }
-    using config = typename sm90_general_config_of<Config>::type;
-    return launch_logit_grad_sm90<Element, config, true>(gp, x_rows, rows, ldx, w_rows, ldw, d, dz,
-                                                         ldz, launched, stream);
+  // A Config without an sm_90a part (void) has no such kernel: the caller's cuBLAS path runs.
+  using lean = typename sm90_config_of<Config>::type;
+  using general = typename sm90_general_config_of<Config>::type;
+  if constexpr (sizeof(Element) == 2 && !std::is_void_v<lean>) {
+    if (gp.bias == nullptr && gp.class_weight == nullptr)
+      return launch_logit_grad_sm90<Element, lean, false>(gp, x_rows, rows, ldx, w_rows, ldw, d, dz,
+                                                          ldz, launched, stream);
+  }
+  if constexpr (sizeof(Element) == 2 && !std::is_void_v<general>) {
+    return launch_logit_grad_sm90<Element, general, true>(gp, x_rows, rows, ldx, w_rows, ldw, d, dz,
+                                                          ldz, launched, stream);
   }
   return cudaSuccess;
 }
