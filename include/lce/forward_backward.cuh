@@ -52,8 +52,8 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   // bias, class weights and the device are seen at the launch, which falls back to the chunked
   // plan) within the budget: in one chunk, or in chunks of at least min_stored_chunk rows
   // (below that the passes over the fp32 dW weigh on the GEMMs). 3 GEMMs and no recomputation.
-  // Asked
-  // for, stored runs in chunks where it can and in one chunk otherwise, whatever the budget.
+  // Asked for, stored runs in chunks where it can and in one chunk otherwise, whatever the
+  // budget.
   p.stored = b.strategy == backward_strategy::stored ||
              (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
               (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk)));
