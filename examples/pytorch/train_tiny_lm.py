@@ -78,7 +78,35 @@ def markov_data(steps, batch, seq, vocab, device, seed, successors=4):
     return tokens.view(steps, batch, seq), entropy
 
 
-def train(name, loss_fn, model, data, lr, device, dtype):
+def step(loss_fn, model, optimizer, tokens, device, dtype):
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = loss_fn(model, tokens)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def profile_steps(name, loss_fn, model, optimizer, data, device, dtype, steps=3, rows=15):
+    """A few more steps under torch.profiler: where a step's time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for tokens in data[:steps]:
+            step(loss_fn, model, optimizer, tokens, device, dtype)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    key = "cpu_time_total"
+    if cuda:
+        key = "device_time_total" if hasattr(events[0], "device_time_total") else "cuda_time_total"
+    print(f"== {name}: {steps} steps under torch.profiler, by {key}")
+    print(events.table(sort_by=key, row_limit=rows))
+
+
+def train(name, loss_fn, model, data, lr, device, dtype, profile=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses, times = [], []
     if device.type == "cuda":
@@ -87,16 +115,14 @@ def train(name, loss_fn, model, data, lr, device, dtype):
         base = torch.cuda.memory_allocated()
     for tokens in data:
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = loss_fn(model, tokens)
-        loss.backward()
-        optimizer.step()
+        loss = step(loss_fn, model, optimizer, tokens, device, dtype)
         losses.append(loss.item())  # synchronizes: the step's time is the GPU's
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
     warm = times[min(10, len(times) // 2):]
     ms = 1e3 * sum(warm) / len(warm)
+    if profile:  # after the timed steps and the peak, so that neither includes the profiler
+        profile_steps(name, loss_fn, model, optimizer, data, device, dtype)
     return {"name": name, "losses": losses, "ms": ms, "peak_mib": peak}
 
 
@@ -192,6 +218,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="tiny_lm_loss.png")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each run, 3 more steps under torch.profiler: its top kernels")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -213,7 +241,7 @@ def main(argv=None):
             continue
         model = TinyGPT(args.vocab, args.dim, args.layers, args.heads, args.seq).to(device)
         model.load_state_dict(initial.state_dict())
-        runs.append(train(name, fn, model, data, args.lr, device, dtype))
+        runs.append(train(name, fn, model, data, args.lr, device, dtype, args.profile))
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
