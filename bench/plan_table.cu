@@ -24,20 +24,6 @@ struct strategy_row {
   bool fp32_dw;
 };
 
-std::string strategy_name(lce::backward_strategy s) {
-  switch (s) {
-    case lce::backward_strategy::automatic:
-      return "automatic";
-    case lce::backward_strategy::vocab_chunked:
-      return "vocab_chunked";
-    case lce::backward_strategy::row_chunked:
-      return "row_chunked";
-    case lce::backward_strategy::stored:
-      return "stored";
-  }
-  return "?";
-}
-
 double mib(std::size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
 
 }  // namespace
@@ -76,7 +62,7 @@ int main() {
               : std::to_string(c.chunk) +
                     (c.strategy == lce::backward_strategy::vocab_chunked ? " columns" : " rows");
       std::printf("| %s | %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", st.name, sh.name,
-                  strategy_name(c.strategy).c_str(), chunk.c_str(), mib(c.workspace_bytes),
+                  lce::to_string(c.strategy), chunk.c_str(), mib(c.workspace_bytes),
                   mib(c.accumulator_bytes), mib(dw32), mib(c.workspace_bytes + dw32));
     }
   }

@@ -45,20 +45,6 @@ struct settings {
 
 constexpr int warmup_runs = 2;
 
-const char* strategy_name(lce::backward_strategy s) {
-  switch (s) {
-    case lce::backward_strategy::automatic:
-      return "auto";
-    case lce::backward_strategy::vocab_chunked:
-      return "vocab_chunked";
-    case lce::backward_strategy::row_chunked:
-      return "row_chunked";
-    case lce::backward_strategy::stored:
-      return "stored";
-  }
-  return "?";
-}
-
 /// Time, memory and results of one path.
 struct step_result {
   double median_ms = 0.0;
@@ -292,7 +278,7 @@ int main(int argc, char** argv) {
         "MiB, family %s, seed %llu\n",
         prop.name, static_cast<long long>(s.shape.n), static_cast<long long>(s.shape.d),
         static_cast<long long>(s.shape.v), s.dtype.c_str(), s.fp32_grad ? "fp32" : s.dtype.c_str(),
-        strategy_name(s.strategy), s.budget_mib, to_string(s.family),
+        lce::to_string(s.strategy), s.budget_mib, to_string(s.family),
         static_cast<unsigned long long>(s.seed));
     if (s.dtype == "fp32") return run_with_grad<float>(s);
     if (s.dtype == "fp16") return run_with_grad<__half>(s);

@@ -92,6 +92,22 @@ enum class backward_strategy : int {
   stored = 3,
 };
 
+/// @brief The enumerator's name: "automatic", "vocab_chunked", "row_chunked" or "stored"
+/// ("unknown" for a value outside the enumeration).
+[[nodiscard]] constexpr const char* to_string(backward_strategy s) noexcept {
+  switch (s) {
+    case backward_strategy::automatic:
+      return "automatic";
+    case backward_strategy::vocab_chunked:
+      return "vocab_chunked";
+    case backward_strategy::row_chunked:
+      return "row_chunked";
+    case backward_strategy::stored:
+      return "stored";
+  }
+  return "unknown";
+}
+
 /// @brief Options of the backward pass that change cost, never the result (up to rounding).
 struct backward_options {
   backward_strategy strategy = backward_strategy::automatic;

@@ -353,3 +353,12 @@ TEST_CASE("choose_backward: the recompute kernel and why", "[contract][backward]
   CHECK_FALSE(r.fused_recompute);
   CHECK(says(r.reason, "one pass"));
 }
+
+TEST_CASE("to_string names every backward_strategy", "[contract][options]") {
+  CHECK(std::string(lce::to_string(lce::backward_strategy::automatic)) == "automatic");
+  CHECK(std::string(lce::to_string(lce::backward_strategy::vocab_chunked)) == "vocab_chunked");
+  CHECK(std::string(lce::to_string(lce::backward_strategy::row_chunked)) == "row_chunked");
+  CHECK(std::string(lce::to_string(lce::backward_strategy::stored)) == "stored");
+  CHECK(std::string(lce::to_string(static_cast<lce::backward_strategy>(7))) == "unknown");
+  static_assert(lce::to_string(lce::backward_strategy::stored)[0] == 's');
+}

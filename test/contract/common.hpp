@@ -147,18 +147,6 @@ inline std::string describe(const lce::loss_options& o) {
          " reduction=" + std::to_string(static_cast<int>(o.reduction));
 }
 
-inline const char* strategy_name(lce::backward_strategy s) {
-  switch (s) {
-    case lce::backward_strategy::automatic:
-      return "automatic";
-    case lce::backward_strategy::vocab_chunked:
-      return "vocab_chunked";
-    case lce::backward_strategy::row_chunked:
-      return "row_chunked";
-    case lce::backward_strategy::stored:
-      return "stored";
-  }
-  return "?";
-}
+inline const char* strategy_name(lce::backward_strategy s) { return lce::to_string(s); }
 
 }  // namespace lce_test

@@ -34,12 +34,7 @@ inline const char* reduction_name(lce::reduction r) {
   return r == lce::reduction::mean ? "mean" : r == lce::reduction::sum ? "sum" : "none";
 }
 
-inline const char* strategy_name(lce::backward_strategy s) {
-  return s == lce::backward_strategy::automatic       ? "automatic"
-         : s == lce::backward_strategy::vocab_chunked ? "vocab_chunked"
-         : s == lce::backward_strategy::row_chunked   ? "row_chunked"
-                                                      : "stored";
-}
+inline const char* strategy_name(lce::backward_strategy s) { return lce::to_string(s); }
 
 /// @brief One test problem. Built fluently: case_spec{4097, 2304, 50257}.no_bias().sum().
 struct case_spec {
