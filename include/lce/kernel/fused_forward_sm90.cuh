@@ -19,7 +19,6 @@
 #include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
-#include "../warp/quad_store.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -209,13 +208,23 @@ struct fused_forward_sm90 {
     for (int h = 0; h < 2; ++h) {
       float sum = 0.0f, sum_pz = 0.0f, sum_z = 0.0f;
       int first = INT_MAX;
+      // Stored: each pair of e^{z − m} goes out as soon as it is made, so that no register
+      // holds it beyond its octet (the tile's accumulators are all live here).
+      Element* out = nullptr;
+      const bool row_in = rows[h] < p.n;
+      if constexpr (Stored) {
+        out = p.store.values + rows[h] * p.store.ld + vocab0 + 2 * quad;
+        if (row_in && quad == 0)
+          p.store.tile_max[rows[h] * p.store.tiles + vocab0 / block_v] = mx[h];
+      }
 #pragma unroll
       for (int j = block_v / 8 - 1; j >= 0; --j) {  // downwards: the last match is the first
+        float ez_pair[2];
 #pragma unroll
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
           const float ez = arch::sm90::fast_exp2((z - mx[h]) * log2e);
-          if constexpr (Stored) acc[4 * j + 2 * h + e] = ez;  // z is not read again
+          if constexpr (Stored) ez_pair[e] = ez;
           sum += ez;
           if constexpr (Extras) {
             // Masked: −inf columns (masked, or a −inf logit, which the minimum catches) add
@@ -224,6 +233,14 @@ struct fused_forward_sm90 {
             sum_pz = in ? fmaf(ez, z, sum_pz) : sum_pz;
             sum_z += in ? z : 0.0f;
             first = (z == mx[h]) ? 8 * j + 2 * quad + e : first;
+          }
+        }
+        if constexpr (Stored) {
+          const std::int64_t c = vocab0 + 8 * j + 2 * quad;
+          if (row_in && (!Masked || c + 1 < p.v)) {
+            arch::sm90::store_pair(out + 8 * j, ez_pair[0], ez_pair[1]);
+          } else if (row_in && c < p.v) {
+            out[8 * j] = static_cast<Element>(ez_pair[0]);
           }
         }
       }
@@ -237,38 +254,6 @@ struct fused_forward_sm90 {
       }
       if constexpr (!Extras) first = 0;
       merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
-    }
-    if constexpr (Stored) store_tile(p, acc, vocab0, quad, rows, mx);
-  }
-
-  /// Store: the tile's e^{z − m} (in acc) as pairs of the element type, and m of each row.
-  __device__ __forceinline__ static void store_tile(const params& p, const float (&acc)[frag],
-                                                    std::int64_t vocab0, int quad,
-                                                    const std::int64_t (&rows)[2],
-                                                    const float (&mx)[2]) {
-    const detail::stored_exp<Element>& st = p.store;
-    const bool full = vocab0 + block_v <= p.v;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool row_in = rows[h] < p.n;
-      if (row_in && quad == 0) st.tile_max[rows[h] * st.tiles + vocab0 / block_v] = mx[h];
-      Element* out = st.values + rows[h] * st.ld + vocab0;
-      if (full) {  // 16-byte stores (st.ld is a multiple of 8, so every tile start is aligned)
-        warp::quad_store_row<block_v>(out, quad, row_in, [&](int j) {
-          return arch::sm90::pack_pair<Element>(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        });
-        continue;
-      }
-      if (!row_in) continue;
-#pragma unroll
-      for (int j = 0; j < block_v / 8; ++j) {
-        const int c = 8 * j + 2 * quad;
-        if (vocab0 + c + 1 < p.v) {
-          arch::sm90::store_pair(out + c, acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
-        } else if (vocab0 + c < p.v) {
-          out[c] = static_cast<Element>(acc[4 * j + 2 * h]);
-        }
-      }
     }
   }
 
