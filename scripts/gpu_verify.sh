@@ -5,7 +5,8 @@
 # no timing is read from this call). Every log goes into $OUT/logs.tgz (the device tool brings
 # back at most 8 files); the summaries are printed.
 #   env: VERIFY_S (seconds for both parts, default 540), BUILD_TARGETS and GPU_TEST_ARGS as
-#        gpu_run.sh's (default: every gpu_* suite but gpu_huge), PYTEST_ARGS (pytest arguments),
+#        gpu_run.sh's (default: every gpu_* suite built, all but gpu_huge run; GPU_TEST_ARGS=
+#        runs gpu_huge too), PYTEST_ARGS (pytest arguments),
 #        SANITIZE=1 also runs gpu_run.sh's compute-sanitizer step after the tests.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,8 +26,9 @@ steps="test"
 [[ ${SANITIZE:-0} == 1 ]] && steps="test sanitize"
 (
   export OUT=$logs/cpp
-  export BUILD_TARGETS=${BUILD_TARGETS:-"gpu_forward gpu_backward gpu_forward_backward gpu_options gpu_robustness gpu_fuzz gpu_arch_fallback gpu_no_kernel_image nccl_one_rank nccl_vocab_parallel"}
-  export GPU_TEST_ARGS=${GPU_TEST_ARGS:-"-E gpu_huge"}
+  export BUILD_TARGETS=${BUILD_TARGETS:-"gpu_forward gpu_backward gpu_forward_backward gpu_options gpu_robustness gpu_fuzz gpu_arch_fallback gpu_no_kernel_image gpu_huge nccl_one_rank nccl_vocab_parallel"}
+  # set but empty (GPU_TEST_ARGS=) runs every suite, gpu_huge included
+  export GPU_TEST_ARGS=${GPU_TEST_ARGS-"-E gpu_huge"}
   # shellcheck disable=SC2086
   timeout "$budget" bash scripts/gpu_run.sh $steps >"$logs/cpp/stdout.log" 2>&1
   echo "cpp: rc=$?" >>"$logs/cpp/stdout.log"

@@ -310,25 +310,32 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     CHECK(whole.strategy == lce::backward_strategy::stored);
     CHECK(whole.chunk == 0);
     CHECK(whole.workspace_bytes >= stored_values);
-    // Below min_stored_chunk rows a chunk (the default budget: ~1000 rows): automatic
-    // declines; asked for, stored still chunks.
+    // automatic takes the row chunks exactly when they have min_stored_chunk rows or more
+    // (the default budget: ~1000 rows on this shape); asked for, stored chunks below that too.
+    for (const std::size_t mib : {std::size_t{128}, std::size_t{256}, std::size_t{512}}) {
+      lce::backward_options opt;
+      opt.memory_budget = mib << 20;
+      const lce::backward_choice automatic =
+          lce::choose_forward_backward<TestType, float>(shape, opt);
+      opt.strategy = lce::backward_strategy::stored;
+      const lce::backward_choice asked = lce::choose_forward_backward<TestType, float>(shape, opt);
+      INFO("budget " << mib << " MiB: " << asked.chunk << " rows a chunk");
+      CHECK(asked.strategy == lce::backward_strategy::stored);
+      CHECK(asked.chunk > 0);
+      CHECK((automatic.strategy == lce::backward_strategy::stored) ==
+            (asked.chunk >= lce::device::min_stored_chunk));
+    }
     lce::backward_options small;
-    CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
-          lce::backward_strategy::stored);
     small.memory_budget = std::size_t{128} << 20;  // ~500 rows
     CHECK(lce::choose_forward_backward<TestType, float>(shape, small).strategy !=
           lce::backward_strategy::stored);
+    // Not one row tile within the budget: stored, asked for, holds all rows at once.
     small.strategy = lce::backward_strategy::stored;
-    const lce::backward_choice few = lce::choose_forward_backward<TestType, float>(shape, small);
-    CHECK(few.strategy == lce::backward_strategy::stored);
-    CHECK(few.chunk > 0);
-    CHECK(few.chunk < lce::device::min_stored_chunk);
-    // Not one row tile within the budget: all rows at once.
     small.memory_budget = std::size_t{16} << 20;
     CHECK(lce::choose_forward_backward<TestType, float>(shape, small).chunk == 0);
   }
 
-  // fp32 inputs never store.  // fp32 inputs never store.
+  // fp32 inputs never store.
   lce::backward_options big;
   big.memory_budget = std::size_t{16} << 30;
   CHECK(lce::choose_forward_backward<float>(shape, big).strategy != lce::backward_strategy::stored);

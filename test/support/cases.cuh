@@ -396,6 +396,16 @@ double db_tolerance(const problem_data<Element>& data) {
   return db_tolerance<Element>(data.ref_db.download(), data.ref_db_abs.download());
 }
 
+/// The fp32 cancellation slack of this problem's confident rows (tolerance.hpp:
+/// cancellation_slack), over the rows whose target is not ignored.
+template <class Element>
+cancellation cancellation_slack(const problem_data<Element>& data) {
+  std::vector<bool> valid(data.h_effective_targets.size());
+  for (std::size_t i = 0; i < valid.size(); ++i)
+    valid[i] = data.h_effective_targets[i] != data.options.ignore_index;
+  return cancellation_slack(data.ref_lse.download(), data.ref_token_loss.download(), valid);
+}
+
 /// @brief Outputs of a forward/backward under test, poisoned before every run.
 template <class Element, class Grad>
 struct outputs {

@@ -56,9 +56,10 @@ inline constexpr std::int64_t min_vocab_chunk = 2048;
 /// chunk that traffic rivals the GEMMs, and automatic picks vocab_chunked instead.
 inline constexpr std::int64_t min_row_chunk = 1024;
 /// stored in row chunks adds each chunk's dW GEMM to the fp32 dW (v·d·8 bytes of traffic per
-/// chunk, in that GEMM's epilogue): automatic takes such chunks from this many rows up, where
-/// that traffic is a small part of the chunk's three GEMMs; below it, the chunked plan.
-inline constexpr std::int64_t min_stored_chunk = 2048;
+/// chunk, in that GEMM's epilogue, against 6·r·v·d FLOPs of the chunk's GEMMs): automatic takes
+/// such chunks from this many rows up, where they still beat vocab_chunked's recomputation
+/// clearly (bench/NOTES.md has the timings); below it, the chunked plan.
+inline constexpr std::int64_t min_stored_chunk = 1024;
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
   return (x + m - 1) / m * m;
