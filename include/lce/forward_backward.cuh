@@ -28,9 +28,11 @@ struct forward_backward_plan {
   std::size_t bytes = 0;
 };
 
+/// `bias_or_weights`: the call passes a bias or class weights, so the stored forward cannot run
+/// and the chunked plan takes the whole budget.
 template <class Element, class Grad, class Config>
-forward_backward_plan make_forward_backward_plan(const problem& s,
-                                                 const backward_options& b) noexcept {
+forward_backward_plan make_forward_backward_plan(const problem& s, const backward_options& b,
+                                                 bool bias_or_weights = false) noexcept {
   forward_backward_plan p;
   workspace_layout layout;
   p.forward = device::make_forward_plan<Config>(s, layout);
@@ -54,11 +56,15 @@ forward_backward_plan make_forward_backward_plan(const problem& s,
   // (below that the passes over the fp32 dW weigh on the GEMMs). 3 GEMMs and no recomputation.
   // Asked for, stored runs in chunks where it can and in one chunk otherwise, whatever the
   // budget.
-  p.stored = b.strategy == backward_strategy::stored ||
-             (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
-              (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk)));
+  p.stored = !bias_or_weights &&
+             (b.strategy == backward_strategy::stored ||
+              (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
+               (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk))));
   if (p.stored) {
     p.stored_plan = !fits && chunks.rows > 0 ? chunks : whole;
+    workspace_layout fallback_layout;
+    p.backward_plan = device::make_backward_plan<Element, Grad>(
+        s, device::stored_fallback_options(b, p.stored_plan.bytes), fallback_layout);
     p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);
   }
   return p;
@@ -77,8 +83,9 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
                                                       const backward_options& bopt = {},
                                                       bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
-  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
-  if (plan.stored && detail::can_store<Element, Config> && !bias_or_weights) {
+  const auto plan =
+      detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt, bias_or_weights);
+  if (plan.stored && detail::can_store<Element, Config>) {
     const std::int64_t rows = plan.stored_plan.rows < shape.n ? plan.stored_plan.rows : 0;
     backward_choice c{backward_strategy::stored, rows, plan.bytes, 0};
     c.reason = rows > 0 ? "stored in row chunks: no recomputation (on a device without the "
@@ -100,12 +107,16 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
 }
 
 /// @brief Workspace bytes of lce::forward_backward: the forward's, n floats for the lse, and
-/// the backward's.
+/// the backward's. `bias_or_weights`: the call will pass a bias or class weights (the stored
+/// strategy cannot run, the chunked plan takes the budget); a call with them also runs in the
+/// size queried without the flag, its chunked plan then within that smaller space.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(
-    const problem& shape, const backward_options& bopt = {}) noexcept {
+[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
+                                                          const backward_options& bopt = {},
+                                                          bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
-  return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt).bytes;
+  return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt, bias_or_weights)
+      .bytes;
 }
 
 /// @brief The forward (loss, token_loss, lse where given) followed by the gradients of the
@@ -136,7 +147,12 @@ template <class Element, class Grad, class Config = default_config<Element>>
   detail::gradient_buffers(args.dx, args.dw, args.db, shape, outputs);
   LCE_RETURN_IF_ERROR(detail::validate_buffers(inputs, outputs));
   if (handle == nullptr) return detail::invalid("handle (cuBLAS) must not be null");
-  const auto plan = detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt);
+  const auto plan = detail::plan_for_call(
+      [&](bool bias_or_weights) {
+        return detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt,
+                                                                         bias_or_weights);
+      },
+      args.bias != nullptr || args.class_weight != nullptr, d_workspace, workspace_bytes);
   LCE_RETURN_IF_ERROR(
       detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes, inputs, outputs));
   if (d_workspace == nullptr) return cudaSuccess;  // the size query

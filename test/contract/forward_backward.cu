@@ -51,7 +51,15 @@ void check_size_query(const lce::problem& shape, lce::backward_strategy strategy
     return;
   }
   check_success(status);
-  CHECK(bytes == lce::forward_backward_workspace_size<Element, Grad>(shape, bopt));
+  const bool bias_or_weights = args.bias != nullptr || args.class_weight != nullptr;
+  CHECK(bytes == lce::forward_backward_workspace_size<Element, Grad>(shape, bopt, bias_or_weights));
+  // Without the bias, the query without the flag.
+  auto plain = args;
+  plain.bias = nullptr;
+  std::size_t plain_bytes = 0;
+  check_success(lce::forward_backward(nullptr, plain_bytes, plain, shape, lce::loss_options{}, bopt,
+                                      fake_handle()));
+  CHECK(plain_bytes == lce::forward_backward_workspace_size<Element, Grad>(shape, bopt));
   // It holds the forward's and the backward's workspaces (and n floats of lse).
   CHECK(bytes >= lce::forward_workspace_size<Element>(shape));
   CHECK(bytes >= lce::backward_workspace_size<Element, Grad>(shape, bopt));
@@ -262,11 +270,28 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   CHECK(c.strategy == lce::backward_strategy::stored);
   CHECK(c.workspace_bytes >= stored_values);
   CHECK(c.workspace_bytes == lce::forward_backward_workspace_size<TestType>(shape, bopt));
-  // A bias or class weights: the chunked plan runs, in the same workspace.
+  // The budget is a bound: stored asks for its values (and the forward's few MiB), not the
+  // 4 GiB; its fallback plan (a device without the sm_90a kernel) runs in that space.
+  CHECK(c.workspace_bytes < stored_values + (std::size_t{64} << 20));
+  // A bias or class weights: the chunked plan runs and takes the budget; the size query says
+  // so when told.
   const lce::backward_choice fallback =
       lce::choose_forward_backward<TestType>(shape, bopt, /*bias_or_weights=*/true);
   CHECK(fallback.strategy != lce::backward_strategy::stored);
-  CHECK(fallback.workspace_bytes == c.workspace_bytes);
+  CHECK(fallback.workspace_bytes ==
+        lce::forward_backward_workspace_size<TestType>(shape, bopt, /*bias_or_weights=*/true));
+  CHECK(fallback.workspace_bytes > c.workspace_bytes);
+  CHECK(fallback.workspace_bytes <= bopt.memory_budget + (std::size_t{64} << 20));
+  // The default budget: a problem whose stored values fit keeps the fallback plan it would
+  // have without stored (not squeezed into the values' smaller space).
+  {
+    const lce::problem small{512, 4096, 128256};  // 125 MiB of stored values
+    const lce::backward_options lean;
+    CHECK(lce::choose_forward_backward<TestType>(small, lean).strategy ==
+          lce::backward_strategy::stored);
+    CHECK(lce::forward_backward_workspace_size<TestType>(small, lean) >=
+          lce::forward_backward_workspace_size<TestType>(small, lean, /*bias_or_weights=*/true));
+  }
 
   bopt.strategy = lce::backward_strategy::stored;  // asked for: whatever the budget
   bopt.memory_budget = std::size_t{1} << 20;

@@ -98,7 +98,8 @@ measured run_forward_backward(const problem_data<Element>& data, gpu_context& ct
   std::size_t bytes = 0;
   LCE_TEST_REQUIRE_OK(
       lce::forward_backward(nullptr, bytes, args, data.shape, data.options, bopt, ctx.handle()));
-  REQUIRE(bytes == (lce::forward_backward_workspace_size<Element, Grad>(data.shape, bopt)));
+  REQUIRE(bytes == (lce::forward_backward_workspace_size<Element, Grad>(
+                       data.shape, bopt, args.bias != nullptr || args.class_weight != nullptr)));
   void* ws = ctx.workspace(bytes);
   out.poison();
   LCE_TEST_REQUIRE_OK(lce::forward_backward(ws, bytes, args, data.shape, data.options, bopt,
@@ -221,6 +222,38 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
   outputs<TestType, TestType> out16(s, true);
   const measured m16 = run_forward_backward(data, ctx, how, out16);
   print_result<TestType, TestType>("forward_backward", data.spec, how.label.c_str(), m16);
+}
+
+// The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the
+// stored values' space; a call that passes a bias in a workspace of that size runs the fallback
+// there (the query with the flag would size the chunked plan for the whole budget).
+TEMPLATE_TEST_CASE("forward_backward: a call with a bias runs in the workspace sized without it",
+                   "[gpu][forward_backward][stored]", __nv_bfloat16) {
+  problem_data<TestType> data(case_spec{4096, 64, 65536}, fresh_seed());
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe());
+  REQUIRE(data.bias_pointer() != nullptr);
+  gpu_context ctx;
+  const lce::problem& s = data.shape;
+  const variant how{lce::backward_strategy::automatic, std::size_t{2} << 30, "automatic/2GiB"};
+  const lce::backward_options bopt = options_of(how);
+  const std::size_t plain = lce::forward_backward_workspace_size<TestType>(s, bopt);
+  const std::size_t with_bias = lce::forward_backward_workspace_size<TestType>(s, bopt, true);
+  INFO("workspace without the flag " << plain << ", with it " << with_bias);
+  REQUIRE(lce::choose_forward_backward<TestType>(s, bopt).strategy ==
+          lce::backward_strategy::stored);
+  REQUIRE(plain < with_bias);  // else this test would not reach the smaller plan
+  outputs<TestType, TestType> out(s, true);
+  const auto args = make_args(data, out, true, true);
+  std::size_t bytes = plain;
+  out.poison();
+  LCE_TEST_REQUIRE_OK(lce::forward_backward(ctx.workspace(plain), bytes, args, s, data.options,
+                                            bopt, ctx.handle(), ctx.stream()));
+  ctx.synchronize();
+  LCE_TEST_CUDA(cudaGetLastError());
+  const measured m = check_all(data, args);
+  print_result<TestType, TestType>("forward_backward", data.spec, how.label.c_str(), m);
 }
 
 TEMPLATE_TEST_CASE("forward_backward: lse and token_loss are optional", "[gpu][forward_backward]",

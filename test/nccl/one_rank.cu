@@ -90,7 +90,8 @@ void run_forward_backward(const problem_data<Element>& data, gpu_context& ctx, c
   std::size_t bytes = 0;
   LCE_TEST_REQUIRE_OK(
       lce::nccl::forward_backward(nullptr, bytes, a, s, shard, data.options, bopt, ctx.handle()));
-  REQUIRE(bytes == (lce::nccl::forward_backward_workspace_size<Element, Grad>(s, shard, bopt)));
+  REQUIRE(bytes == (lce::nccl::forward_backward_workspace_size<Element, Grad>(
+                       s, shard, bopt, a.bias != nullptr || a.class_weight != nullptr)));
   void* ws = ctx.workspace(bytes);
   out.poison();
   LCE_TEST_REQUIRE_OK(lce::nccl::forward_backward(ws, bytes, a, s, shard, data.options, bopt,

@@ -61,6 +61,19 @@ inline constexpr std::int64_t min_row_chunk = 1024;
 /// clearly (bench/NOTES.md has the timings); below it, the chunked plan.
 inline constexpr std::int64_t min_stored_chunk = 1024;
 
+/// The options of the chunked plan where it is only the stored strategy's fallback (a bias,
+/// class weights or a device without the sm_90a kernel): it runs within the stored values'
+/// space rather than the whole budget (a budget is a bound, and the stored call then asks for
+/// what it uses), but never in less than the default budget, so the lean plan of a small
+/// problem stays what it would be without `stored`.
+inline backward_options stored_fallback_options(const backward_options& b,
+                                                std::size_t stored_bytes) noexcept {
+  backward_options f = b;
+  f.memory_budget =
+      std::min(b.memory_budget, std::max(stored_bytes, backward_options{}.memory_budget));
+  return f;
+}
+
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
   return (x + m - 1) / m * m;
 }

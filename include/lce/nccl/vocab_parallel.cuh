@@ -50,8 +50,8 @@ struct forward_backward_plan {
 /// As lce::forward_backward's plan, on the shard: `stored` (its values of all n rows, no row
 /// chunks) where asked for, or where automatic finds them and the partial dX within the budget.
 template <class Element, class Grad, class Config>
-forward_backward_plan make_forward_backward_plan(const problem& local,
-                                                 const backward_options& b) noexcept {
+forward_backward_plan make_forward_backward_plan(const problem& local, const backward_options& b,
+                                                 bool bias_or_weights = false) noexcept {
   forward_backward_plan p;
   detail::workspace_layout layout;
   p.forward = make_forward_plan<Config>(local, layout);
@@ -66,12 +66,16 @@ forward_backward_plan make_forward_backward_plan(const problem& local,
   const lce::device::stored_plan stored =
       lce::device::make_stored_plan<Element>(local, local.n, 0, stored_layout);
   const std::size_t stored_bytes = stored_layout.bytes();
-  p.stored = b.strategy == backward_strategy::stored ||
-             (b.strategy == backward_strategy::automatic && detail::can_store<Element, Config> &&
-              stored_bytes <= b.memory_budget);
+  p.stored =
+      !bias_or_weights && (b.strategy == backward_strategy::stored ||
+                           (b.strategy == backward_strategy::automatic &&
+                            detail::can_store<Element, Config> && stored_bytes <= b.memory_budget));
   if (p.stored) {
     p.stored_dx = stored_dx;
     p.stored_plan = stored;
+    detail::workspace_layout fallback_layout;
+    p.backward_plan = make_backward_plan<Element, Grad>(
+        local, lce::device::stored_fallback_options(b, stored_bytes), fallback_layout);
     p.bytes = p.backward + std::max(p.backward_plan.bytes, stored_bytes);
   }
   return p;
@@ -222,11 +226,13 @@ template <class Element, class Grad, class Config = default_config<Element>>
 /// @brief Workspace bytes of lce::nccl::forward_backward: the forward's, n floats for the lse,
 /// and the backward's.
 template <class Element, class Grad = Element, class Config = default_config<Element>>
-[[nodiscard]] std::size_t forward_backward_workspace_size(
-    const problem& shape, const vocab_shard& shard, const backward_options& bopt = {}) noexcept {
+[[nodiscard]] std::size_t forward_backward_workspace_size(const problem& shape,
+                                                          const vocab_shard& shard,
+                                                          const backward_options& bopt = {},
+                                                          bool bias_or_weights = false) noexcept {
   detail::check_backward_types<Element, Grad>();
   return impl::make_forward_backward_plan<Element, Grad, Config>(impl::local_problem(shape, shard),
-                                                                 bopt)
+                                                                 bopt, bias_or_weights)
       .bytes;
 }
 
@@ -257,8 +263,12 @@ template <class Element, class Grad, class Config = default_config<Element>>
   impl::comm_info comm;
   LCE_RETURN_IF_ERROR(impl::validate_comm(
       shard, shape, args.dx != nullptr && shard.dx == dx_reduction::reduce_scatter, comm));
-  const auto plan = impl::make_forward_backward_plan<Element, Grad, Config>(
-      impl::local_problem(shape, shard), bopt);
+  const auto plan = detail::plan_for_call(
+      [&](bool bias_or_weights) {
+        return impl::make_forward_backward_plan<Element, Grad, Config>(
+            impl::local_problem(shape, shard), bopt, bias_or_weights);
+      },
+      args.bias != nullptr || args.class_weight != nullptr, d_workspace, workspace_bytes);
   LCE_RETURN_IF_ERROR(detail::two_phase_workspace(d_workspace, workspace_bytes, plan.bytes));
   if (d_workspace == nullptr) return cudaSuccess;  // the size query
   LCE_RETURN_IF_ERROR(lce::device::check_current_device());
