@@ -59,7 +59,7 @@ inline constexpr std::int64_t min_row_chunk = 1024;
 /// chunk, in that GEMM's epilogue, against 6·r·v·d FLOPs of the chunk's GEMMs): automatic takes
 /// such chunks from this many rows up, where they still beat vocab_chunked's recomputation
 /// clearly (bench/NOTES.md has the timings); below it, the chunked plan.
-inline constexpr std::int64_t min_stored_chunk = 1024;
+inline constexpr std::int64_t min_stored_chunk = 768;
 
 /// The options of the chunked plan where it is only the stored strategy's fallback (a bias,
 /// class weights or a device without the sm_90a kernel): it runs within the stored values'
