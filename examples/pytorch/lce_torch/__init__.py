@@ -32,6 +32,7 @@ __all__ = [
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyOutput",
     "choose_backward",
+    "choose_forward_backward",
     "forward_workspace_size",
     "linear_cross_entropy",
     "linear_cross_entropy_backward_into",
@@ -642,18 +643,43 @@ def linear_cross_entropy_backward_into(
     )
 
 
+def _choose(n, d, v, dtype, fp32_weight_grad, strategy, memory_budget, with_forward,
+            bias_or_weights):
+    strat = _parse_strategy(strategy)
+    fp32_grad = bool(fp32_weight_grad or strat == _ROW_CHUNKED)
+    out = _C.choose_backward(
+        n, d, v, str(dtype).removeprefix("torch."), fp32_grad, strat,
+        -1 if memory_budget is None else int(memory_budget), bool(with_forward),
+        bool(bias_or_weights),
+    )
+    # A 16-bit weight with fp32 gradients: the binding allocates dW in fp32 (autograd casts it).
+    out["fp32_weight_grad_bytes"] = v * d * 4 if fp32_grad and dtype != torch.float32 else 0
+    return out
+
+
 def choose_backward(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16,
                     fp32_weight_grad: bool = False, strategy: str = "auto",
-                    memory_budget: Optional[int] = None) -> dict:
+                    memory_budget: Optional[int] = None, bias_or_weights: bool = False) -> dict:
     """What the backward will do for a shape (lce::choose_backward): {'strategy', 'chunk',
     'workspace_bytes', 'accumulator_bytes' (the fp32 accumulators inside workspace_bytes),
     'fused_recompute' (the sm_90a kernel recomputes the chunks on the current device),
-    'reason'}. Launches nothing."""
-    strat = _parse_strategy(strategy)
-    return _C.choose_backward(
-        n, d, v, str(dtype).removeprefix("torch."), bool(fp32_weight_grad or strat == _ROW_CHUNKED),
-        strat, -1 if memory_budget is None else int(memory_budget),
-    )
+    'reason', 'fp32_weight_grad_bytes' (the fp32 dW the binding allocates for a 16-bit weight,
+    beyond the workspace)}. bias_or_weights: a bias or class weights will be passed. Launches
+    nothing."""
+    return _choose(n, d, v, dtype, fp32_weight_grad, strategy, memory_budget, False,
+                   bias_or_weights)
+
+
+def choose_forward_backward(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16,
+                            fp32_weight_grad: bool = False, strategy: str = "auto",
+                            memory_budget: Optional[int] = None,
+                            bias_or_weights: bool = False) -> dict:
+    """What the gradients in the forward (grad_in_forward=True, strategy='stored') will do for a
+    shape (lce::choose_forward_backward): the keys of choose_backward; 'strategy' may be
+    'stored' (then 'chunk' is the rows per chunk, 0 for all rows at once) and
+    'workspace_bytes' is the whole call's. Launches nothing."""
+    return _choose(n, d, v, dtype, fp32_weight_grad, strategy, memory_budget, True,
+                   bias_or_weights)
 
 
 def forward_workspace_size(n: int, d: int, v: int, dtype: torch.dtype = torch.bfloat16) -> int:

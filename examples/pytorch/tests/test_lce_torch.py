@@ -891,3 +891,28 @@ def test_training_matches_pytorch(dtype, seed):
     assert curve[-1] < curve[0] and curve_ref[-1] < curve_ref[0]
     record("training", dtype, "loss_curve",
            max(abs(a - r) / abs(r) for a, r in zip(curve, curve_ref)))
+
+
+def test_choose_reports_the_plans():
+    """choose_backward / choose_forward_backward: the library's plans (launch nothing), the
+    stored strategy's workspace within the budget, and the fp32 dW the binding adds."""
+    n, d, v = 8192, 4096, 128256  # Llama 3's head
+    stored_values = n * v * 2
+    lean = lce_torch.choose_forward_backward(n, d, v, torch.bfloat16)
+    assert lean["strategy"] == "vocab_chunked"
+    assert lean["workspace_bytes"] < 300 << 20
+    assert lean["fp32_weight_grad_bytes"] == 0
+    big = lce_torch.choose_forward_backward(n, d, v, torch.bfloat16, memory_budget=4 << 30)
+    assert big["strategy"] == "stored" and big["chunk"] == 0
+    # the stored values, not the whole 4 GiB
+    assert stored_values <= big["workspace_bytes"] < stored_values + (64 << 20)
+    with_bias = lce_torch.choose_forward_backward(n, d, v, torch.bfloat16,
+                                                  memory_budget=4 << 30, bias_or_weights=True)
+    assert with_bias["strategy"] != "stored"
+    rows = lce_torch.choose_forward_backward(n, d, v, torch.bfloat16, fp32_weight_grad=True,
+                                             memory_budget=256 << 20)
+    assert rows["strategy"] == "stored" and 0 < rows["chunk"] < n
+    assert rows["fp32_weight_grad_bytes"] == v * d * 4
+    # the backward alone never stores (lce::backward recomputes)
+    assert lce_torch.choose_backward(n, d, v, torch.bfloat16,
+                                     memory_budget=4 << 30)["strategy"] != "stored"

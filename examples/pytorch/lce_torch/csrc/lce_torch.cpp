@@ -261,19 +261,20 @@ const char* strategy_name(std::int64_t s) {
 
 pybind11::dict choose_backward_py(std::int64_t n, std::int64_t d, std::int64_t v,
                                   const std::string& dtype, bool fp32_weight_grad,
-                                  std::int64_t strategy, std::int64_t memory_budget) {
+                                  std::int64_t strategy, std::int64_t memory_budget,
+                                  bool with_forward, bool bias_or_weights) {
   const lce::problem s = query_shape(n, d, v);
   const lce::backward_options b = make_backward_options(strategy, memory_budget);
   backward_plan_info info;
   switch (parse_dtype(dtype)) {
     case at::kFloat:
-      info = choose_backward_fp32(s, b, true);
+      info = choose_backward_fp32(s, b, true, with_forward, bias_or_weights);
       break;
     case at::kHalf:
-      info = choose_backward_fp16(s, b, fp32_weight_grad);
+      info = choose_backward_fp16(s, b, fp32_weight_grad, with_forward, bias_or_weights);
       break;
     default:
-      info = choose_backward_bf16(s, b, fp32_weight_grad);
+      info = choose_backward_bf16(s, b, fp32_weight_grad, with_forward, bias_or_weights);
       break;
   }
   pybind11::dict out;
@@ -355,8 +356,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("choose_backward", &lce_torch::choose_backward_py, pybind11::arg("n"), pybind11::arg("d"),
         pybind11::arg("v"), pybind11::arg("dtype"), pybind11::arg("fp32_weight_grad") = false,
         pybind11::arg("strategy") = 0, pybind11::arg("memory_budget") = -1,
-        "lce::choose_backward: the strategy 'auto' resolves to, the chunk extent and the "
-        "backward's workspace in bytes (dtype: 'float32', 'float16' or 'bfloat16')");
+        pybind11::arg("with_forward") = false, pybind11::arg("bias_or_weights") = false,
+        "lce::choose_backward (with_forward: lce::choose_forward_backward): the strategy 'auto' "
+        "resolves to, the chunk extent and the workspace in bytes (dtype: 'float32', 'float16' "
+        "or 'bfloat16')");
   m.def("forward_workspace_size", &lce_torch::forward_workspace_py, pybind11::arg("n"),
         pybind11::arg("d"), pybind11::arg("v"), pybind11::arg("dtype"),
         "lce::forward_workspace_size in bytes");

@@ -35,7 +35,8 @@ struct gradients {
   at::Tensor dx, dw, db;
 };
 
-/// What the backward does for a shape: lce::choose_backward.
+/// What the backward does for a shape: lce::choose_backward, or lce::choose_forward_backward
+/// (`with_forward`: the gradients in the forward, grad_in_forward and 'stored').
 struct backward_plan_info {
   std::int64_t strategy = 0;
   std::int64_t chunk = 0;
@@ -52,7 +53,8 @@ struct backward_plan_info {
   void backward_##suffix(const call& c, const gradients& g);                                      \
   void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g);  \
   backward_plan_info choose_backward_##suffix(const lce::problem& shape,                          \
-                                              const lce::backward_options& bopt, bool fp32_grad); \
+                                              const lce::backward_options& bopt, bool fp32_grad,  \
+                                              bool with_forward, bool bias_or_weights);           \
   std::int64_t forward_workspace_##suffix(const lce::problem& shape);
 
 LCE_TORCH_DECLARE_ENTRY_POINTS(fp32)

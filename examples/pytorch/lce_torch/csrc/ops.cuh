@@ -197,14 +197,21 @@ void forward_backward(const call& c, const forward_outputs& o, const gradients& 
   }
 }
 
+template <class Element, class Grad>
+lce::backward_choice choose(const lce::problem& shape, const lce::backward_options& bopt,
+                            bool with_forward, bool bias_or_weights) {
+  return with_forward
+             ? lce::choose_forward_backward<Element, Grad>(shape, bopt, bias_or_weights)
+             : lce::choose_backward<Element, Grad>(shape, bopt, bias_or_weights);
+}
+
 template <class Element>
 backward_plan_info choose_backward(const lce::problem& shape, const lce::backward_options& bopt,
-                                   bool fp32) {
-  lce::backward_choice choice{};
-  if (std::is_same_v<Element, float> || fp32)
-    choice = lce::choose_backward<Element, float>(shape, bopt);
-  else
-    choice = lce::choose_backward<Element, Element>(shape, bopt);
+                                   bool fp32, bool with_forward, bool bias_or_weights) {
+  const lce::backward_choice choice =
+      std::is_same_v<Element, float> || fp32
+          ? choose<Element, float>(shape, bopt, with_forward, bias_or_weights)
+          : choose<Element, Element>(shape, bopt, with_forward, bias_or_weights);
   return {static_cast<std::int64_t>(choice.strategy),
           choice.chunk,
           static_cast<std::int64_t>(choice.workspace_bytes),
@@ -227,8 +234,9 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
     detail::forward_backward<Element>(c, out, g);                                                 \
   }                                                                                               \
   backward_plan_info choose_backward_##suffix(const lce::problem& shape,                          \
-                                              const lce::backward_options& bopt, bool fp32) {     \
-    return detail::choose_backward<Element>(shape, bopt, fp32);                                   \
+                                              const lce::backward_options& bopt, bool fp32,       \
+                                              bool with_forward, bool bias_or_weights) {          \
+    return detail::choose_backward<Element>(shape, bopt, fp32, with_forward, bias_or_weights);    \
   }                                                                                               \
   std::int64_t forward_workspace_##suffix(const lce::problem& shape) {                            \
     return static_cast<std::int64_t>(lce::forward_workspace_size<Element>(shape));                \
