@@ -168,9 +168,6 @@ inline cudaError_t validate_workspace_pointer(const void* d_workspace) noexcept 
   return cudaSuccess;
 }
 
-/// The two-phase workspace protocol of every launcher (docs/api.md): with d_workspace null, a
-/// size query that stores `needed` in workspace_bytes (the caller then returns cudaSuccess and
-/// launches nothing); else the launch's checks of the pointer's alignment and of the size.
 /// The forward_backward plan of a call: `make_plan(bias_or_weights)` for what the call passes,
 /// or, where a call with a bias or class weights got a workspace sized by the query without
 /// them (too small for that plan), the plan of that query — its chunked fallback fits there.
@@ -185,6 +182,9 @@ auto plan_for_call(const MakePlan& make_plan, bool bias_or_weights, const void* 
   return plan;
 }
 
+/// The two-phase workspace protocol of every launcher (docs/api.md): with d_workspace null, a
+/// size query that stores `needed` in workspace_bytes (the caller then returns cudaSuccess and
+/// launches nothing); else the launch's checks of the pointer's alignment and of the size.
 inline cudaError_t two_phase_workspace(const void* d_workspace, std::size_t& workspace_bytes,
                                        std::size_t needed) noexcept {
   if (d_workspace == nullptr) {
