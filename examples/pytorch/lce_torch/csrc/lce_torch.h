@@ -48,13 +48,13 @@ struct backward_plan_info {
 
 // Defined once per element type (ops_fp32.cu, ops_fp16.cu, ops_bf16.cu), so that the three
 // instantiations of the library compile in parallel.
-#define LCE_TORCH_DECLARE_ENTRY_POINTS(suffix)                                                    \
-  void forward_##suffix(const call& c, const forward_outputs& out);                               \
-  void backward_##suffix(const call& c, const gradients& g);                                      \
-  void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g);  \
-  backward_plan_info choose_backward_##suffix(const lce::problem& shape,                          \
-                                              const lce::backward_options& bopt, bool fp32_grad,  \
-                                              bool with_forward, bool bias_or_weights);           \
+#define LCE_TORCH_DECLARE_ENTRY_POINTS(suffix)                                                   \
+  void forward_##suffix(const call& c, const forward_outputs& out);                              \
+  void backward_##suffix(const call& c, const gradients& g);                                     \
+  void forward_backward_##suffix(const call& c, const forward_outputs& out, const gradients& g); \
+  backward_plan_info choose_backward_##suffix(const lce::problem& shape,                         \
+                                              const lce::backward_options& bopt, bool fp32_grad, \
+                                              bool with_forward, bool bias_or_weights);          \
   std::int64_t forward_workspace_##suffix(const lce::problem& shape);
 
 LCE_TORCH_DECLARE_ENTRY_POINTS(fp32)

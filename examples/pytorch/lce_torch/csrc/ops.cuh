@@ -200,9 +200,8 @@ void forward_backward(const call& c, const forward_outputs& o, const gradients& 
 template <class Element, class Grad>
 lce::backward_choice choose(const lce::problem& shape, const lce::backward_options& bopt,
                             bool with_forward, bool bias_or_weights) {
-  return with_forward
-             ? lce::choose_forward_backward<Element, Grad>(shape, bopt, bias_or_weights)
-             : lce::choose_backward<Element, Grad>(shape, bopt, bias_or_weights);
+  return with_forward ? lce::choose_forward_backward<Element, Grad>(shape, bopt, bias_or_weights)
+                      : lce::choose_backward<Element, Grad>(shape, bopt, bias_or_weights);
 }
 
 template <class Element>
