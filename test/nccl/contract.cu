@@ -197,6 +197,26 @@ TEMPLATE_TEST_CASE("nccl contract: workspace sizes are those of the shard's prob
   }
 }
 
+// With a budget far above a shard's stored values, stored asks for those values (and the fp32
+// partial dX), not for the budget: its chunked fallback runs in that space. A call with a bias
+// or class weights cannot store; told so, the size query plans the chunked strategy in the
+// whole budget.
+TEST_CASE("nccl contract: stored's workspace is its values, not the budget", "[nccl][contract]") {
+  const lce::problem big{8192, 4096, 128256};
+  const lce::nccl::vocab_shard half = shard(0, 64128);
+  const std::size_t values = std::size_t{8192} * 64128 * 2 + std::size_t{8192} * 4096 * 4;
+  lce::backward_options bopt;
+  bopt.memory_budget = std::size_t{4} << 30;
+  const std::size_t stored =
+      lce::nccl::forward_backward_workspace_size<__nv_bfloat16>(big, half, bopt);
+  CHECK(stored >= values);
+  CHECK(stored < values + (std::size_t{64} << 20));
+  const std::size_t chunked =
+      lce::nccl::forward_backward_workspace_size<__nv_bfloat16>(big, half, bopt, true);
+  CHECK(chunked > stored);
+  CHECK(chunked <= bopt.memory_budget + (std::size_t{256} << 20));
+}
+
 TEST_CASE("nccl contract: the forward communicates 3 floats per row without options",
           "[nccl][contract]") {
   using bf16 = __nv_bfloat16;
