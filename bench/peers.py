@@ -223,7 +223,12 @@ def _lce(cce_filter=False, **options):
             return lce_torch.linear_cross_entropy(x, w, y, **options)
 
         def describe(n, d, v, dtype):
-            choice = lce_torch.choose_backward(
+            # the gradients in the forward (grad_in_forward, stored) follow forward_backward's
+            # plan, the others the backward's
+            in_forward = options.get("grad_in_forward") or options.get("strategy") == "stored"
+            choose = (lce_torch.choose_forward_backward if in_forward
+                      else lce_torch.choose_backward)
+            choice = choose(
                 n, d, v, dtype, fp32_weight_grad=options.get("fp32_weight_grad", False),
                 strategy=options.get("strategy", "auto"),
                 memory_budget=options.get("memory_budget"))
@@ -325,6 +330,13 @@ METHODS = {
     "lce_row_fp32": _lce(strategy="row_chunked", fp32_weight_grad=True, memory_budget=4 * GIB),
     "lce_row_fp32_fused": _lce(strategy="row_chunked", fp32_weight_grad=True,
                                memory_budget=4 * GIB, grad_in_forward=True),
+    # no recomputation: the forward's e^(z - m) kept in 16 bits (n·V·2 bytes), asked for; what
+    # auto takes with the gradients in the forward and 4 GiB; and stored row chunks within
+    # 1 GiB with an fp32 dW
+    "lce_stored": _lce(strategy="stored"),
+    "lce_auto_4g_fused": _lce(memory_budget=4 * GIB, grad_in_forward=True),
+    "lce_rows_1g_fp32_fused": _lce(memory_budget=GIB, fp32_weight_grad=True,
+                                   grad_in_forward=True),
     "torch_eager": _torch_eager,
     "torch_compile": _torch_compile,
     "liger_triton": _liger_triton,
