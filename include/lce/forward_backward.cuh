@@ -38,9 +38,6 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
   p.forward = device::make_forward_plan<Config>(s, layout);
   p.lse = layout.reserve<float>(static_cast<std::size_t>(s.n));
   p.backward = layout.reserve<char>(0);
-  workspace_layout backward_layout;
-  p.backward_plan = device::make_backward_plan<Element, Grad>(s, b, backward_layout);
-  p.bytes = p.backward + p.backward_plan.bytes;
   workspace_layout stored_layout;
   const device::stored_plan whole = device::make_stored_plan<Element>(s, s.n, 0, stored_layout);
   const bool fits = whole.bytes <= b.memory_budget;
@@ -50,9 +47,9 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
   if constexpr (can_store<Element, Config> && std::is_same_v<Grad, float>) {
     if (!fits) chunks = device::make_stored_chunk_plan<Element, Config>(s, b.memory_budget);
   }
-  // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel;
-  // bias, class weights and the device are seen at the launch, which falls back to the chunked
-  // plan) within the budget: in one chunk, or in chunks of at least min_stored_chunk rows
+  // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel,
+  // no bias or class weights; the device is seen at the launch, which falls back to the
+  // chunked plan) within the budget: in one chunk, or in chunks of at least min_stored_chunk rows
   // (below that the passes over the fp32 dW weigh on the GEMMs). 3 GEMMs and no recomputation.
   // Asked for, stored runs in chunks where it can and in one chunk otherwise, whatever the
   // budget.
@@ -60,13 +57,13 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
              (b.strategy == backward_strategy::stored ||
               (b.strategy == backward_strategy::automatic && can_store<Element, Config> &&
                (fits || chunks.rows >= std::min(s.n, device::min_stored_chunk))));
-  if (p.stored) {
-    p.stored_plan = !fits && chunks.rows > 0 ? chunks : whole;
-    workspace_layout fallback_layout;
-    p.backward_plan = device::make_backward_plan<Element, Grad>(
-        s, device::stored_fallback_options(b, p.stored_plan.bytes), fallback_layout);
-    p.bytes = p.backward + std::max(p.backward_plan.bytes, p.stored_plan.bytes);
-  }
+  if (p.stored) p.stored_plan = !fits && chunks.rows > 0 ? chunks : whole;
+  // The chunked plan: the call's, or with stored its fallback, within the stored space.
+  workspace_layout backward_layout;
+  p.backward_plan = device::make_backward_plan<Element, Grad>(
+      s, p.stored ? device::stored_fallback_options(b, p.stored_plan.bytes) : b, backward_layout);
+  p.bytes = p.backward + (p.stored ? std::max(p.backward_plan.bytes, p.stored_plan.bytes)
+                                   : p.backward_plan.bytes);
   return p;
 }
 }  // namespace detail

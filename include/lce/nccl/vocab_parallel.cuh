@@ -57,9 +57,6 @@ forward_backward_plan make_forward_backward_plan(const problem& local, const bac
   p.forward = make_forward_plan<Config>(local, layout);
   p.lse = layout.reserve<float>(static_cast<std::size_t>(local.n));
   p.backward = layout.reserve<char>(0);
-  detail::workspace_layout backward_layout;
-  p.backward_plan = make_backward_plan<Element, Grad>(local, b, backward_layout);
-  p.bytes = p.backward + p.backward_plan.bytes;
   detail::workspace_layout stored_layout;
   const std::size_t stored_dx =
       stored_layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
@@ -73,11 +70,13 @@ forward_backward_plan make_forward_backward_plan(const problem& local, const bac
   if (p.stored) {
     p.stored_dx = stored_dx;
     p.stored_plan = stored;
-    detail::workspace_layout fallback_layout;
-    p.backward_plan = make_backward_plan<Element, Grad>(
-        local, lce::device::stored_fallback_options(b, stored_bytes), fallback_layout);
-    p.bytes = p.backward + std::max(p.backward_plan.bytes, stored_bytes);
   }
+  // The chunked plan: the call's, or with stored its fallback, within the stored space.
+  detail::workspace_layout backward_layout;
+  p.backward_plan = make_backward_plan<Element, Grad>(
+      local, p.stored ? lce::device::stored_fallback_options(b, stored_bytes) : b, backward_layout);
+  p.bytes = p.backward +
+            (p.stored ? std::max(p.backward_plan.bytes, stored_bytes) : p.backward_plan.bytes);
   return p;
 }
 
