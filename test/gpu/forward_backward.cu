@@ -218,10 +218,23 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
   outputs<TestType, float> out(s, true);
   const measured m = run_forward_backward(data, ctx, how, out);
   print_result<TestType, float>("forward_backward", data.spec, how.label.c_str(), m);
-  // With a 16-bit dW the same budget runs stored in one chunk.
+  // With a 16-bit dW: the budget plus room for the fp32 dW and db accumulators (and their
+  // alignment) gives chunks again, added up in fp32 and converted once.
+  variant how16 = how;
+  how16.label = "stored/rows/16-bit dW";
+  how16.budget += static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d + 1) * 4 + 1024;
+  const auto choice16 = lce::choose_forward_backward<TestType, TestType>(s, options_of(how16));
+  REQUIRE(choice16.strategy == lce::backward_strategy::stored);
+  REQUIRE(choice16.chunk > 0);
+  REQUIRE(choice16.accumulator_bytes > 0);
   outputs<TestType, TestType> out16(s, true);
-  const measured m16 = run_forward_backward(data, ctx, how, out16);
-  print_result<TestType, TestType>("forward_backward", data.spec, how.label.c_str(), m16);
+  const measured m16 = run_forward_backward(data, ctx, how16, out16);
+  print_result<TestType, TestType>("forward_backward", data.spec, how16.label.c_str(), m16);
+  // The float run's budget with a 16-bit dW: shorter chunks, or all rows at once where the
+  // accumulators leave no room.
+  outputs<TestType, TestType> whole16(s, true);
+  const measured w16 = run_forward_backward(data, ctx, how, whole16);
+  print_result<TestType, TestType>("forward_backward", data.spec, "stored/16-bit dW", w16);
 }
 
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the
