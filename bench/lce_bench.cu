@@ -472,7 +472,10 @@ struct variant {
 
 std::string variant_name(const variant& c) {
   if (c.strategy == lce::backward_strategy::stored) {
-    if (!c.fp32_dw) return "stored";  // every row at once: n·v·2 bytes, any budget
+    // 0: every row at once (n·v·2 bytes, any budget); else row chunks in the budget, a 16-bit
+    // dW adding up in fp32 accumulators inside it
+    if (!c.fp32_dw)
+      return c.budget_mib == 0 ? "stored" : "stored/" + std::to_string(c.budget_mib) + "MiB";
     return "stored_f32dw/" + std::to_string(c.budget_mib) + "MiB";  // row chunks in the budget
   }
   const char* strategy = c.strategy == lce::backward_strategy::row_chunked ? "row_chunked"
@@ -588,7 +591,11 @@ void register_benchmarks() {
                                 {lce::backward_strategy::row_chunked, 1024},
                                 {lce::backward_strategy::row_chunked, 4096},
                                 {lce::backward_strategy::stored, 0},
-                                {lce::backward_strategy::stored, 1024, true}};
+                                {lce::backward_strategy::stored, 1024, true},
+                                // bf16 dW at 4 GiB: what automatic ran before stored row chunks
+                                // took fp32 accumulators, and those chunks
+                                {lce::backward_strategy::vocab_chunked, 4096},
+                                {lce::backward_strategy::stored, 4096}};
     for (const variant& c : variants) {
       const lce::backward_options bopt{c.strategy, c.budget_mib << 20};
       const std::string name = rows + "/" + variant_name(c);

@@ -41,11 +41,14 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
   workspace_layout stored_layout;
   const device::stored_plan whole = device::make_stored_plan<Element>(s, s.n, 0, stored_layout);
   const bool fits = whole.bytes <= b.memory_budget;
-  // Where the n rows do not fit and dW is fp32 (each chunk adds to it), row chunks as tall as
-  // the budget holds.
+  // Where the n rows do not fit, row chunks as tall as the budget holds; each chunk adds to
+  // dW and db: the caller's where they are fp32, else fp32 accumulators within the budget.
   device::stored_plan chunks;
-  if constexpr (can_store<Element, Config> && std::is_same_v<Grad, float>) {
-    if (!fits) chunks = device::make_stored_chunk_plan<Element, Config>(s, b.memory_budget);
+  if constexpr (can_store<Element, Config>) {
+    if (!fits) {
+      chunks = device::make_stored_chunk_plan<Element, Config>(s, b.memory_budget,
+                                                               !std::is_same_v<Grad, float>);
+    }
   }
   // automatic takes stored where it can run (16-bit elements, a Config with an sm_90a kernel,
   // no bias or class weights; the device is seen at the launch, which falls back to the
@@ -84,7 +87,11 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
       detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt, bias_or_weights);
   if (plan.stored && detail::can_store<Element, Config>) {
     const std::int64_t rows = plan.stored_plan.rows < shape.n ? plan.stored_plan.rows : 0;
-    backward_choice c{backward_strategy::stored, rows, plan.bytes, 0};
+    const std::size_t accumulators =
+        plan.stored_plan.accumulators
+            ? static_cast<std::size_t>(shape.v) * static_cast<std::size_t>(shape.d + 1) * 4
+            : 0;
+    backward_choice c{backward_strategy::stored, rows, plan.bytes, accumulators};
     c.reason = rows > 0 ? "stored in row chunks: no recomputation (on a device without the "
                           "sm_90a kernel the launch runs the chunked plan)"
                         : "stored: no recomputation (on a device without the sm_90a kernel the "

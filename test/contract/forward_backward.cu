@@ -325,8 +325,9 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     CHECK(rows.workspace_bytes <=
           lce::forward_backward_workspace_size<TestType, float>(shape, tiny) +
               chunked.memory_budget);
-    // A 16-bit dW cannot be added to chunk by chunk: automatic runs the chunked plan, and
-    // stored, asked for, all rows at once.
+    // A 16-bit dW is added to chunk by chunk in fp32 accumulators within the budget (v·d·4 +
+    // v·4 bytes: 2 GB here, more than this 1 GiB): automatic runs the chunked plan, and stored,
+    // asked for, all rows at once.
     CHECK(lce::choose_forward_backward<TestType, TestType>(shape, chunked).strategy !=
           lce::backward_strategy::stored);
     chunked.strategy = lce::backward_strategy::stored;
@@ -335,6 +336,27 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
     CHECK(whole.strategy == lce::backward_strategy::stored);
     CHECK(whole.chunk == 0);
     CHECK(whole.workspace_bytes >= stored_values);
+    // With room for the accumulators (n = 32768: 8 GiB of values; 4 GiB holds the 2 GiB of
+    // accumulators and ~8000-row chunks), a 16-bit dW runs stored in row chunks too.
+    {
+      const lce::problem tall{32768, 4096, 128256};
+      lce::backward_options four;
+      four.memory_budget = std::size_t{4} << 30;
+      const lce::backward_choice c16 = lce::choose_forward_backward<TestType>(tall, four);
+      const std::size_t accumulators = std::size_t{128256} * (4096 + 1) * 4;
+      CHECK(c16.strategy == lce::backward_strategy::stored);
+      CHECK(c16.chunk >= lce::device::min_stored_chunk);
+      CHECK(c16.chunk < tall.n);
+      CHECK(c16.accumulator_bytes == accumulators);
+      CHECK(c16.workspace_bytes <=
+            lce::forward_backward_workspace_size<TestType>(tall, tiny) + four.memory_budget);
+      CHECK(static_cast<std::size_t>(c16.chunk) * ld * 2 + accumulators <= four.memory_budget);
+      // The same budget with an fp32 dW: no accumulators, so taller chunks.
+      const lce::backward_choice c32 = lce::choose_forward_backward<TestType, float>(tall, four);
+      CHECK(c32.strategy == lce::backward_strategy::stored);
+      CHECK(c32.chunk > c16.chunk);
+      CHECK(c32.accumulator_bytes == 0);
+    }
     // automatic takes the row chunks exactly when they have min_stored_chunk rows or more
     // (the default budget: ~1000 rows on this shape); asked for, stored chunks below that too.
     for (const std::size_t mib : {std::size_t{128}, std::size_t{256}, std::size_t{512}}) {

@@ -218,10 +218,33 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
   outputs<TestType, float> out(s, true);
   const measured m = run_forward_backward(data, ctx, how, out);
   print_result<TestType, float>("forward_backward", data.spec, how.label.c_str(), m);
-  // With a 16-bit dW the same budget runs stored in one chunk.
+  // With a 16-bit dW: room for the fp32 dW and db accumulators (and their alignment) plus a
+  // budget for the chunks, halved as above until the plan has chunks of at most half the rows
+  // (where the chunks' budget and the accumulators together hold every row, the plan takes one
+  // chunk and writes the 16-bit dW once instead).
+  const std::size_t acc = static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d + 1) * 4;
+  variant how16 = how;
+  how16.label = "stored/rows/16-bit dW";
+  lce::backward_choice choice16{};
+  for (std::size_t room = static_cast<std::size_t>(s.n) * ((s.v + 7) / 8 * 8) * 2; room > 0;
+       room /= 2) {
+    how16.budget = room + acc + 1024;
+    choice16 = lce::choose_forward_backward<TestType, TestType>(s, options_of(how16));
+    REQUIRE(choice16.strategy == lce::backward_strategy::stored);
+    if (choice16.chunk > 0 && 2 * choice16.chunk <= s.n) break;
+  }
+  INFO("16-bit dW: budget " << how16.budget << " rows per chunk " << choice16.chunk);
+  REQUIRE(choice16.chunk > 0);
+  REQUIRE(2 * choice16.chunk <= s.n);
+  REQUIRE(choice16.accumulator_bytes == acc);
   outputs<TestType, TestType> out16(s, true);
-  const measured m16 = run_forward_backward(data, ctx, how, out16);
-  print_result<TestType, TestType>("forward_backward", data.spec, how.label.c_str(), m16);
+  const measured m16 = run_forward_backward(data, ctx, how16, out16);
+  print_result<TestType, TestType>("forward_backward", data.spec, how16.label.c_str(), m16);
+  // The float run's budget with a 16-bit dW: shorter chunks, or all rows at once where the
+  // accumulators leave no room.
+  outputs<TestType, TestType> whole16(s, true);
+  const measured w16 = run_forward_backward(data, ctx, how, whole16);
+  print_result<TestType, TestType>("forward_backward", data.spec, "stored/16-bit dW", w16);
 }
 
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the

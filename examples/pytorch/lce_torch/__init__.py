@@ -356,8 +356,9 @@ def linear_cross_entropy(
         strategy: the backward's organisation, 'auto', 'vocab_chunked', 'row_chunked' or
             'stored' (docs/algorithm.md). row_chunked computes dW in fp32 (see
             fp32_weight_grad). 'stored' keeps e^(z - m) of every logit in 16 bits from the
-            forward instead of recomputing (n·V·2 bytes; with fp32_weight_grad, row chunks
-            within memory_budget where that does not fit, else whatever memory_budget says):
+            forward instead of recomputing (n·V·2 bytes; row chunks within memory_budget
+            where that does not fit, with fp32 dW/db accumulators of V·(D+1)·4 bytes inside it
+            unless fp32_weight_grad; else whatever memory_budget says):
             it computes the gradients in the forward (grad_in_forward), so 'mean' or 'sum'
             only.
         memory_budget: upper bound in bytes on the backward's workspace (default 256 MiB).

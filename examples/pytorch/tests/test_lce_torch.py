@@ -913,6 +913,11 @@ def test_choose_reports_the_plans():
                                              memory_budget=256 << 20)
     assert rows["strategy"] == "stored" and 0 < rows["chunk"] < n
     assert rows["fp32_weight_grad_bytes"] == v * d * 4
+    # a 16-bit dW in row chunks: fp32 accumulators inside the budget
+    tall = lce_torch.choose_forward_backward(4 * n, d, v, torch.bfloat16, memory_budget=4 << 30)
+    assert tall["strategy"] == "stored" and 0 < tall["chunk"] < 4 * n
+    assert tall["accumulator_bytes"] == v * (d + 1) * 4
+    assert tall["fp32_weight_grad_bytes"] == 0
     # the backward alone never stores (lce::backward recomputes)
     assert lce_torch.choose_backward(n, d, v, torch.bfloat16,
                                      memory_budget=4 << 30)["strategy"] != "stored"

@@ -3,7 +3,8 @@
 /// e^{z − m} of every logit in the element type with each (row, tile) maximum m, and the
 /// backward forms dZ over them in place (kernel/stored_grad.cuh) before the gradient GEMMs — no
 /// recomputation. All rows at once (after lce's own forward), or in row chunks within the budget
-/// (run_stored_chunks: forward, combine and backward chunk by chunk, fp32 dW). Serves
+/// (run_stored_chunks: forward, combine and backward chunk by chunk, dW and db added to in
+/// fp32). Serves
 /// lce::forward_backward and lce::nccl::forward_backward (a vocabulary window and a partial dX).
 #pragma once
 
@@ -33,13 +34,17 @@ namespace device {
 /// Workspace regions of the `stored` strategy's backward (lce::forward_backward): the values
 /// e^{z − m} [rows, ld] in the element type, the tile maxima [rows, tiles] and the ones of db,
 /// for `rows` rows at a time. rows = n: one chunk, after a forward over all rows. rows < n
-/// (row chunks, when the n rows do not fit the budget; fp32 dW): the forward runs chunk by
+/// (row chunks, when the n rows do not fit the budget): the forward runs chunk by
 /// chunk, each chunk's kernel writing its vocabulary-split statistics to `partial` (`splits`
 /// per row at most). The tile count is an upper bound for every sm_90a tile width
 /// (≥ vocab_chunk_granule columns).
 struct stored_plan {
   std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
   std::int64_t ld = 0, tiles = 0, rows = 0;
+  /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
+  /// converted into the caller's once at the end.
+  bool accumulators = false;
+  std::size_t dw_acc = 0, db_acc = 0;
   std::size_t bytes = 0;
 };
 
@@ -63,9 +68,12 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
 
 /// The stored plan in row chunks within `budget` (Element 16-bit, Config with an sm_90a
 /// kernel): as many rows per chunk as the budget holds, in whole row tiles of the kernel. rows
-/// is 0 where no chunk fits or where every row does (then one chunk is the plan).
+/// is 0 where no chunk fits or where every row does (then one chunk is the plan). With
+/// `fp32_accumulators` (a 16-bit dW, which cannot be added to chunk by chunk) the budget also
+/// holds an fp32 dW and db (v·d·4 + v·4 bytes) ahead of the chunks' regions.
 template <class Element, class Config>
-stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcept {
+stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
+                                   bool fp32_accumulators = false) noexcept {
   using config = typename sm90_config_of<Config>::type;
   const std::int64_t granule = std::int64_t{config::block_m} * config::cluster_m;
   const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
@@ -73,7 +81,11 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcep
       static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
   const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
                               static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
-  const std::size_t slack = 4 * detail::workspace_layout::alignment;
+  const std::size_t accumulators =
+      fp32_accumulators
+          ? static_cast<std::size_t>(s.v) * (static_cast<std::size_t>(s.d) + 1) * sizeof(float)
+          : 0;
+  const std::size_t slack = 6 * detail::workspace_layout::alignment + accumulators;
   std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
   rows = rows / granule * granule;
   if (rows <= 0 || rows >= s.n) return {};
@@ -88,7 +100,41 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget) noexcep
         make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m).splits);
   }
   detail::workspace_layout layout;
-  return make_stored_plan<Element>(s, rows, splits, layout);
+  std::size_t dw_acc = 0, db_acc = 0;
+  if (fp32_accumulators) {
+    dw_acc = layout.reserve<float>(static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d));
+    db_acc = layout.reserve<float>(static_cast<std::size_t>(s.v));
+  }
+  stored_plan p = make_stored_plan<Element>(s, rows, splits, layout);
+  p.accumulators = fp32_accumulators;
+  p.dw_acc = dw_acc;
+  p.db_acc = db_acc;
+  return p;
+}
+
+/// The backward's arguments with fp32 dW and db: `a` itself where they are fp32, else a copy
+/// (by name) whose dw and db (where asked for) are the plan's accumulators.
+template <class Element>
+backward_args<Element, float> with_fp32_weight_grads(const backward_args<Element, float>& a, float*,
+                                                     float*) noexcept {
+  return a;
+}
+template <class Element, class Grad>
+backward_args<Element, float> with_fp32_weight_grads(const backward_args<Element, Grad>& a,
+                                                     float* dw, float* db) noexcept {
+  backward_args<Element, float> f;
+  f.x = a.x;
+  f.w = a.w;
+  f.bias = a.bias;
+  f.targets = a.targets;
+  f.lse = a.lse;
+  f.grad = a.grad;
+  f.dx = a.dx;
+  f.dw = a.dw != nullptr ? dw : nullptr;
+  f.db = a.db != nullptr ? db : nullptr;
+  f.class_weight = a.class_weight;
+  f.status = a.status;
+  return f;
 }
 
 /// The rows of one stored backward: [r0, r0 + count) of the problem (count < 0: all n).
@@ -167,14 +213,15 @@ inline thread::row_outputs rows_from(thread::row_outputs r, std::int64_t r0) noe
           from(r.ce)};
 }
 
-/// The stored strategy in row chunks (plan.rows < n; fp32 dW and db, which every chunk adds
-/// to): for each chunk, the lean sm_90a forward over its rows stores their values, the rows'
-/// statistics are combined into the lse and every per-row output, and run_stored_backward
-/// forms their gradients; the loss is reduced over all rows at the end. `fa` is the forward's
-/// arguments with fa.lse set (a.lse the same), `fplan` the forward plan of the whole problem
-/// in `fwd_ws` (its scalars, target logits and per-row regions serve every chunk).
-/// `launched` is false, with nothing enqueued, where the store kernel cannot run (a bias or
-/// class weights, a device without the sm_90a kernel, operands its copy engine cannot read).
+/// The stored strategy in row chunks (plan.rows < n; dW and db in fp32, which every chunk adds
+/// to — the caller's, or for a 16-bit Grad the plan's accumulators, converted at the end): for each
+/// chunk, the lean sm_90a forward over its rows stores their values, the rows' statistics are
+/// combined into the lse and every per-row output, and run_stored_backward forms their gradients;
+/// the loss is reduced over all rows at the end. `fa` is the forward's arguments with fa.lse set
+/// (a.lse the same), `fplan` the forward plan of the whole problem in `fwd_ws` (its scalars, target
+/// logits and per-row regions serve every chunk). `launched` is false, with nothing enqueued, where
+/// the store kernel cannot run (a bias or class weights, a device without the sm_90a kernel,
+/// operands its copy engine cannot read).
 template <class Element, class Grad, class Config>
 cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
                               const stored_plan& plan, const forward_args<Element>& fa,
@@ -203,6 +250,27 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
     const detail::stored_exp<Element> st{
         detail::at<Element>(ws, plan.values), detail::at<float>(ws, plan.tile_max), plan.ld,
         (s.v + config::block_v - 1) / config::block_v, config::block_v};
+    // dW and db: the caller's where they are fp32, else the plan's fp32 accumulators (dense
+    // [v, d]: the chunks see a problem whose dW stride is d), zeroed first where the chunks
+    // add to them from the start (accumulate: the caller's values join in the conversion).
+    float* dw_acc = nullptr;
+    float* db_acc = nullptr;
+    problem sg = s;
+    if constexpr (!std::is_same_v<Grad, float>) {
+      if (!plan.accumulators) return detail::invalid("stored row chunks: no fp32 accumulators");
+      dw_acc = detail::at<float>(ws, plan.dw_acc);
+      db_acc = detail::at<float>(ws, plan.db_acc);
+      sg.lddw = s.d;
+      if (o.accumulate) {
+        if (a.dw != nullptr)
+          LCE_RETURN_IF_ERROR(cudaMemsetAsync(
+              dw_acc, 0, static_cast<std::size_t>(s.v * s.d) * sizeof(float), stream));
+        if (a.db != nullptr)
+          LCE_RETURN_IF_ERROR(
+              cudaMemsetAsync(db_acc, 0, static_cast<std::size_t>(s.v) * sizeof(float), stream));
+      }
+    }
+    const backward_args<Element, float> grads = with_fp32_weight_grads(a, dw_acc, db_acc);
     constexpr int combine_threads = 256;
     for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
       problem chunk = s;
@@ -223,9 +291,26 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
       const auto blocks = static_cast<unsigned>((chunk.n + combine_threads - 1) / combine_threads);
       kernel::combine_rows_kernel<combine_threads><<<blocks, combine_threads, 0, stream>>>(cp);
       LCE_CHECK_LAUNCH("combine_rows_kernel");
-      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, a, s,
+      LCE_RETURN_IF_ERROR(run_stored_backward(ws, plan, st, scalars, target_logit, grads, sg,
                                               vocab_window{0, s.v}, nullptr, o, handle, stream,
                                               row_range{r0, chunk.n}));
+    }
+    if constexpr (!std::is_same_v<Grad, float>) {
+      constexpr int threads = 256;
+      if (a.dw != nullptr) {
+        const auto blocks = static_cast<unsigned>(
+            std::min<std::int64_t>((s.v * s.d + threads - 1) / threads, 4096));
+        kernel::convert_rows_kernel<Element>
+            <<<blocks, threads, 0, stream>>>(dw_acc, s.v, s.d, a.dw, s.dw_stride(), o.accumulate);
+        LCE_CHECK_LAUNCH("convert_rows_kernel");
+      }
+      if (a.db != nullptr) {
+        const auto blocks =
+            static_cast<unsigned>(std::min<std::int64_t>((s.v + threads - 1) / threads, 4096));
+        kernel::convert_rows_kernel<Element>
+            <<<blocks, threads, 0, stream>>>(db_acc, 1, s.v, a.db, s.v, o.accumulate);
+        LCE_CHECK_LAUNCH("convert_rows_kernel");
+      }
     }
     return run_reduce_loss(all_rows, fa.targets, s, o, scalars, fa.loss, fa.z_loss, fa.correct,
                            stream);
