@@ -353,11 +353,12 @@ METHODS = {
 
 
 class Timer:
-    def __init__(self, iters, warmup):
+    def __init__(self, iters, warmup, flush=None):
         self.iters = iters
         self.warmup = warmup
         # Larger than any L2 (H200: 60 MB): writing it evicts the inputs before each run
-        self.flush = torch.empty(512 * MIB, dtype=torch.uint8, device="cuda")
+        self.flush = (flush if flush is not None
+                      else torch.empty(512 * MIB, dtype=torch.uint8, device="cuda"))
         self.start = torch.cuda.Event(enable_timing=True)
         self.end = torch.cuda.Event(enable_timing=True)
 
@@ -388,7 +389,10 @@ def peak_mib(fn):
 
 
 def floor_times(x, w, timer):
-    """cuBLAS floor: 1 GEMM (forward) and 3 GEMMs (forward+backward) of the shape."""
+    """cuBLAS floor: 1 GEMM (forward) and 3 GEMMs (forward+backward) of the shape, at least 20
+    runs after 3 warm-ups whatever --iters says: the floor divides every row, and a short
+    median right after the fp64 reference (clocks down under power) read 20% high once."""
+    timer = Timer(max(timer.iters, 20), max(timer.warmup, 3), timer.flush)
     with torch.no_grad():
         fwd = timer.median_ms(lambda: x @ w.T)
 
@@ -572,6 +576,14 @@ def main(argv=None):
                 gc.collect()
                 torch.cuda.empty_cache()
                 emit(row)
+            # The floor again after the methods: the ratios above divide by the first one, so
+            # a drift of the machine between the two shows here (and in the CSV).
+            again = floor_times(x, w, timer)
+            drift = max(abs(again[0] / floor[0] - 1), abs(again[1] / floor[1] - 1))
+            emit(dict(common, family=family, method="cublas_floor_after", status="ok",
+                      fwd_ms=again[0], fwdbwd_ms=again[1], fwd_ratio=again[0] / floor[0],
+                      fwdbwd_ratio=again[1] / floor[1],
+                      note=f"the floor measured again after the methods: drift {drift:.1%}"))
             del x, w, y, ref
             gc.collect()
             torch.cuda.empty_cache()

@@ -6,7 +6,9 @@
 # 1. installs the peers' wheels carried in .whl/batch-* (examples/pytorch/tools/peer_wheels.sh):
 #    every batch is stashed in $WHEEL_STASH (default /tmp/lce-wheels, kept while the machine
 #    stays warm), split wheels are put back together once all their parts have arrived, and
-#    the complete ones go to /tmp/site (on PYTHONPATH);
+#    the complete ones go to /tmp/peers/site-packages (on PYTHONPATH: quack fingerprints its
+#    epilogues and takes code under a site-packages directory as installed; below any other
+#    path it hashes cutlass's globals and fails to trace);
 # 2. builds the extension in place (setup.py build_ext --inplace, all cores);
 # 3. runs the pytest suite (examples/pytorch/tests; PYTEST=0 skips it); test_distributed.py and
 #    test_fsdp_ddp.py run there with one-rank groups they make themselves, and again with
@@ -25,6 +27,7 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 stash=${WHEEL_STASH:-/tmp/lce-wheels}
+site=/tmp/peers/site-packages
 if compgen -G "$root/.whl/batch-*/*" >/dev/null; then
   mkdir -p "$stash"
   cp "$root"/.whl/batch-*/* "$stash"/
@@ -44,10 +47,10 @@ if [[ -d $stash ]]; then
   done
   if compgen -G "$stash/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$stash"/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      --target "$site" "$stash"/*.whl && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     # pip --target does not run .pth files; nvidia-cutlass-dsl's one puts its packages on the path
-    if [[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]]; then
-      export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+    if [[ -d $site/nvidia_cutlass_dsl/dsl_packages ]]; then
+      export PYTHONPATH=$site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
     fi
   fi
 fi

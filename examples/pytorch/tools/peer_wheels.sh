@@ -23,8 +23,9 @@ trap 'rm -rf "$tmp"' EXIT
 
 wheels=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)
 if [[ ${CUTEDSL:-0} == 1 ]]; then
-  wheels+=(quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
-           nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1
+  cv=${CUTEDSL_VERSION:-4.7.1}  # quack-kernels 0.6.5 asks for >= 4.7 (4.8.1 and liger 0.8.5 ran too)
+  wheels+=(quack-kernels==0.6.5 nvidia-cutlass-dsl=="$cv" nvidia-cutlass-dsl-libs-base=="$cv"
+           nvidia-cutlass-dsl-libs-core=="$cv" nvidia-cutlass-dsl-libs-cu13=="$cv"
            apache-tvm-ffi torch-c-dlpack-ext)  # einops, protobuf: on the GPU machine already
 fi
 pip download --quiet --no-deps --only-binary=:all: --python-version "$pyver" \
