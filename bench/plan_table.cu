@@ -6,6 +6,7 @@
 // "Workspace" is what lce asks for (accumulators included); "fp32 dW" is the caller's fp32 dW
 // buffer that row_chunked and stored row chunks add to (v·d·4 bytes), which a bf16 training
 // loop holds besides its bf16 parameters (the PyTorch binding allocates it and casts).
+#include <cstdint>
 #include <cstdio>
 #include <lce/lce.cuh>
 #include <string>
@@ -22,6 +23,7 @@ struct strategy_row {
   lce::backward_strategy strategy;
   std::size_t budget_mib;
   bool fp32_dw;
+  std::int64_t n = 8192;  ///< tokens: the shapes' 8192, or a micro-batch of 8 × 4096
 };
 
 double mib(std::size_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
@@ -41,12 +43,20 @@ int main() {
       {"stored (all rows), bf16 dW", lce::backward_strategy::stored, 256, false},
       {"automatic, 1 GiB, fp32 dW", lce::backward_strategy::automatic, 1024, true},
       {"automatic, 4 GiB, bf16 dW", lce::backward_strategy::automatic, 4096, false},
+      // n = 32768: the default gives the fp32 dX accumulator its own allowance; where the
+      // stored values of all rows do not fit, a bf16 dW takes row chunks with fp32 dW/db
+      // accumulators (v·(d+1)·4 bytes) inside the budget
+      {"default (automatic, 256 MiB), bf16 dW, n = 32768", lce::backward_strategy::automatic, 256,
+       false, 32768},
+      {"automatic, 4 GiB, bf16 dW, n = 32768", lce::backward_strategy::automatic, 4096, false,
+       32768},
   };
   std::printf(
       "| forward_backward, bf16 X and W | shape | runs | chunk | workspace MiB | of which "
       "fp32 accumulator | fp32 dW MiB | total MiB |\n|---|---|---|---|---|---|---|---|\n");
   for (const strategy_row& st : strategies) {
-    for (const shape_row& sh : shapes) {
+    for (shape_row sh : shapes) {
+      sh.shape.n = st.n;
       lce::backward_options bopt;
       bopt.strategy = st.strategy;
       bopt.memory_budget = st.budget_mib << 20;
