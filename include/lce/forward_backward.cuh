@@ -87,11 +87,8 @@ template <class Element, class Grad = Element, class Config = default_config<Ele
       detail::make_forward_backward_plan<Element, Grad, Config>(shape, bopt, bias_or_weights);
   if (plan.stored && detail::can_store<Element, Config>) {
     const std::int64_t rows = plan.stored_plan.rows < shape.n ? plan.stored_plan.rows : 0;
-    const std::size_t accumulators =
-        plan.stored_plan.accumulators
-            ? static_cast<std::size_t>(shape.v) * static_cast<std::size_t>(shape.d + 1) * 4
-            : 0;
-    backward_choice c{backward_strategy::stored, rows, plan.bytes, accumulators};
+    backward_choice c{backward_strategy::stored, rows, plan.bytes,
+                      plan.stored_plan.accumulator_bytes};
     c.reason = rows > 0 ? "stored in row chunks: no recomputation (on a device without the "
                           "sm_90a kernel the launch runs the chunked plan)"
                         : "stored: no recomputation (on a device without the sm_90a kernel the "

@@ -73,8 +73,8 @@ enum class backward_strategy : int {
   /// row_chunked when dW/db are fp32 and the budget holds chunks of at least
   /// min(n, 1024) whole rows; vocab_chunked otherwise. In lce::forward_backward, `stored`
   /// first (16-bit elements, a Config with an sm_90a kernel) where all rows' values fit the
-  /// budget, or, with fp32 dW/db, where row chunks of at least min(n, device::min_stored_chunk)
-  /// rows do
+  /// budget, or where row chunks of at least min(n, device::min_stored_chunk) rows do (with a
+  /// 16-bit dW, beside fp32 dW/db accumulators of v·(d+1)·4 bytes)
   automatic = 0,
   /// recompute a vocabulary slice of Z for all rows; dW written once per slice. Backward:
   /// 3 GEMMs (Z, dX, dW) + a GEMV for db; forward_backward: 4 GEMMs (the forward's Z too)
@@ -85,9 +85,10 @@ enum class backward_strategy : int {
   /// no recomputation (lce::forward_backward only): the sm_90a forward also stores, per logit,
   /// e^{z − m} in the element type with the fp32 maximum m of its (row, vocabulary tile); a
   /// pass turns them into dZ in place (the target's entry from the exact fp32 target logit),
-  /// then dX and dW are GEMMs over it: 3 GEMMs and about n·v·2 bytes of workspace — with
-  /// fp32 dW/db, row chunks within the budget where that does not fit (each chunk adds to dW),
-  /// else whatever the budget. Where it does not apply (fp32 inputs, bias or class weights, no
+  /// then dX and dW are GEMMs over it: 3 GEMMs and about n·v·2 bytes of workspace — row
+  /// chunks within the budget where that does not fit (each chunk adds to dW: the caller's fp32
+  /// one, or fp32 accumulators in the budget for a 16-bit dW), else whatever the budget. Where it
+  /// does not apply (fp32 inputs, bias or class weights, no
   /// sm_90a kernel) the automatic strategy runs instead: within the budget where the size query
   /// is told of a bias or class weights, else within the stored values' space (never less than
   /// the default budget).

@@ -42,9 +42,9 @@ struct stored_plan {
   std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
   std::int64_t ld = 0, tiles = 0, rows = 0;
   /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
-  /// converted into the caller's once at the end.
+  /// converted into the caller's once at the end (accumulator_bytes = v·(d+1)·4, 0 without).
   bool accumulators = false;
-  std::size_t dw_acc = 0, db_acc = 0;
+  std::size_t dw_acc = 0, db_acc = 0, accumulator_bytes = 0;
   std::size_t bytes = 0;
 };
 
@@ -109,6 +109,7 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   p.accumulators = fp32_accumulators;
   p.dw_acc = dw_acc;
   p.db_acc = db_acc;
+  p.accumulator_bytes = accumulators;
   return p;
 }
 
@@ -296,21 +297,19 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
                                               row_range{r0, chunk.n}));
     }
     if constexpr (!std::is_same_v<Grad, float>) {
-      constexpr int threads = 256;
-      if (a.dw != nullptr) {
+      // The accumulators into the caller's dW [v, d] and db [1, v] (added to with accumulate).
+      const auto convert = [&](const float* from, std::int64_t rows, std::int64_t cols, Grad* to,
+                               std::int64_t ld) {
+        constexpr int threads = 256;
         const auto blocks = static_cast<unsigned>(
-            std::min<std::int64_t>((s.v * s.d + threads - 1) / threads, 4096));
+            std::min<std::int64_t>((rows * cols + threads - 1) / threads, 4096));
         kernel::convert_rows_kernel<Element>
-            <<<blocks, threads, 0, stream>>>(dw_acc, s.v, s.d, a.dw, s.dw_stride(), o.accumulate);
+            <<<blocks, threads, 0, stream>>>(from, rows, cols, to, ld, o.accumulate);
         LCE_CHECK_LAUNCH("convert_rows_kernel");
-      }
-      if (a.db != nullptr) {
-        const auto blocks =
-            static_cast<unsigned>(std::min<std::int64_t>((s.v + threads - 1) / threads, 4096));
-        kernel::convert_rows_kernel<Element>
-            <<<blocks, threads, 0, stream>>>(db_acc, 1, s.v, a.db, s.v, o.accumulate);
-        LCE_CHECK_LAUNCH("convert_rows_kernel");
-      }
+        return cudaSuccess;
+      };
+      if (a.dw != nullptr) LCE_RETURN_IF_ERROR(convert(dw_acc, s.v, s.d, a.dw, s.dw_stride()));
+      if (a.db != nullptr) LCE_RETURN_IF_ERROR(convert(db_acc, 1, s.v, a.db, s.v));
     }
     return run_reduce_loss(all_rows, fa.targets, s, o, scalars, fa.loss, fa.z_loss, fa.correct,
                            stream);
