@@ -6,7 +6,8 @@
 # (XU pipe) instruction count. One log per row under $OUT.
 #   usage: scripts/ncu_forward.sh [bench filter]...   (default: Llama 3 and Gemma 2, the lean
 #          and softcap forwards, the stored forward inside forward_backward, and fwd/cublas)
-#   env:   BUILD_DIR (default build-gpu; lce_bench is built there against .deps)
+#   env:   BUILD_DIR (default build-gpu; lce_bench is built there against .deps),
+#          NCU_EXTRA (more ncu arguments, e.g. "--section MemoryWorkloadAnalysis")
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root" || exit 1
@@ -31,11 +32,12 @@ for row in "${rows[@]}"; do
   if [[ $row == *cublas* ]]; then kernels='regex:nvjet|xmma|cutlass|gemm'; skip=300
   else kernels='regex:fused_forward_sm90'; skip=5; fi
   log="$out/ncu-$(echo "$row" | tr '/' '_' | tr -s '_').log"
+  # shellcheck disable=SC2086
   timeout 240 ncu --clock-control none -k "$kernels" --launch-skip "$skip" --launch-count 1 \
     --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-    --section LaunchStats --section Occupancy \
+    --section LaunchStats --section Occupancy ${NCU_EXTRA:-} \
     --metrics sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.sum,smsp__inst_executed.sum \
     "$exe" --benchmark_filter="^$row" --benchmark_min_time=4 >"$log" 2>&1
   echo "== $row (rc=$?)"
-  grep -E "^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|gmma_cycles|pipe_xu|inst_executed.sum|Registers Per|Stall|Achieved Occupancy" "$log" | cut -c1-150 | head -20
+  grep -E "^  [a-zA-Z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|gmma_cycles|pipe_xu|inst_executed.sum|Registers Per|Stall|Achieved Occupancy|Max Bandwidth|Mem Busy|Mem Pipes|L2 Hit|Shared" "$log" | cut -c1-150 | head -28
 done
