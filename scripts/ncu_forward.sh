@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The forward kernels under Nsight Compute, one launch each (clocks left alone), and the
 # cuBLASLt GEMM of `fwd/cublas` (flat data: its pick may differ from the floor lce's rows are
-# divided by; bench/RESULTS.md gives the command that profiles a row's own floor): SpeedOfLight, compute workload (tensor pipe), warp state
-# (stall reasons), launch and occupancy sections, the wgmma pipe's active cycles and the MUFU
+# divided by; bench/RESULTS.md gives the command that profiles a row's own floor):
+# SpeedOfLight, compute workload (tensor pipe), warp state (stall reasons), launch and
+# occupancy sections, the wgmma pipe's active cycles and the MUFU
 # (XU pipe) instruction count. One log per row under $OUT.
 #   usage: scripts/ncu_forward.sh [bench filter]...   (default: Llama 3 and Gemma 2, the lean
 #          and softcap forwards, the stored forward inside forward_backward, and fwd/cublas)
