@@ -188,14 +188,22 @@ template <class Element, class Grad, class Config = default_config<Element>>
     using sm90_config = typename sm90_config_of<Config>::type;
     std::int64_t tile_cols = device::vocab_chunk_granule;
     if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
-    const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
-                                         detail::at<float>(backward_ws, plan.stored_plan.tile_max),
-                                         plan.stored_plan.ld, (shape.v + tile_cols - 1) / tile_cols,
-                                         tile_cols};
+    detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
+                                   detail::at<float>(backward_ws, plan.stored_plan.tile_max),
+                                   plan.stored_plan.ld, (shape.v + tile_cols - 1) / tile_cols,
+                                   tile_cols};
+    const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
+    if (device::stored_offset_form(ba, options)) {
+      // One offset per row (kernel/stored_offset.cuh): dZ needs no pass over the values.
+      st.offset = detail::at<float>(backward_ws, plan.stored_plan.offset);
+      st.flagged = detail::at<int>(backward_ws, plan.stored_plan.flagged);
+      LCE_RETURN_IF_ERROR(device::run_stored_offsets(
+          args.x, args.w, args.targets, shape, options, 0,
+          detail::at<float>(backward_ws, plan.stored_plan.offset), st.flagged, stream));
+    }
     bool stored = false;
     LCE_RETURN_IF_ERROR((device::run_forward<Element, Config>(d_workspace, plan.forward, fwd, shape,
                                                               options, stream, &st, &stored)));
-    const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
     detail::cublas_scope scope(handle, stream);
     if (scope.status() != CUBLAS_STATUS_SUCCESS)
       return detail::cublas_failure(scope.status(), "handle setup");

@@ -1,6 +1,7 @@
 // GPU tests of lce::forward_backward (loss and gradients in one call, upstream gradient 1)
 // against the fp64 reference, its agreement with forward followed by backward, and the whole
 // training step under stream capture.
+#include <cfloat>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -245,6 +246,40 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
   outputs<TestType, TestType> whole16(s, true);
   const measured w16 = run_forward_backward(data, ctx, how, whole16);
   print_result<TestType, TestType>("forward_backward", data.spec, "stored/16-bit dW", w16);
+}
+
+// The per-row-offset form of stored (bf16, kernel/stored_offset.cuh: no pass over the stored
+// values) against the pass form on the same data (filter_eps = FLT_MIN sends the call to the
+// pass and drops only entries below 1.2e-38): dX, dW and db within 1.2× of the pass form's error
+// against the fp64 reference (issue 13's T5), the loss as exact. Logits with a std of 20 put a
+// fifth of the rows' targets more than 80 below their row's maximum: those rows are recomputed.
+TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass",
+          "[gpu][forward_backward][stored]") {
+  using bf16 = __nv_bfloat16;
+  const case_spec spec = GENERATE(
+      case_spec{300, 72, 1000}.no_bias(),
+      case_spec{1000, 136, 4099}.sum().no_bias().with_z_loss(1e-3f).with_temperature(0.8f).shifted(
+          50),
+      case_spec{777, 72, 2051}.none().no_bias().padded(8, 3, 5, 7),
+      case_spec{300, 72, 1000}.no_bias().scaled(20.0));
+  problem_data<bf16> data(spec, fresh_seed());
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe());
+  gpu_context ctx;
+  const std::size_t budget = lce::backward_options{}.memory_budget;
+  outputs<bf16, bf16> out(data.shape, true);
+  const measured offsets = run_forward_backward(
+      data, ctx, variant{lce::backward_strategy::stored, budget, "offsets"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, "stored/offsets", offsets);
+  data.options.filter_eps = FLT_MIN;
+  const measured pass =
+      run_forward_backward(data, ctx, variant{lce::backward_strategy::stored, budget, "pass"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, "stored/pass", pass);
+  if (pass.loss >= 0) CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);  // none: no loss
+  CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
+  CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
+  CHECK(offsets.db <= 1.2 * pass.db + 1e-6);
 }
 
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the

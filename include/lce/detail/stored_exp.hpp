@@ -23,6 +23,11 @@ struct stored_exp {
   std::int64_t ld = 0;         ///< a multiple of 8
   std::int64_t tiles = 0;      ///< ⌈v / tile_cols⌉
   std::int64_t tile_cols = 0;  ///< the forward kernel's block_v
+  /// With per-row offsets (kernel/stored_offset.cuh): e^{z − c_row} is stored instead, c from
+  /// `offset` [n] (tile_max unused), and the forward sets flagged[row] where the row's maximum
+  /// lies more than kernel::stored_offset_limit above c.
+  const float* offset = nullptr;
+  int* flagged = nullptr;
 };
 
 }  // namespace detail

@@ -20,6 +20,7 @@
 #include "../kernel/elementwise.cuh"
 #include "../kernel/forward_finalize.cuh"
 #include "../kernel/stored_grad.cuh"
+#include "../kernel/stored_offset.cuh"
 #include "../options.hpp"
 #include "../thread/finish_row.cuh"
 #include "../thread/loss_scalars.cuh"
@@ -41,12 +42,21 @@ namespace device {
 struct stored_plan {
   std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
   std::int64_t ld = 0, tiles = 0, rows = 0;
+  /// The per-row-offset form (kernel/stored_offset.cuh): the offsets, the flags and the row
+  /// scales [rows] each; dX's fp32 row chunks of dx_rows rows share tile_max's region (the
+  /// two forms never run together; the region is the larger of the two, at most 32 MiB for
+  /// the chunks), and `ones` holds the 16-bit row scales.
+  std::size_t offset = 0, flagged = 0, scale = 0;
+  std::int64_t dx_rows = 0;
   /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
   /// converted into the caller's once at the end (accumulator_bytes = v·(d+1)·4, 0 without).
   bool accumulators = false;
   std::size_t dw_acc = 0, db_acc = 0, accumulator_bytes = 0;
   std::size_t bytes = 0;
 };
+
+/// The most bytes of dX's fp32 row chunks in the per-row-offset form.
+inline constexpr std::size_t stored_dx_chunk_bytes = std::size_t{32} << 20;
 
 /// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
 /// forward uses (0 for one chunk, whose forward is lce's own).
@@ -60,7 +70,19 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   p.ld = round_up(s.v, 8);
   p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
   p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
-  p.tile_max = layout.reserve<float>(r * static_cast<std::size_t>(p.tiles));
+  const std::size_t tile_max_bytes = r * static_cast<std::size_t>(p.tiles) * sizeof(float);
+  const std::size_t row_bytes = static_cast<std::size_t>(s.d) * sizeof(float);
+  // dX's row chunks: up to 32 MiB (2048 rows of Llama 3's d = 4096: two waves of 128 × 256
+  // output tiles on 132 SMs), in multiples of 256 rows where there are that many.
+  const std::size_t chunk_bytes =
+      std::max(tile_max_bytes, std::min(r * row_bytes, stored_dx_chunk_bytes));
+  std::size_t dx_rows = std::min<std::size_t>(r, chunk_bytes / row_bytes);
+  if (dx_rows >= 256 && dx_rows < r) dx_rows = dx_rows / 256 * 256;
+  p.dx_rows = static_cast<std::int64_t>(std::max<std::size_t>(dx_rows, 1));
+  p.tile_max = layout.reserve<char>(std::max(tile_max_bytes, chunk_bytes));
+  p.offset = layout.reserve<float>(r);
+  p.flagged = layout.reserve<int>(r);
+  p.scale = layout.reserve<float>(r);
   p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
   return p;
@@ -79,13 +101,18 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
   const auto tiles =
       static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
-  const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
+  // values, the tile maxima or dX's fp32 rows (one region, the larger of the two), the 16-bit
+  // ones or row scales, offset, flag and scale, the splits' statistics
+  const std::size_t per_row = ld * sizeof(Element) +
+                              std::max(tiles, static_cast<std::size_t>(s.d)) * sizeof(float) +
+                              sizeof(Element) +
+                              2 * sizeof(float) + sizeof(int) +
                               static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
   const std::size_t accumulators =
       fp32_accumulators
           ? static_cast<std::size_t>(s.v) * (static_cast<std::size_t>(s.d) + 1) * sizeof(float)
           : 0;
-  const std::size_t slack = 6 * detail::workspace_layout::alignment + accumulators;
+  const std::size_t slack = 9 * detail::workspace_layout::alignment + accumulators;
   std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
   rows = rows / granule * granule;
   if (rows <= 0 || rows >= s.n) return {};
@@ -144,6 +171,107 @@ struct row_range {
   std::int64_t count = -1;
 };
 
+/// Whether the stored strategy takes its per-row-offset form (kernel/stored_offset.cuh, no
+/// pass over the n·V values): bf16 (fp16 cannot hold e^{z − c}), the whole vocabulary, a dX
+/// that is not added to (it holds f ⊙ X until dX is written), and options under which dZ off
+/// the target is a row scale times E — no softcap (its derivative varies along the row), no
+/// label smoothing (a term on every column) and no filter_eps. Elsewhere the pass forms dZ.
+template <class Element, class Grad>
+bool stored_offset_form(const backward_args<Element, Grad>& a, const loss_options& o) noexcept {
+  return std::is_same_v<Element, __nv_bfloat16> && a.dx != nullptr && !o.accumulate &&
+         o.softcap == 0.0f && o.label_smoothing == 0.0f && o.filter_eps == 0.0f;
+}
+
+/// Enqueues the offsets of rows [r0, r0 + s.n) (x: their first row) before the forward that
+/// stores against them, and clears their flags (plan regions `offset`, `flagged`).
+template <class Element>
+cudaError_t run_stored_offsets(const Element* x, const Element* w, const std::int64_t* targets,
+                               const problem& s, const loss_options& o, std::int64_t r0,
+                               float* offset, int* flagged, cudaStream_t stream) noexcept {
+  kernel::stored_offset_params<Element> p{x,
+                                          w,
+                                          s.n,
+                                          s.d,
+                                          s.v,
+                                          s.x_stride(),
+                                          s.w_stride(),
+                                          make_target_view(targets, o),
+                                          make_transform(o).inv_temperature,
+                                          offset,
+                                          flagged};
+  p.targets.row_offset = r0;
+  constexpr int threads = 256;  // 8 rows a block
+  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((s.n + 7) / 8, 65535));
+  kernel::stored_offset_kernel<Element><<<blocks, threads, 0, stream>>>(p);
+  LCE_CHECK_LAUNCH("stored_offset_kernel");
+  return cudaSuccess;
+}
+
+/// The per-row-offset form of run_stored_backward (stored_offset_form holds, st.offset set):
+/// the row scales, the targets' entries and f ⊙ X (into the caller's dX rows), then db = Eᵀ·f,
+/// dW = Eᵀ·(f ⊙ X) and dX = diag(f)·(E·W) in fp32 row chunks, rounded once.
+template <class Element, class Grad>
+cudaError_t run_stored_offset_backward(
+    void* ws, const stored_plan& plan, const detail::stored_exp<Element>& st,
+    const thread::loss_scalars* scalars, const float* target_logit,
+    const backward_args<Element, Grad>& a, const problem& s, const loss_options& o,
+    cublasHandle_t handle, cudaStream_t stream, std::int64_t r0, std::int64_t rows) noexcept {
+  using detail::gemm;
+  constexpr cublasOperation_t N = CUBLAS_OP_N;
+  constexpr cublasOperation_t T = CUBLAS_OP_T;
+  const float* one = &scalars->one;
+  const float* zero = &scalars->zero;
+  const float* alpha = &scalars->alpha;
+  const float* beta = r0 == 0 ? zero : one;
+  auto* scale = detail::at<float>(ws, plan.scale);
+  auto* scale_16bit = detail::at<Element>(ws, plan.ones);
+  Element* x_scaled = a.dx + r0 * s.dx_stride();
+  kernel::stored_fix_params<Element> fp{make_logit_grad_params(a, s, o, scalars, 0),
+                                        st.values,
+                                        st.ld,
+                                        st.offset,
+                                        st.flagged,
+                                        target_logit,
+                                        a.x + r0 * s.x_stride(),
+                                        a.w,
+                                        s.d,
+                                        s.x_stride(),
+                                        s.w_stride(),
+                                        x_scaled,
+                                        s.dx_stride(),
+                                        scale,
+                                        scale_16bit};
+  fp.grad.row0 = r0;
+  fp.grad.cols = s.v;
+  constexpr int threads = 256;
+  kernel::stored_fix_kernel<Element, threads>
+      <<<static_cast<unsigned>(rows), threads, 0, stream>>>(fp);
+  LCE_CHECK_LAUNCH("stored_fix_kernel");
+  const Element* e = st.values;
+  if (a.db != nullptr)  // db [v, 1] (+)= Eᵀ · f
+    LCE_RETURN_IF_ERROR(
+        gemm(handle, N, N, s.v, 1, rows, alpha, e, st.ld, scale_16bit, rows, beta, a.db, s.v));
+  if (a.dw != nullptr)  // dWᵀ [d, v] (+)= (f ⊙ X_c)ᵀ · E
+    LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, rows, alpha, x_scaled, s.dx_stride(), e, st.ld,
+                             beta, a.dw, s.dw_stride()));
+  // dX_c = diag(f)·(E·W) by chunks of plan.dx_rows rows through fp32 (the tile-max region):
+  // (E·W)ᵀ [d, rows] = Wᵀ · Eᵀ, then scaled and rounded once into the caller's rows, which
+  // held f ⊙ X until the dW GEMM above read it.
+  auto* chunk = detail::at<float>(ws, plan.tile_max);
+  constexpr int scale_threads = 256;
+  for (std::int64_t c0 = 0; c0 < rows; c0 += plan.dx_rows) {
+    const std::int64_t cr = std::min(plan.dx_rows, rows - c0);
+    LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, cr, s.v, alpha, a.w, s.w_stride(), e + c0 * st.ld,
+                             st.ld, zero, chunk, s.d));
+    const auto blocks = static_cast<unsigned>(
+        std::min<std::int64_t>((cr * s.d + scale_threads - 1) / scale_threads, 4096));
+    kernel::scale_rows_kernel<Element><<<blocks, scale_threads, 0, stream>>>(
+        chunk, scale + c0, cr, s.d, a.dx + (r0 + c0) * s.dx_stride(), s.dx_stride(), false);
+    LCE_CHECK_LAUNCH("scale_rows_kernel");
+  }
+  return cudaSuccess;
+}
+
 /// The stored strategy's backward over a range of rows and a vocabulary window (`window`: the
 /// rows of a.w, a.bias, a.dw and a.db, as run_chunked_backward takes it), after the forward
 /// wrote the range's values of the window into `st` (with a.lse, the forward's `scalars` and
@@ -172,6 +300,12 @@ cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
   const float* alpha = &scalars->alpha;
   const float* first_beta = o.accumulate ? one : zero;
   const float* beta = r0 == 0 ? first_beta : one;
+  if (st.offset != nullptr) {
+    if (dx_partial != nullptr || window.begin != 0 || window.rows != s.v || a.dx == nullptr)
+      return detail::invalid("stored per-row offsets: the whole vocabulary and the caller's dX");
+    return run_stored_offset_backward(ws, plan, st, scalars, target_logit, a, s, o, handle, stream,
+                                      r0, rows);
+  }
   kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, window.begin), st,
                                          target_logit};
   sp.grad.row0 = r0;
@@ -248,9 +382,9 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
     LCE_RETURN_IF_ERROR(
         run_loss_scalars(fa.targets, nullptr, nullptr, s, o, scalars, fa.status, stream));
     const thread::row_outputs all_rows = make_row_outputs(fwd_ws, fplan, fa);
-    const detail::stored_exp<Element> st{
-        detail::at<Element>(ws, plan.values), detail::at<float>(ws, plan.tile_max), plan.ld,
-        (s.v + config::block_v - 1) / config::block_v, config::block_v};
+    detail::stored_exp<Element> st{detail::at<Element>(ws, plan.values),
+                                   detail::at<float>(ws, plan.tile_max), plan.ld,
+                                   (s.v + config::block_v - 1) / config::block_v, config::block_v};
     // dW and db: the caller's where they are fp32, else the plan's fp32 accumulators (dense
     // [v, d]: the chunks see a problem whose dW stride is d), zeroed first where the chunks
     // add to them from the start (accumulate: the caller's values join in the conversion).
@@ -272,6 +406,11 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
       }
     }
     const backward_args<Element, float> grads = with_fp32_weight_grads(a, dw_acc, db_acc);
+    const bool offsets = stored_offset_form(grads, o);
+    if (offsets) {
+      st.offset = detail::at<float>(ws, plan.offset);
+      st.flagged = detail::at<int>(ws, plan.flagged);
+    }
     constexpr int combine_threads = 256;
     for (std::int64_t r0 = 0; r0 < s.n; r0 += plan.rows) {
       problem chunk = s;
@@ -280,6 +419,11 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
       fc.x = fa.x + r0 * s.x_stride();
       const forward_grid grid =
           make_balanced_grid(chunk, config::block_m, config::block_v, config::cluster_m);
+      if (offsets) {
+        LCE_RETURN_IF_ERROR(run_stored_offsets(fc.x, fa.w, fa.targets, chunk, o, r0,
+                                               detail::at<float>(ws, plan.offset), st.flagged,
+                                               stream));
+      }
       bool ran = false;
       std::int64_t splits = 0;
       LCE_RETURN_IF_ERROR((run_fused_forward_sm90<Element, config, false, true>(

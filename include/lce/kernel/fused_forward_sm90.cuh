@@ -19,6 +19,7 @@
 #include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
+#include "stored_offset.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -59,6 +60,8 @@ struct fused_forward_sm90 {
     std::int64_t rows[2];
     std::int64_t target[2];
     thread::row_stats stats[2];
+    /// Store with per-row offsets (detail::stored_exp::offset): each row's c, or +inf past n.
+    float offset[2] = {0.0f, 0.0f};
 
     __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
       quad = pipeline::fragment_quad();
@@ -68,6 +71,10 @@ struct fused_forward_sm90 {
       for (int h = 0; h < 2; ++h) {
         target[h] = rows[h] < p.n ? p.targets(rows[h]) : -1;
         stats[h] = thread::row_stats_identity();
+        if constexpr (Store) {
+          if (p.store.offset != nullptr)
+            offset[h] = rows[h] < p.n ? p.store.offset[rows[h]] : INFINITY;
+        }
       }
     }
 
@@ -86,14 +93,18 @@ struct fused_forward_sm90 {
     __device__ __forceinline__ void lean(float (&acc)[frag], std::int64_t vocab0) {
       if (p.transform.softcap > 0.0f) {
         if (p.extras) {
-          fold_plain_tile<true, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
+          fold_plain_tile<true, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
+                                                     offset);
         } else {
-          fold_plain_tile<true, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
+          fold_plain_tile<true, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
+                                                      offset);
         }
       } else if (p.extras) {
-        fold_plain_tile<false, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
+        fold_plain_tile<false, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
+                                                    offset);
       } else {
-        fold_plain_tile<false, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats);
+        fold_plain_tile<false, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
+                                                     offset);
       }
     }
 
@@ -170,7 +181,8 @@ struct fused_forward_sm90 {
                                                          std::int64_t vocab0, int quad,
                                                          const std::int64_t (&rows)[2],
                                                          const std::int64_t (&target)[2],
-                                                         thread::row_stats (&stats)[2]) {
+                                                         thread::row_stats (&stats)[2],
+                                                         const float (&offset)[2]) {
     constexpr float log2e = 1.4426950408889634f;
     const float inv_t = p.transform.inv_temperature;
     const float cap = p.transform.softcap;
@@ -212,10 +224,20 @@ struct fused_forward_sm90 {
       // holds it beyond its octet (the tile's accumulators are all live here).
       Element* out = nullptr;
       const bool row_in = rows[h] < p.n;
+      // What e^{z − max} is multiplied by before it is stored: 1 (with the tile's maximum kept
+      // beside), or with a per-row offset c, e^{max − c} (so e^{z − c} is stored; a maximum
+      // more than stored_offset_limit above c flags the row for recomputation, and the factor
+      // stays finite). An ignored row's c is +inf: its values are 0.
+      float factor = 1.0f;
       if constexpr (Stored) {
         out = p.store.values + rows[h] * p.store.ld + vocab0 + 2 * quad;
-        if (row_in && quad == 0)
+        if (p.store.offset != nullptr) {
+          const float lead = mx[h] - offset[h];
+          factor = arch::sm90::fast_exp2(fminf(lead, stored_offset_limit) * log2e);
+          if (row_in && quad == 0 && lead > stored_offset_limit) p.store.flagged[rows[h]] = 1;
+        } else if (row_in && quad == 0) {
           p.store.tile_max[rows[h] * p.store.tiles + vocab0 / block_v] = mx[h];
+        }
       }
 #pragma unroll
       for (int j = block_v / 8 - 1; j >= 0; --j) {  // downwards: the last match is the first
@@ -224,7 +246,9 @@ struct fused_forward_sm90 {
         for (int e = 1; e >= 0; --e) {
           const float z = acc[4 * j + 2 * h + e];
           const float ez = arch::sm90::fast_exp2((z - mx[h]) * log2e);
-          if constexpr (Stored) ez_pair[e] = ez;
+          // fmaxf: a NaN logit stores 0 (its row's lse is NaN, which reaches its gradient;
+          // an ignored row's 0·NaN must not reach dW)
+          if constexpr (Stored) ez_pair[e] = fmaxf(ez * factor, 0.0f);
           sum += ez;
           if constexpr (Extras) {
             // Masked: −inf columns (masked, or a −inf logit, which the minimum catches) add
