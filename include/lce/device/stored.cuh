@@ -105,8 +105,7 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   // ones or row scales, offset, flag and scale, the splits' statistics
   const std::size_t per_row = ld * sizeof(Element) +
                               std::max(tiles, static_cast<std::size_t>(s.d)) * sizeof(float) +
-                              sizeof(Element) +
-                              2 * sizeof(float) + sizeof(int) +
+                              sizeof(Element) + 2 * sizeof(float) + sizeof(int) +
                               static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
   const std::size_t accumulators =
       fp32_accumulators
