@@ -251,8 +251,9 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
 // The per-row-offset form of stored (bf16, kernel/stored_offset.cuh: no pass over the stored
 // values) against the pass form on the same data (filter_eps = FLT_MIN sends the call to the
 // pass and drops only entries below 1.2e-38): dX, dW and db within 1.2× of the pass form's error
-// against the fp64 reference (issue 13's T5), the loss as exact. Logits with a std of 20 put a
-// fifth of the rows' targets more than 80 below their row's maximum: those rows are recomputed.
+// against the fp64 reference (issue 13's T5), the loss as exact; a softcap too. Logits with a
+// std of 20 put a fifth of the rows' targets more than 80 below their row's maximum: those
+// rows are recomputed.
 TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass",
           "[gpu][forward_backward][stored]") {
   using bf16 = __nv_bfloat16;
@@ -261,6 +262,8 @@ TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass
       case_spec{1000, 136, 4099}.sum().no_bias().with_z_loss(1e-3f).with_temperature(0.8f).shifted(
           50),
       case_spec{777, 72, 2051}.none().no_bias().padded(8, 3, 5, 7),
+      // Gemma 2's softcap: the forward stores dz/draw's factor with the values
+      case_spec{500, 136, 3001}.no_bias().capped(30.0f).scaled(8.0),
       case_spec{300, 72, 1000}.no_bias().scaled(20.0));
   problem_data<bf16> data(spec, fresh_seed());
   data.use_unit_upstream();

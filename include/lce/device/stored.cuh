@@ -46,7 +46,7 @@ struct stored_plan {
   /// scales [rows] each; dX's fp32 row chunks of dx_rows rows share tile_max's region (the
   /// two forms never run together; the region is the larger of the two, at most 32 MiB for
   /// the chunks), and `ones` holds the 16-bit row scales.
-  std::size_t offset = 0, flagged = 0, scale = 0;
+  std::size_t offset = 0, flagged = 0, scale = 0, target_grad = 0, target = 0;
   std::int64_t dx_rows = 0;
   /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
   /// converted into the caller's once at the end (accumulator_bytes = v·(d+1)·4, 0 without).
@@ -83,6 +83,8 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   p.offset = layout.reserve<float>(r);
   p.flagged = layout.reserve<int>(r);
   p.scale = layout.reserve<float>(r);
+  p.target_grad = layout.reserve<float>(r);
+  p.target = layout.reserve<std::int64_t>(r);
   p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
   return p;
@@ -102,16 +104,16 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   const auto tiles =
       static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
   // values, the tile maxima or dX's fp32 rows (one region, the larger of the two), the 16-bit
-  // ones or row scales, offset, flag and scale, the splits' statistics
-  const std::size_t per_row = ld * sizeof(Element) +
-                              std::max(tiles, static_cast<std::size_t>(s.d)) * sizeof(float) +
-                              sizeof(Element) + 2 * sizeof(float) + sizeof(int) +
-                              static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
+  // ones or row scales, offset, flag, scale, target entry and column, the splits' statistics
+  const std::size_t per_row =
+      ld * sizeof(Element) + std::max(tiles, static_cast<std::size_t>(s.d)) * sizeof(float) +
+      sizeof(Element) + 3 * sizeof(float) + sizeof(int) + sizeof(std::int64_t) +
+      static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
   const std::size_t accumulators =
       fp32_accumulators
           ? static_cast<std::size_t>(s.v) * (static_cast<std::size_t>(s.d) + 1) * sizeof(float)
           : 0;
-  const std::size_t slack = 9 * detail::workspace_layout::alignment + accumulators;
+  const std::size_t slack = 11 * detail::workspace_layout::alignment + accumulators;
   std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
   rows = rows / granule * granule;
   if (rows <= 0 || rows >= s.n) return {};
@@ -173,12 +175,12 @@ struct row_range {
 /// Whether the stored strategy takes its per-row-offset form (kernel/stored_offset.cuh, no
 /// pass over the n·V values): bf16 (fp16 cannot hold e^{z − c}), the whole vocabulary, a dX
 /// that is not added to (it holds f ⊙ X until dX is written), and options under which dZ off
-/// the target is a row scale times E — no softcap (its derivative varies along the row), no
-/// label smoothing (a term on every column) and no filter_eps. Elsewhere the pass forms dZ.
+/// the target is a row scale times E (a softcap's derivative is stored into E by the forward)
+/// — no label smoothing (a term on every column) and no filter_eps. Elsewhere the pass.
 template <class Element, class Grad>
 bool stored_offset_form(const backward_args<Element, Grad>& a, const loss_options& o) noexcept {
   return std::is_same_v<Element, __nv_bfloat16> && a.dx != nullptr && !o.accumulate &&
-         o.softcap == 0.0f && o.label_smoothing == 0.0f && o.filter_eps == 0.0f;
+         o.label_smoothing == 0.0f && o.filter_eps == 0.0f;
 }
 
 /// Enqueues the offsets of rows [r0, r0 + s.n) (x: their first row) before the forward that
@@ -195,7 +197,7 @@ cudaError_t run_stored_offsets(const Element* x, const Element* w, const std::in
                                           s.x_stride(),
                                           s.w_stride(),
                                           make_target_view(targets, o),
-                                          make_transform(o).inv_temperature,
+                                          make_transform(o),
                                           offset,
                                           flagged};
   p.targets.row_offset = r0;
@@ -207,8 +209,9 @@ cudaError_t run_stored_offsets(const Element* x, const Element* w, const std::in
 }
 
 /// The per-row-offset form of run_stored_backward (stored_offset_form holds, st.offset set):
-/// the row scales, the targets' entries and f ⊙ X (into the caller's dX rows), then db = Eᵀ·f,
-/// dW = Eᵀ·(f ⊙ X) and dX = diag(f)·(E·W) in fp32 row chunks, rounded once.
+/// the row scales, the targets' entries (out of E) and f ⊙ X (into the caller's dX rows), then
+/// db = Eᵀ·f and dW = Eᵀ·(f ⊙ X) with the targets' entries added to their rows, and
+/// dX = diag(f)·(E·W) + t·W_y in fp32 row chunks, rounded once.
 template <class Element, class Grad>
 cudaError_t run_stored_offset_backward(
     void* ws, const stored_plan& plan, const detail::stored_exp<Element>& st,
@@ -218,12 +221,16 @@ cudaError_t run_stored_offset_backward(
   using detail::gemm;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
+  constexpr int threads = 256;
   const float* one = &scalars->one;
   const float* zero = &scalars->zero;
   const float* alpha = &scalars->alpha;
   const float* beta = r0 == 0 ? zero : one;
   auto* scale = detail::at<float>(ws, plan.scale);
   auto* scale_16bit = detail::at<Element>(ws, plan.ones);
+  auto* target_grad = detail::at<float>(ws, plan.target_grad);
+  auto* target = detail::at<std::int64_t>(ws, plan.target);
+  const Element* x_c = a.x + r0 * s.x_stride();
   Element* x_scaled = a.dx + r0 * s.dx_stride();
   kernel::stored_fix_params<Element> fp{make_logit_grad_params(a, s, o, scalars, 0),
                                         st.values,
@@ -231,7 +238,7 @@ cudaError_t run_stored_offset_backward(
                                         st.offset,
                                         st.flagged,
                                         target_logit,
-                                        a.x + r0 * s.x_stride(),
+                                        x_c,
                                         a.w,
                                         s.d,
                                         s.x_stride(),
@@ -239,10 +246,11 @@ cudaError_t run_stored_offset_backward(
                                         x_scaled,
                                         s.dx_stride(),
                                         scale,
-                                        scale_16bit};
+                                        scale_16bit,
+                                        target_grad,
+                                        target};
   fp.grad.row0 = r0;
   fp.grad.cols = s.v;
-  constexpr int threads = 256;
   kernel::stored_fix_kernel<Element, threads>
       <<<static_cast<unsigned>(rows), threads, 0, stream>>>(fp);
   LCE_CHECK_LAUNCH("stored_fix_kernel");
@@ -253,19 +261,35 @@ cudaError_t run_stored_offset_backward(
   if (a.dw != nullptr)  // dWᵀ [d, v] (+)= (f ⊙ X_c)ᵀ · E
     LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, rows, alpha, x_scaled, s.dx_stride(), e, st.ld,
                              beta, a.dw, s.dw_stride()));
-  // dX_c = diag(f)·(E·W) by chunks of plan.dx_rows rows through fp32 (the tile-max region):
-  // (E·W)ᵀ [d, rows] = Wᵀ · Eᵀ, then scaled and rounded once into the caller's rows, which
-  // held f ⊙ X until the dW GEMM above read it.
+  if (a.dw != nullptr || a.db != nullptr) {  // the targets' rows of dW and db
+    const kernel::target_grad_params<Element, Grad> tp{
+        target, target_grad, x_c, rows, s.d, s.x_stride(), alpha, a.dw, s.dw_stride(), a.db};
+    kernel::target_grad_kernel<Element, Grad, threads>
+        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(tp);
+    LCE_CHECK_LAUNCH("target_grad_kernel");
+  }
+  // dX_c by chunks of plan.dx_rows rows through fp32 (the tile maxima's region):
+  // alpha·(E·W)ᵀ [d, rows] = Wᵀ · Eᵀ, then scaled, the target's row added, and rounded once into
+  // the caller's rows, which held f ⊙ X until the dW GEMM above read it.
   auto* chunk = detail::at<float>(ws, plan.tile_max);
-  constexpr int scale_threads = 256;
   for (std::int64_t c0 = 0; c0 < rows; c0 += plan.dx_rows) {
     const std::int64_t cr = std::min(plan.dx_rows, rows - c0);
     LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, cr, s.v, alpha, a.w, s.w_stride(), e + c0 * st.ld,
                              st.ld, zero, chunk, s.d));
-    const auto blocks = static_cast<unsigned>(
-        std::min<std::int64_t>((cr * s.d + scale_threads - 1) / scale_threads, 4096));
-    kernel::scale_rows_kernel<Element><<<blocks, scale_threads, 0, stream>>>(
-        chunk, scale + c0, cr, s.d, a.dx + (r0 + c0) * s.dx_stride(), s.dx_stride(), false);
+    const kernel::scale_rows_params<Element> sp{chunk,
+                                                scale + c0,
+                                                target_grad + c0,
+                                                target + c0,
+                                                a.w,
+                                                s.w_stride(),
+                                                alpha,
+                                                cr,
+                                                s.d,
+                                                a.dx + (r0 + c0) * s.dx_stride(),
+                                                s.dx_stride()};
+    const auto blocks =
+        static_cast<unsigned>(std::min<std::int64_t>((cr * s.d + threads - 1) / threads, 4096));
+    kernel::scale_rows_kernel<Element><<<blocks, threads, 0, stream>>>(sp);
     LCE_CHECK_LAUNCH("scale_rows_kernel");
   }
   return cudaSuccess;

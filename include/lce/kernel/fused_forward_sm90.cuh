@@ -187,6 +187,7 @@ struct fused_forward_sm90 {
     const float inv_t = p.transform.inv_temperature;
     const float cap = p.transform.softcap;
     const float cap_scale = Softcap ? inv_t / cap : 0.0f;
+    const float inv_cap = Softcap ? 1.0f / cap : 0.0f;
     float mx[2] = {-INFINITY, -INFINITY};
     float lo[2] = {INFINITY, INFINITY};
     // Masked: this thread's column 8·j + e (of its quad's pair) is in range iff 8·j + e < limit.
@@ -248,7 +249,18 @@ struct fused_forward_sm90 {
           const float ez = arch::sm90::fast_exp2((z - mx[h]) * log2e);
           // fmaxf: a NaN logit stores 0 (its row's lse is NaN, which reaches its gradient;
           // an ignored row's 0·NaN must not reach dW)
-          if constexpr (Stored) ez_pair[e] = fmaxf(ez * factor, 0.0f);
+          if constexpr (Stored) {
+            float value = ez * factor;
+            if constexpr (Softcap) {
+              // With offsets the stored value carries dz/draw's (1 − (z/c)²), which varies
+              // along the row (the pass form computes it from z instead).
+              if (p.store.offset != nullptr) {
+                const float u = z * inv_cap;
+                value *= fmaf(-u, u, 1.0f);
+              }
+            }
+            ez_pair[e] = fmaxf(value, 0.0f);
+          }
           sum += ez;
           if constexpr (Extras) {
             // Masked: −inf columns (masked, or a −inf logit, which the minimum catches) add

@@ -2,10 +2,14 @@
 /// @brief The `stored` strategy with one offset per row (docs/algorithm.md §5.5): the forward
 /// keeps E = e^{z − c} with c = z_target + 20, known before it (stored_offset_kernel), instead
 /// of e^{z − m} with one maximum per (row, tile). Then dZ = diag(f)·E except at the target, with
-/// f = a·e^{c − lse}/τ per row, so no pass over the n·V values forms dZ: the target's entry is
-/// written in place (stored_fix_kernel, from the forward's fp32 target logit: p_y − 1 is never
-/// formed from a 16-bit p_y), dW = Eᵀ·(f ⊙ X) and db = Eᵀ·f take the row scale on their n-long
-/// side, and dX = diag(f)·(E·W) takes it after an fp32 GEMM (scale_rows_kernel), rounded once.
+/// f = a·e^{c − lse}/τ per row, so no pass over the n·V values forms dZ: dW = Eᵀ·(f ⊙ X) and
+/// db = Eᵀ·f take the row scale on their n-long side, and dX = diag(f)·(E·W) takes it after an
+/// fp32 GEMM (scale_rows_kernel), rounded once. The target's entry stays out of E (0 there,
+/// stored_fix_kernel) and is added exactly: t = (a·p_y − b)/τ in fp32 from the forward's fp32
+/// target logit (p_y − 1 is never formed from a 16-bit p_y), to dX's row as t·W_y before its
+/// one rounding, and to dW's and db's target rows after their GEMMs (target_grad_kernel, rows
+/// grouped by target in row order). A 16-bit dW row that is some row's target is rounded
+/// twice, its large target part once.
 ///
 /// Range: the element types keep fp32's exponent (bf16) or are not used here (fp16's e^{z − c}
 /// would overflow at z − c > 11: the offset path takes bf16 only). e^{z − c} is finite for
@@ -45,7 +49,7 @@ struct stored_offset_params {
   const Element* w;  ///< [v, ldw]
   std::int64_t rows, d, v, ldx, ldw;
   thread::target_view targets;  ///< by global row (row_offset: the chunk's first)
-  float inv_temperature;
+  thread::logit_transform transform;
   float* offset;  ///< [rows] out: z_target/τ + lead, or +inf for a row without a scored target
   int* flagged;   ///< [rows] out: 0 (the forward sets 1)
 };
@@ -60,7 +64,7 @@ __global__ void LCE_KERNEL_VISIBILITY stored_offset_kernel(const stored_offset_p
     const std::int64_t y = p.targets(r);
     float c = INFINITY;  // e^{z − ∞} = 0: an ignored row stores zeros
     if (thread::is_scored_target(y, p.targets.ignore_index, p.v)) {
-      c = warp_dot(p.x + r * p.ldx, p.w + y * p.ldw, p.d) * p.inv_temperature + stored_offset_lead;
+      c = p.transform(warp_dot(p.x + r * p.ldx, p.w + y * p.ldw, p.d)) + stored_offset_lead;
     }
     if (threadIdx.x % 32 == 0) {
       p.offset[r] = c;
@@ -84,11 +88,13 @@ struct stored_fix_params {
   std::int64_t ld_scaled;
   float* scale;          ///< [rows] out: f
   Element* scale_16bit;  ///< [rows] out: f in the element type (db's vector)
+  float* target_grad;    ///< [rows] out: t, the target's entry of dZ/alpha (0: none)
+  std::int64_t* target;  ///< [rows] out: the target's column, or −1
 };
 
 /// One block per row of the chunk, after the forward and its combine (the lse): the row scale
-/// f, the target's entry of E, f ⊙ x. A flagged row is recomputed whole with f = 1/τ and
-/// E = a·p − b·[v = y] (its offset lay too far below the row's maximum).
+/// f, the target's entry t (and 0 in its place in E), f ⊙ x. A flagged row (its offset lay too
+/// far below the row's maximum) is recomputed whole with f = 1/τ: E = a·p off the target.
 template <class Element, int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     stored_fix_kernel(const stored_fix_params<Element> p) {
@@ -98,53 +104,162 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   const float inv_t = p.grad.transform.inv_temperature;
   const float c = p.offset[r];
   const bool scored = thread::is_scored_target(rg.y, p.grad.targets.ignore_index, p.grad.v);
-  const float z_target = scored ? p.target_logit[row] : 0.0f;
-  const float p_target = thread::softmax_prob(z_target, rg.lse);
+  const bool has_target = rg.active && scored;
   Element* e = p.values + r * p.ld;
   float f = 0.0f;
   bool recompute = false;
-  if (rg.active && scored) {
+  if (has_target) {
     f = inv_t * rg.coeffs.p * expf(c - rg.lse);
     recompute = p.flagged[r] != 0 || !(f > 0.0f) || !isfinite(f);
   }
   if (recompute) {
-    // dZ = f·E with f = 1/τ: E = a·p − b·[v = y], every column from its recomputed logit.
+    // dZ = f·E with f = 1/τ: E = a·p·τ·dz/draw off the target (dz/draw = (1 − (z/c)²)/τ under
+    // a softcap, else 1/τ), every column from its recomputed logit.
     f = inv_t;
+    const thread::logit_transform& tf = p.grad.transform;
     const int warp = static_cast<int>(threadIdx.x) / 32;
     for (std::int64_t col = warp; col < p.grad.v; col += Threads / 32) {
-      const float z =
-          col == rg.y ? z_target : warp_dot(p.x + r * p.ldx, p.w + col * p.ldw, p.d) * inv_t;
+      if (col == rg.y) continue;  // the same for the whole warp
+      const float z = tf(warp_dot(p.x + r * p.ldx, p.w + col * p.ldw, p.d));
       const float g =
-          thread::logit_grad_of_prob(rg.coeffs, thread::softmax_prob(z, rg.lse), col == rg.y, 1.0f);
-      if (threadIdx.x % 32 == 0) e[col] = static_cast<Element>(g);
+          thread::logit_grad_of_prob(rg.coeffs, thread::softmax_prob(z, rg.lse), false, 1.0f);
+      if (threadIdx.x % 32 == 0) e[col] = static_cast<Element>(g * tf.derivative(z) / inv_t);
     }
-  } else if (threadIdx.x == 0 && rg.active && scored) {
-    // The target's entry: f·E_y = (a·p_y − b)/τ, p_y from the exact fp32 target logit.
-    e[rg.y] = static_cast<Element>(inv_t * (rg.coeffs.p * p_target - rg.coeffs.target) / f);
+  }
+  if (threadIdx.x == 0) {
+    // The target's entry, exact: (a·p_y − b)/τ from the fp32 target logit; E holds 0 there.
+    float t = 0.0f;
+    if (has_target) {
+      const float z_target = p.target_logit[row];
+      const float p_target = thread::softmax_prob(z_target, rg.lse);
+      t = (rg.coeffs.p * p_target - rg.coeffs.target) * p.grad.transform.derivative(z_target);
+      e[rg.y] = static_cast<Element>(0.0f);
+    }
+    p.target_grad[r] = t;
+    p.target[r] = has_target ? rg.y : -1;
+    p.scale[r] = f;
+    p.scale_16bit[r] = static_cast<Element>(f);
   }
   for (std::int64_t k = threadIdx.x; k < p.d; k += Threads)
     p.x_scaled[r * p.ld_scaled + k] =
         static_cast<Element>(f * static_cast<float>(p.x[r * p.ldx + k]));
-  if (threadIdx.x == 0) {
-    p.scale[r] = f;
-    p.scale_16bit[r] = static_cast<Element>(f);
+}
+
+/// dX's rows: out[r, k] = f_r·in[r, k] + alpha·t_r·W[y_r, k], rounded once; `in` dense fp32
+/// [rows, cols] = alpha·(E·W) of the rows, out with row stride ld.
+template <class Element>
+struct scale_rows_params {
+  const float* in;
+  const float* scale;          ///< [rows] f
+  const float* target_grad;    ///< [rows] t
+  const std::int64_t* target;  ///< [rows] y, or −1
+  const Element* w;
+  std::int64_t ldw;
+  const float* alpha;  ///< device scalar
+  std::int64_t rows, cols;
+  Element* out;
+  std::int64_t ld;
+};
+
+template <class Element>
+__global__ void LCE_KERNEL_VISIBILITY scale_rows_kernel(const scale_rows_params<Element> p) {
+  const std::int64_t total = p.rows * p.cols;
+  const float alpha = *p.alpha;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t r = i / p.cols;
+    const std::int64_t k = i - r * p.cols;
+    float value = p.scale[r] * p.in[i];
+    const std::int64_t y = p.target[r];
+    if (y >= 0)
+      value = fmaf(alpha * p.target_grad[r], static_cast<float>(p.w[y * p.ldw + k]), value);
+    p.out[r * p.ld + k] = static_cast<Element>(value);
   }
 }
 
-/// out[r, k] (+)= scale[r]·in[r, k] over (rows, cols); `in` dense fp32 [rows, cols], out with
-/// row stride ld: dX = diag(f)·(E·W), rounded once.
-template <class Element>
-__global__ void LCE_KERNEL_VISIBILITY scale_rows_kernel(const float* in, const float* scale,
-                                                        std::int64_t rows, std::int64_t cols,
-                                                        Element* out, std::int64_t ld,
-                                                        bool accumulate) {
-  const std::int64_t total = rows * cols;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t r = i / cols;
-    Element& o = out[r * ld + (i - r * cols)];
-    o = static_cast<Element>(scale[r] * in[i] + (accumulate ? static_cast<float>(o) : 0.0f));
+/// The targets' entries into dW and db, after their GEMMs: for each column y that is the
+/// target of rows of the chunk, dW[y, :] += alpha·Σ t_r·x_r and db[y] += alpha·Σ t_r over those
+/// rows in row order — one block per target (its first row's), no atomics, so the sums are the
+/// same run to run. Grad: dW's and db's type (fp32 accumulators, or the caller's 16-bit ones,
+/// then rounded a second time).
+template <class Element, class Grad>
+struct target_grad_params {
+  const std::int64_t* target;  ///< [rows] −1: none
+  const float* target_grad;    ///< [rows] t
+  const Element* x;            ///< the chunk's rows [rows, ldx]
+  std::int64_t rows, d, ldx;
+  const float* alpha;
+  Grad* dw;  ///< [v, lddw] or null
+  std::int64_t lddw;
+  Grad* db;  ///< [v] or null
+};
+
+template <class Element, class Grad, int Threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    target_grad_kernel(const target_grad_params<Element, Grad> p) {
+  constexpr int list_max = 1024;  // rows of the target gathered at a time, in order
+  constexpr int per_thread = 8;   // columns a thread sums at a time (d in passes of 8·Threads)
+  __shared__ int list[list_max];
+  __shared__ int listed, scanned, earlier;
+  const std::int64_t first = blockIdx.x;
+  const std::int64_t y = p.target[first];
+  if (y < 0) return;
+  if (threadIdx.x == 0) earlier = 0;
+  __syncthreads();
+  for (std::int64_t m = threadIdx.x; m < first; m += Threads) {
+    if (p.target[m] == y) earlier = 1;
   }
+  __syncthreads();
+  if (earlier != 0) return;  // another block (the target's first row) does it
+  const float alpha = *p.alpha;
+  float db_sum = 0.0f;  // thread 0's
+  for (std::int64_t k0 = 0; k0 < p.d; k0 += static_cast<std::int64_t>(per_thread) * Threads) {
+    float acc[per_thread] = {};
+    for (std::int64_t from = first; from < p.rows;) {
+      __syncthreads();  // the previous piece's list is read
+      if (threadIdx.x < 32) {
+        // One warp lists the matching rows from `from` on, in order (ballot and prefix count).
+        int count = 0;
+        std::int64_t m = from;
+        for (; m < p.rows && count + 32 <= list_max; m += 32) {
+          const std::int64_t row = m + threadIdx.x;
+          const bool match = row < p.rows && p.target[row] == y;
+          const unsigned ballot = __ballot_sync(0xffffffffu, match);
+          if (match)
+            list[count + __popc(ballot & ((1u << threadIdx.x) - 1u))] = static_cast<int>(row);
+          count += __popc(ballot);
+        }
+        if (threadIdx.x == 0) {
+          listed = count;
+          scanned = static_cast<int>(m - from);
+        }
+      }
+      __syncthreads();
+      for (int i = 0; i < listed; ++i) {
+        const std::int64_t row = list[i];
+        const float t = p.target_grad[row];
+        if (k0 == 0 && threadIdx.x == 0) db_sum += t;
+#pragma unroll
+        for (int j = 0; j < per_thread; ++j) {
+          const std::int64_t k = k0 + threadIdx.x + static_cast<std::int64_t>(j) * Threads;
+          if (k < p.d) acc[j] = fmaf(t, static_cast<float>(p.x[row * p.ldx + k]), acc[j]);
+        }
+      }
+      from += scanned;
+    }
+    if (p.dw != nullptr) {
+#pragma unroll
+      for (int j = 0; j < per_thread; ++j) {
+        const std::int64_t k = k0 + threadIdx.x + static_cast<std::int64_t>(j) * Threads;
+        if (k < p.d) {
+          Grad& o = p.dw[y * p.lddw + k];
+          o = static_cast<Grad>(static_cast<float>(o) + alpha * acc[j]);
+        }
+      }
+    }
+  }
+  if (p.db != nullptr && threadIdx.x == 0)
+    p.db[y] = static_cast<Grad>(static_cast<float>(p.db[y]) + alpha * db_sum);
 }
 
 }  // namespace kernel
