@@ -39,7 +39,8 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
   p.lse = layout.reserve<float>(static_cast<std::size_t>(s.n));
   p.backward = layout.reserve<char>(0);
   workspace_layout stored_layout;
-  const device::stored_plan whole = device::make_stored_plan<Element>(s, s.n, 0, stored_layout);
+  const device::stored_plan whole = device::make_stored_plan<Element>(
+      s, s.n, 0, stored_layout, device::stored_offsets_possible<Element>);
   const bool fits = whole.bytes <= b.memory_budget;
   // Where the n rows do not fit, row chunks as tall as the budget holds; each chunk adds to
   // dW and db: the caller's where they are fp32, else fp32 accumulators within the budget.

@@ -58,11 +58,17 @@ struct stored_plan {
 /// The most bytes of dX's fp32 row chunks in the per-row-offset form.
 inline constexpr std::size_t stored_dx_chunk_bytes = std::size_t{32} << 20;
 
+/// Whether a stored plan of this element type holds the per-row-offset form's regions (dX's
+/// fp32 row chunks): bf16, and lce's own forward_backward (lce::nccl keeps the pass).
+template <class Element>
+inline constexpr bool stored_offsets_possible = std::is_same_v<Element, __nv_bfloat16>;
+
 /// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
-/// forward uses (0 for one chunk, whose forward is lce's own).
+/// forward uses (0 for one chunk, whose forward is lce's own). `offsets`: room for the
+/// per-row-offset form's dX chunks too (at most stored_dx_chunk_bytes beyond the maxima).
 template <class Element>
 stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
-                             detail::workspace_layout& layout) noexcept {
+                             detail::workspace_layout& layout, bool offsets = false) noexcept {
   stored_plan p;
   p.rows = rows;
   const auto r = static_cast<std::size_t>(rows);
@@ -75,16 +81,19 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   // dX's row chunks: up to 32 MiB (2048 rows of Llama 3's d = 4096: two waves of 128 × 256
   // output tiles on 132 SMs), in multiples of 256 rows where there are that many.
   const std::size_t chunk_bytes =
-      std::max(tile_max_bytes, std::min(r * row_bytes, stored_dx_chunk_bytes));
+      offsets ? std::max(tile_max_bytes, std::min(r * row_bytes, stored_dx_chunk_bytes))
+              : tile_max_bytes;
   std::size_t dx_rows = std::min<std::size_t>(r, chunk_bytes / row_bytes);
   if (dx_rows >= 256 && dx_rows < r) dx_rows = dx_rows / 256 * 256;
   p.dx_rows = static_cast<std::int64_t>(std::max<std::size_t>(dx_rows, 1));
   p.tile_max = layout.reserve<char>(std::max(tile_max_bytes, chunk_bytes));
-  p.offset = layout.reserve<float>(r);
-  p.flagged = layout.reserve<int>(r);
-  p.scale = layout.reserve<float>(r);
-  p.target_grad = layout.reserve<float>(r);
-  p.target = layout.reserve<std::int64_t>(r);
+  if (offsets) {
+    p.offset = layout.reserve<float>(r);
+    p.flagged = layout.reserve<int>(r);
+    p.scale = layout.reserve<float>(r);
+    p.target_grad = layout.reserve<float>(r);
+    p.target = layout.reserve<std::int64_t>(r);
+  }
   p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
   return p;
@@ -105,10 +114,11 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
       static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
   // values, the tile maxima or dX's fp32 rows (one region, the larger of the two), the 16-bit
   // ones or row scales, offset, flag, scale, target entry and column, the splits' statistics
-  const std::size_t per_row =
-      ld * sizeof(Element) + std::max(tiles, static_cast<std::size_t>(s.d)) * sizeof(float) +
-      sizeof(Element) + 3 * sizeof(float) + sizeof(int) + sizeof(std::int64_t) +
-      static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
+  const std::size_t region_row =
+      stored_offsets_possible<Element> ? std::max(tiles, static_cast<std::size_t>(s.d)) : tiles;
+  const std::size_t per_row = ld * sizeof(Element) + region_row * sizeof(float) + sizeof(Element) +
+                              3 * sizeof(float) + sizeof(int) + sizeof(std::int64_t) +
+                              static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
   const std::size_t accumulators =
       fp32_accumulators
           ? static_cast<std::size_t>(s.v) * (static_cast<std::size_t>(s.d) + 1) * sizeof(float)
@@ -133,7 +143,8 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
     dw_acc = layout.reserve<float>(static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d));
     db_acc = layout.reserve<float>(static_cast<std::size_t>(s.v));
   }
-  stored_plan p = make_stored_plan<Element>(s, rows, splits, layout);
+  stored_plan p =
+      make_stored_plan<Element>(s, rows, splits, layout, stored_offsets_possible<Element>);
   p.accumulators = fp32_accumulators;
   p.dw_acc = dw_acc;
   p.db_acc = db_acc;
@@ -324,10 +335,14 @@ cudaError_t run_stored_backward(void* ws, const stored_plan& plan,
   const float* first_beta = o.accumulate ? one : zero;
   const float* beta = r0 == 0 ? first_beta : one;
   if (st.offset != nullptr) {
-    if (dx_partial != nullptr || window.begin != 0 || window.rows != s.v || a.dx == nullptr)
-      return detail::invalid("stored per-row offsets: the whole vocabulary and the caller's dX");
-    return run_stored_offset_backward(ws, plan, st, scalars, target_logit, a, s, o, handle, stream,
-                                      r0, rows);
+    if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+      if (dx_partial != nullptr || window.begin != 0 || window.rows != s.v || a.dx == nullptr)
+        return detail::invalid("stored per-row offsets: the whole vocabulary and the caller's dX");
+      return run_stored_offset_backward(ws, plan, st, scalars, target_logit, a, s, o, handle,
+                                        stream, r0, rows);
+    } else {
+      return detail::invalid("stored per-row offsets: bf16 only");
+    }
   }
   kernel::stored_grad_params<Element> sp{make_logit_grad_params(a, s, o, scalars, window.begin), st,
                                          target_logit};
