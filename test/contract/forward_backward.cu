@@ -387,3 +387,51 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   big.memory_budget = std::size_t{16} << 30;
   CHECK(lce::choose_forward_backward<float>(shape, big).strategy != lce::backward_strategy::stored);
 }
+
+// The stored strategy's per-row-offset form (device/stored.cuh, kernel/stored_offset.cuh):
+// which calls take it, and a plan whose region for the tile maxima also holds dX's fp32 row
+// chunks, with the per-row arrays beside it (and none of it in a plan without the form).
+TEST_CASE("forward_backward plan: the stored per-row-offset form and its regions",
+          "[contract][forward_backward][plan]") {
+  using bf16 = __nv_bfloat16;
+  lce::backward_args<bf16, bf16> a;
+  a.dx = fake_pointer<bf16>(1);
+  lce::loss_options o;
+  CHECK(lce::device::stored_offset_form(a, o));
+  o.softcap = 30.0f;  // its derivative goes into the stored values
+  CHECK(lce::device::stored_offset_form(a, o));
+  lce::loss_options smoothing;
+  smoothing.label_smoothing = 0.1f;
+  CHECK_FALSE(lce::device::stored_offset_form(a, smoothing));
+  lce::loss_options filtered;
+  filtered.filter_eps = 1e-4f;
+  CHECK_FALSE(lce::device::stored_offset_form(a, filtered));
+  lce::loss_options adding;
+  adding.accumulate = true;  // dX holds the caller's values: no room for f ⊙ X
+  CHECK_FALSE(lce::device::stored_offset_form(a, adding));
+  lce::backward_args<bf16, bf16> no_dx;
+  CHECK_FALSE(lce::device::stored_offset_form(no_dx, lce::loss_options{}));
+  lce::backward_args<__half, __half> half;
+  half.dx = fake_pointer<__half>(1);
+  CHECK_FALSE(lce::device::stored_offset_form(half, lce::loss_options{}));
+
+  for (const lce::problem s : {lce::problem{8192, 4096, 128256}, lce::problem{8192, 2304, 256000},
+                               lce::problem{300, 72, 1000}, lce::problem{1, 16, 1}}) {
+    CAPTURE(s.n, s.d, s.v);
+    lce::detail::workspace_layout with, without;
+    const auto p = lce::device::make_stored_plan<bf16>(s, s.n, 0, with, true);
+    const auto q = lce::device::make_stored_plan<bf16>(s, s.n, 0, without, false);
+    CHECK(p.dx_rows >= 1);
+    CHECK(p.dx_rows <= s.n);
+    // the region at tile_max holds dx_rows fp32 rows of d and the tile maxima
+    CHECK(p.offset - p.tile_max >= static_cast<std::size_t>(p.dx_rows * s.d) * sizeof(float));
+    CHECK(p.offset - p.tile_max >= static_cast<std::size_t>(s.n * p.tiles) * sizeof(float));
+    CHECK(p.offset > 0);
+    CHECK(p.target > p.target_grad);
+    CHECK(p.bytes >= q.bytes);
+    CHECK(q.offset == 0);
+    // at most 32 MiB and the per-row arrays beyond the form without it
+    CHECK(p.bytes <= q.bytes + lce::device::stored_dx_chunk_bytes +
+                         static_cast<std::size_t>(s.n) * 24 + 6 * 256);
+  }
+}
