@@ -23,6 +23,7 @@
 
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_grad.cuh"
+#include "../warp/reduce.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
@@ -38,9 +39,7 @@ __device__ inline float warp_dot(const Element* a, const Element* b, std::int64_
   float sum = 0.0f;
   for (std::int64_t k = threadIdx.x % 32; k < d; k += 32)
     sum = fmaf(static_cast<float>(a[k]), static_cast<float>(b[k]), sum);
-#pragma unroll
-  for (int m = 16; m >= 1; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
-  return sum;
+  return warp::allreduce_sum(sum);
 }
 
 template <class Element>
