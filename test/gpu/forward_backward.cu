@@ -281,8 +281,14 @@ TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass
   print_result<bf16, bf16>("forward_backward", data.spec, "stored/pass", pass);
   if (pass.loss >= 0) CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);  // none: no loss
   CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
-  CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
-  CHECK(offsets.db <= 1.2 * pass.db + 1e-6);
+  // dW's and db's GEMMs take f ⊙ X (and f) rounded to bf16, a second rounding the pass form
+  // does not have (it rounds dZ only). Where rows are peaked and their targets far from the
+  // maximum (the std-20 case), the exact target entry gains nothing and the two roundings add
+  // in quadrature: up to √2 (bench/stored_offset_precision.py: 1.11× at std 10; 1.23× measured
+  // here at std 20). Elsewhere the exact target entry more than pays for it.
+  const double gemm_side = spec.logit_scale >= 20.0 ? 1.45 : 1.2;
+  CHECK(offsets.dw <= gemm_side * pass.dw + 1e-6);
+  CHECK(offsets.db <= gemm_side * pass.db + 1e-6);
 }
 
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the
