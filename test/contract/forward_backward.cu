@@ -423,15 +423,36 @@ TEST_CASE("forward_backward plan: the stored per-row-offset form and its regions
     const auto q = lce::device::make_stored_plan<bf16>(s, s.n, 0, without, false);
     CHECK(p.dx_rows >= 1);
     CHECK(p.dx_rows <= s.n);
-    // the region at tile_max holds dx_rows fp32 rows of d and the tile maxima
-    CHECK(p.offset - p.tile_max >= static_cast<std::size_t>(p.dx_rows * s.d) * sizeof(float));
-    CHECK(p.offset - p.tile_max >= static_cast<std::size_t>(s.n * p.tiles) * sizeof(float));
+    CHECK(p.dx_first_rows >= 1);
+    CHECK(p.dx_first_rows <= p.dx_rows);
+    CHECK(p.dx_in_values == (s.v >= 2 * s.d));
+    const std::size_t region = p.offset - p.tile_max;
+    const auto fp32_rows = [&](std::int64_t rows) {
+      return static_cast<std::size_t>(rows * s.d) * sizeof(float);
+    };
+    // the region at tile_max holds the tile maxima and the first dX chunk's fp32 rows
+    CHECK(region >= fp32_rows(p.dx_first_rows));
+    CHECK(region >= static_cast<std::size_t>(s.n * p.tiles) * sizeof(float));
+    // dX's chunks cover the rows in order, each in the region or in the values before it
+    std::int64_t chunks = 0, cr = 0, c0 = 0;
+    for (; c0 < s.n && chunks < s.n + 1; c0 += cr, ++chunks) {
+      const std::int64_t previous = cr;
+      cr = lce::device::stored_dx_chunk_rows<bf16>(p, s, c0, previous, s.n);
+      REQUIRE(cr >= 1);
+      CHECK(static_cast<std::size_t>(cr * s.d) * sizeof(float) <=
+            (c0 > 0 && p.dx_in_values ? static_cast<std::size_t>(previous * p.ld) * sizeof(bf16)
+                                      : region));
+    }
+    CHECK(c0 == s.n);
+    // the maxima's region holds 1792 of Llama 3's rows, the values of those the other 6400
+    if (s.v == 128256) CHECK(chunks == 2);
+    if (s.v == 256000) CHECK(chunks == 2);
     CHECK(p.offset > 0);
     CHECK(p.target > p.target_grad);
     CHECK(p.bytes >= q.bytes);
     CHECK(q.offset == 0);
-    // at most 32 MiB and the per-row arrays beyond the form without it
-    CHECK(p.bytes <= q.bytes + lce::device::stored_dx_chunk_bytes +
+    // at most 256 fp32 rows of d and the per-row arrays beyond the form without it
+    CHECK(p.bytes <= q.bytes + fp32_rows(std::min<std::int64_t>(s.n, 256)) +
                          static_cast<std::size_t>(s.n) * 24 + 6 * 256);
   }
 }

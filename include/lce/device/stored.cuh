@@ -43,11 +43,15 @@ struct stored_plan {
   std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
   std::int64_t ld = 0, tiles = 0, rows = 0;
   /// The per-row-offset form (kernel/stored_offset.cuh): the offsets, the flags and the row
-  /// scales [rows] each; dX's fp32 row chunks of dx_rows rows share tile_max's region (the
-  /// two forms never run together; the region is the larger of the two, at most 32 MiB for
-  /// the chunks), and `ones` holds the 16-bit row scales.
+  /// scales [rows] each, and `ones` holds the 16-bit row scales. dX goes through fp32 in row
+  /// chunks: the first, of dx_first_rows rows, in tile_max's region (the maxima are not used by
+  /// this form; the region holds at least min(rows, 256) fp32 rows of d); each later one, of
+  /// up to dx_rows rows, in the stored values of the chunk before it, which its GEMM has
+  /// consumed (dx_in_values: a row of values holds a row of fp32 dX, v ≥ 2d; else every chunk
+  /// uses the region, dx_rows = dx_first_rows).
   std::size_t offset = 0, flagged = 0, scale = 0, target_grad = 0, target = 0;
-  std::int64_t dx_rows = 0;
+  std::int64_t dx_rows = 0, dx_first_rows = 0;
+  bool dx_in_values = false;
   /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
   /// converted into the caller's once at the end (accumulator_bytes = v·(d+1)·4, 0 without).
   bool accumulators = false;
@@ -55,8 +59,9 @@ struct stored_plan {
   std::size_t bytes = 0;
 };
 
-/// The most bytes of dX's fp32 row chunks in the per-row-offset form.
-inline constexpr std::size_t stored_dx_chunk_bytes = std::size_t{32} << 20;
+/// The fp32 rows of d that the per-row-offset form's region holds at least (beyond the
+/// maxima where those are fewer bytes).
+inline constexpr std::int64_t stored_dx_min_region_rows = 256;
 
 /// Whether a stored plan of this element type holds the per-row-offset form's regions (dX's
 /// fp32 row chunks): bf16, and lce's own forward_backward (lce::nccl keeps the pass).
@@ -65,7 +70,8 @@ inline constexpr bool stored_offsets_possible = std::is_same_v<Element, __nv_bfl
 
 /// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
 /// forward uses (0 for one chunk, whose forward is lce's own). `offsets`: room for the
-/// per-row-offset form's dX chunks too (at most stored_dx_chunk_bytes beyond the maxima).
+/// per-row-offset form's regions too (the maxima's region at least
+/// min(rows, stored_dx_min_region_rows) fp32 rows of d, and n·24 bytes of per-row arrays).
 template <class Element>
 stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
                              detail::workspace_layout& layout, bool offsets = false) noexcept {
@@ -78,15 +84,21 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
   const std::size_t tile_max_bytes = r * static_cast<std::size_t>(p.tiles) * sizeof(float);
   const std::size_t row_bytes = static_cast<std::size_t>(s.d) * sizeof(float);
-  // dX's row chunks: up to 32 MiB (2048 rows of Llama 3's d = 4096: two waves of 128 × 256
-  // output tiles on 132 SMs), in multiples of 256 rows where there are that many.
-  const std::size_t chunk_bytes =
-      offsets ? std::max(tile_max_bytes, std::min(r * row_bytes, stored_dx_chunk_bytes))
+  const std::size_t region_bytes =
+      offsets ? std::max(tile_max_bytes,
+                         std::min<std::size_t>(r, stored_dx_min_region_rows) * row_bytes)
               : tile_max_bytes;
-  std::size_t dx_rows = std::min<std::size_t>(r, chunk_bytes / row_bytes);
-  if (dx_rows >= 256 && dx_rows < r) dx_rows = dx_rows / 256 * 256;
-  p.dx_rows = static_cast<std::int64_t>(std::max<std::size_t>(dx_rows, 1));
-  p.tile_max = layout.reserve<char>(std::max(tile_max_bytes, chunk_bytes));
+  p.tile_max = layout.reserve<char>(region_bytes);
+  if (offsets) {
+    // dX's row chunks: the first as many rows as the region holds (in multiples of 256 where
+    // there are that many), the later ones as many as the values before them hold — with
+    // Llama 3's 128256 × 4096, 15 times as many: two GEMMs, the second the larger.
+    std::size_t first = std::min(r, region_bytes / row_bytes);
+    if (first >= 256 && first < r) first = first / 256 * 256;
+    p.dx_first_rows = static_cast<std::int64_t>(std::max<std::size_t>(first, 1));
+    p.dx_in_values = static_cast<std::size_t>(p.ld) * sizeof(Element) >= row_bytes;
+    p.dx_rows = p.dx_in_values ? rows : p.dx_first_rows;
+  }
   if (offsets) {
     p.offset = layout.reserve<float>(r);
     p.flagged = layout.reserve<int>(r);
@@ -97,6 +109,22 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
   return p;
+}
+
+/// The rows of the per-row-offset form's fp32 dX chunk at row c0 of a chunk of `rows` rows,
+/// `previous` the rows of the one before it: the first no more than the region holds, each
+/// later one (dx_in_values) no more than the values of the one before it hold.
+template <class Element>
+std::int64_t stored_dx_chunk_rows(const stored_plan& p, const problem& s, std::int64_t c0,
+                                  std::int64_t previous, std::int64_t rows) noexcept {
+  if (c0 == 0) return std::min(p.dx_first_rows, rows);
+  std::int64_t cr = std::min(p.dx_rows, rows - c0);
+  if (p.dx_in_values) {
+    const std::size_t held = static_cast<std::size_t>(previous) * static_cast<std::size_t>(p.ld) *
+                             sizeof(Element) / (static_cast<std::size_t>(s.d) * sizeof(float));
+    cr = std::min(cr, static_cast<std::int64_t>(held));
+  }
+  return cr;
 }
 
 /// The stored plan in row chunks within `budget` (Element 16-bit, Config with an sm_90a
@@ -112,11 +140,9 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
   const auto tiles =
       static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
-  // values, the tile maxima or dX's fp32 rows (one region, the larger of the two), the 16-bit
-  // ones or row scales, offset, flag, scale, target entry and column, the splits' statistics
-  const std::size_t region_row =
-      stored_offsets_possible<Element> ? std::max(tiles, static_cast<std::size_t>(s.d)) : tiles;
-  const std::size_t per_row = ld * sizeof(Element) + region_row * sizeof(float) + sizeof(Element) +
+  // values, the tile maxima, the 16-bit ones or row scales, offset, flag, scale, target entry
+  // and column, the splits' statistics
+  const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
                               3 * sizeof(float) + sizeof(int) + sizeof(std::int64_t) +
                               static_cast<std::size_t>(max_sm90_splits) * sizeof(thread::row_stats);
   const std::size_t accumulators =
@@ -124,8 +150,20 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
           ? static_cast<std::size_t>(s.v) * (static_cast<std::size_t>(s.d) + 1) * sizeof(float)
           : 0;
   const std::size_t slack = 11 * detail::workspace_layout::alignment + accumulators;
-  std::int64_t rows = budget > slack ? static_cast<std::int64_t>((budget - slack) / per_row) : 0;
-  rows = rows / granule * granule;
+  const auto rows_within = [&](std::size_t more) {
+    const std::size_t fixed = slack + more;
+    const std::int64_t r =
+        budget > fixed ? static_cast<std::int64_t>((budget - fixed) / per_row) : 0;
+    return r / granule * granule;
+  };
+  std::int64_t rows = rows_within(0);
+  // The per-row-offset form's region holds at least 256 fp32 rows of d (make_stored_plan):
+  // beyond the maxima only where those take fewer bytes.
+  const std::size_t dx_region = static_cast<std::size_t>(stored_dx_min_region_rows) *
+                                static_cast<std::size_t>(s.d) * sizeof(float);
+  if (stored_offsets_possible<Element> &&
+      static_cast<std::size_t>(std::max<std::int64_t>(rows, 0)) * tiles * sizeof(float) < dx_region)
+    rows = rows_within(dx_region);
   if (rows <= 0 || rows >= s.n) return {};
   problem chunk = s;
   chunk.n = rows;
@@ -279,12 +317,18 @@ cudaError_t run_stored_offset_backward(
         <<<static_cast<unsigned>(rows), threads, 0, stream>>>(tp);
     LCE_CHECK_LAUNCH("target_grad_kernel");
   }
-  // dX_c by chunks of plan.dx_rows rows through fp32 (the tile maxima's region):
-  // alpha·(E·W)ᵀ [d, rows] = Wᵀ · Eᵀ, then scaled, the target's row added, and rounded once into
-  // the caller's rows, which held f ⊙ X until the dW GEMM above read it.
-  auto* chunk = detail::at<float>(ws, plan.tile_max);
-  for (std::int64_t c0 = 0; c0 < rows; c0 += plan.dx_rows) {
-    const std::int64_t cr = std::min(plan.dx_rows, rows - c0);
+  // dX_c by row chunks through fp32: alpha·(E·W)ᵀ [d, cr] = Wᵀ · Eᵀ, then scaled, the target's
+  // row added, and rounded once into the caller's rows, which held f ⊙ X until the dW GEMM
+  // above read it. The first chunk's fp32 rows go to the maxima's region, each later chunk's
+  // into the values of the chunk before it (read by its GEMM already, stream-ordered): at
+  // most as many fp32 rows as those values hold.
+  auto* region = detail::at<float>(ws, plan.tile_max);
+  std::int64_t cr = 0;
+  for (std::int64_t c0 = 0; c0 < rows; c0 += cr) {
+    float* chunk = c0 > 0 && plan.dx_in_values
+                       ? reinterpret_cast<float*>(st.values + (c0 - cr) * st.ld)
+                       : region;
+    cr = stored_dx_chunk_rows<Element>(plan, s, c0, cr, rows);
     LCE_RETURN_IF_ERROR(gemm(handle, N, N, s.d, cr, s.v, alpha, a.w, s.w_stride(), e + c0 * st.ld,
                              st.ld, zero, chunk, s.d));
     const kernel::scale_rows_params<Element> sp{chunk,
