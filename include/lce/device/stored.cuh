@@ -98,8 +98,6 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
     p.dx_first_rows = static_cast<std::int64_t>(std::max<std::size_t>(first, 1));
     p.dx_in_values = static_cast<std::size_t>(p.ld) * sizeof(Element) >= row_bytes;
     p.dx_rows = p.dx_in_values ? rows : p.dx_first_rows;
-  }
-  if (offsets) {
     p.offset = layout.reserve<float>(r);
     p.flagged = layout.reserve<int>(r);
     p.scale = layout.reserve<float>(r);
