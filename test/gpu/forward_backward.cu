@@ -292,6 +292,41 @@ TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass
   CHECK(offsets.db <= gemm_side * pass.db + 1e-6);
 }
 
+// dW's and db's target rows are added after their GEMMs, each target's rows summed in row
+// order (kernel::target_group_params): rows that share few targets, one target for every row,
+// ignored rows among them.
+TEST_CASE("forward_backward: stored with per-row offsets, rows that share targets",
+          "[gpu][forward_backward][stored]") {
+  using bf16 = __nv_bfloat16;
+  const int layout = GENERATE(0, 1, 2);
+  problem_data<bf16> data(case_spec{3000, 72, 1000}.no_bias(), fresh_seed());
+  std::vector<std::int64_t> t = data.h_targets;
+  for (std::size_t r = 0; r < t.size(); ++r) {
+    if (layout == 0) t[r] = 7;                                           // one target for every row
+    if (layout == 1) t[r] = r % 2 == 0 ? 999 : (r % 3 == 0 ? 0 : t[r]);  // two hot targets
+    if (layout == 2 && r % 7 != 0) t[r] = static_cast<std::int64_t>(r % 5) * 200 + 3;
+  }
+  t[5] = data.spec.ignore_index;
+  t[t.size() - 1] = data.spec.ignore_index;
+  data.set_targets(t);
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe() << " layout " << layout);
+  gpu_context ctx;
+  const std::size_t budget = lce::backward_options{}.memory_budget;
+  outputs<bf16, bf16> out(data.shape, true);
+  const measured offsets = run_forward_backward(
+      data, ctx, variant{lce::backward_strategy::stored, budget, "offsets"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, "stored/offsets/shared", offsets);
+  data.options.filter_eps = FLT_MIN;
+  const measured pass =
+      run_forward_backward(data, ctx, variant{lce::backward_strategy::stored, budget, "pass"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, "stored/pass/shared", pass);
+  CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);
+  CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
+  CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
+}
+
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the
 // stored values' space; a call that passes a bias in a workspace of that size runs the fallback
 // there (the query with the flag would size the chunked plan for the whole budget).

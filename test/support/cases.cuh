@@ -299,8 +299,16 @@ struct problem_data {
   /// Marks the rows ignored (targets ← ignore_index; without the causal shift only) and
   /// re-derives the counts; compute_reference again afterwards.
   void ignore_rows(const std::vector<std::int64_t>& rows) {
+    std::vector<std::int64_t> t = h_targets;
+    for (std::int64_t r : rows) t[static_cast<std::size_t>(r)] = spec.ignore_index;
+    set_targets(std::move(t));
+  }
+  /// Replaces the targets (without the causal shift only) and re-derives the counts;
+  /// compute_reference again afterwards.
+  void set_targets(std::vector<std::int64_t> t) {
     REQUIRE(spec.shift_seq_len == 0);
-    for (std::int64_t r : rows) h_targets[static_cast<std::size_t>(r)] = spec.ignore_index;
+    REQUIRE(t.size() == h_targets.size());
+    h_targets = std::move(t);
     targets = device_buffer<std::int64_t>(h_targets);
     h_effective_targets = h_targets;
     n_valid = 0;

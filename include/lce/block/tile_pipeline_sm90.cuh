@@ -40,6 +40,36 @@ __host__ __device__ constexpr tile_range split_range(std::int64_t tiles, std::in
   return {begin, begin + base + (y < extra ? 1 : 0)};
 }
 
+/// Row tiles whose blocks run together while their splits advance: blocks start in linear
+/// order (x fastest), and with x the row tile the ~132 resident blocks would each stream their
+/// own X tile once per vocabulary tile (132 × 1 MiB at d = 4096, past the 50 MiB L2, so from
+/// HBM each time). In groups of 16 row tiles the resident blocks hold 16 X tiles and ~8 splits'
+/// W tiles, which stay in L2. A multiple of every cluster size, so a cluster's blocks keep one
+/// split and consecutive row tiles. LCE_SM90_RASTER_ROWS overrides it (0: the grid's own
+/// order, every row tile in one group), for measuring the order against another.
+#ifndef LCE_SM90_RASTER_ROWS
+#define LCE_SM90_RASTER_ROWS 16
+#endif
+inline constexpr unsigned raster_group_rows = LCE_SM90_RASTER_ROWS;
+static_assert(raster_group_rows % 2 == 0, "whole clusters of up to 2 blocks in a group");
+
+/// The (row tile, split) of this block of a grid of (row tiles, splits): blocks in linear
+/// order take the row tiles of a group of raster_group_rows split by split, then the next
+/// group's (a bijection; a grid of at most one group keeps x as the row tile, y the split).
+struct grid_tile {
+  std::int64_t row_tile;
+  std::int64_t split;
+};
+__device__ __forceinline__ grid_tile grid_tile_of_block() {
+  const unsigned rows = gridDim.x, splits = gridDim.y;
+  const unsigned linear = blockIdx.y * rows + blockIdx.x;
+  const unsigned group = raster_group_rows == 0 ? rows : raster_group_rows;
+  const unsigned first = linear / (group * splits) * group;
+  const unsigned height = rows - first < group ? rows - first : group;
+  const unsigned j = linear - first * splits;
+  return {static_cast<std::int64_t>(first + j % height), static_cast<std::int64_t>(j / height)};
+}
+
 template <class Element, class Config>
 struct tile_pipeline_sm90 {
   static constexpr int block_m = Config::block_m;  // 128: two consumer warpgroups of 64 rows
@@ -90,34 +120,36 @@ struct tile_pipeline_sm90 {
 #else
     __shared__ volatile int not_sm90a[4];
     if (threadIdx.x == 0) not_sm90a[0] = 1;
-    const std::int64_t row = static_cast<std::int64_t>(blockIdx.x) * block_m + threadIdx.x;
+    const std::int64_t row = grid_tile_of_block().row_tile * block_m + threadIdx.x;
     if (threadIdx.x < block_m) fallback(row);
 #endif
   }
 
   /// First of the two fragment rows a consumer thread holds, relative to the whole matrix
-  /// (row tile blockIdx.x): row 16·(t/32) + (t%32)/4 of its warpgroup's 64; the other is +8.
+  /// (the block's row tile, grid_tile_of_block): row 16·(t/32) + (t%32)/4 of its
+  /// warpgroup's 64; the other is +8.
   __device__ __forceinline__ static std::int64_t fragment_row0(int half) {
     const int t = static_cast<int>(threadIdx.x) % 128;
-    return static_cast<std::int64_t>(blockIdx.x) * block_m + half * 64 + (t / 32) * 16 +
-           (t % 32) / 4;
+    return grid_tile_of_block().row_tile * block_m + half * 64 + (t / 32) * 16 + (t % 32) / 4;
   }
   /// Which pair of columns of every group of 8 a consumer thread holds (t % 4).
   __device__ __forceinline__ static int fragment_quad() {
     return static_cast<int>(threadIdx.x) % 128 % 4;
   }
 
-  /// The block's share of a grid (row tiles, vocabulary splits; device::make_balanced_grid):
-  /// rows from blockIdx.x·128; of the T = ceil(cols / BlockV) vocabulary tiles, split y of
-  /// gridDim.y gets ⌊T/splits⌋ + (y < T mod splits) consecutive ones; K = d.
+  /// The block's share of a grid (row tiles, vocabulary splits; device::make_balanced_grid), at
+  /// grid_tile_of_block's (row tile i, split y): rows from i·128; of the T = ceil(cols / BlockV)
+  /// vocabulary tiles, split y of gridDim.y gets ⌊T/splits⌋ + (y < T mod splits) consecutive
+  /// ones; K = d.
   template <class MakeEpilogue>
   __device__ __forceinline__ static void run_split(const CUtensorMap* x_map,
                                                    const CUtensorMap* w_map, shared_storage& s,
                                                    std::int64_t cols, std::int64_t d,
                                                    MakeEpilogue&& make_epilogue) {
-    const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * block_m;
+    const grid_tile at = grid_tile_of_block();
+    const std::int64_t row0 = at.row_tile * block_m;
     const std::int64_t vocab_tiles = (cols + block_v - 1) / block_v;
-    const tile_range tiles = split_range(vocab_tiles, gridDim.y, blockIdx.y);
+    const tile_range tiles = split_range(vocab_tiles, gridDim.y, at.split);
     const std::int64_t tile_begin = tiles.begin, tile_end = tiles.end;
     const int k_tiles = static_cast<int>((d + block_k - 1) / block_k);
     run(x_map, w_map, s, row0, tile_begin, tile_end, k_tiles,

@@ -50,6 +50,11 @@ struct stored_plan {
   /// consumed (dx_in_values: a row of values holds a row of fp32 dX, v ≥ 2d; else every chunk
   /// uses the region, dx_rows = dx_first_rows).
   std::size_t offset = 0, flagged = 0, scale = 0, target_grad = 0, target = 0;
+  /// The rows grouped by target (kernel::target_group_params): start [v + 1], fill [v],
+  /// grouped and ordered [rows], ints, zeroed (start and fill) before each chunk's dW and db;
+  /// in tile_max's region too, which holds them (stored_groups_bytes) and which dX's first
+  /// chunk takes only after them.
+  std::size_t groups = 0, group_zeroed_bytes = 0;
   std::int64_t dx_rows = 0, dx_first_rows = 0;
   bool dx_in_values = false;
   /// Row chunks with a 16-bit dW: fp32 dW [v, d] and db [v] that every chunk adds to,
@@ -63,6 +68,13 @@ struct stored_plan {
 /// maxima where those are fewer bytes).
 inline constexpr std::int64_t stored_dx_min_region_rows = 256;
 
+/// The bytes of the targets' groups of a chunk of `rows` rows (kernel::target_group_params;
+/// none without rows).
+inline std::size_t stored_groups_bytes(const problem& s, std::int64_t rows) noexcept {
+  if (rows <= 0) return 0;
+  return (2 * static_cast<std::size_t>(s.v) + 1 + 2 * static_cast<std::size_t>(rows)) * sizeof(int);
+}
+
 /// Whether a stored plan of this element type holds the per-row-offset form's regions (dX's
 /// fp32 row chunks): bf16, and lce's own forward_backward (lce::nccl keeps the pass).
 template <class Element>
@@ -71,7 +83,8 @@ inline constexpr bool stored_offsets_possible = std::is_same_v<Element, __nv_bfl
 /// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
 /// forward uses (0 for one chunk, whose forward is lce's own). `offsets`: room for the
 /// per-row-offset form's regions too (the maxima's region at least
-/// min(rows, stored_dx_min_region_rows) fp32 rows of d, and n·24 bytes of per-row arrays).
+/// min(rows, stored_dx_min_region_rows) fp32 rows of d and the targets' groups,
+/// stored_groups_bytes, and rows·24 bytes of per-row arrays).
 template <class Element>
 stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
                              detail::workspace_layout& layout, bool offsets = false) noexcept {
@@ -84,9 +97,11 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
   p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
   const std::size_t tile_max_bytes = r * static_cast<std::size_t>(p.tiles) * sizeof(float);
   const std::size_t row_bytes = static_cast<std::size_t>(s.d) * sizeof(float);
+  const std::size_t groups_bytes = stored_groups_bytes(s, rows);
   const std::size_t region_bytes =
-      offsets ? std::max(tile_max_bytes,
-                         std::min<std::size_t>(r, stored_dx_min_region_rows) * row_bytes)
+      offsets ? std::max({tile_max_bytes,
+                          std::min<std::size_t>(r, stored_dx_min_region_rows) * row_bytes,
+                          groups_bytes})
               : tile_max_bytes;
   p.tile_max = layout.reserve<char>(region_bytes);
   if (offsets) {
@@ -103,6 +118,8 @@ stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t s
     p.scale = layout.reserve<float>(r);
     p.target_grad = layout.reserve<float>(r);
     p.target = layout.reserve<std::int64_t>(r);
+    p.groups = p.tile_max;  // before dX's first chunk is written there
+    p.group_zeroed_bytes = (2 * static_cast<std::size_t>(s.v) + 1) * sizeof(int);
   }
   p.partial = layout.reserve<thread::row_stats>(r * static_cast<std::size_t>(splits));
   p.bytes = layout.bytes();
@@ -155,13 +172,15 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
     return r / granule * granule;
   };
   std::int64_t rows = rows_within(0);
-  // The per-row-offset form's region holds at least 256 fp32 rows of d (make_stored_plan):
-  // beyond the maxima only where those take fewer bytes.
+  // The per-row-offset form's region holds at least 256 fp32 rows of d and the targets' groups
+  // (make_stored_plan): beyond the maxima only where those take fewer bytes.
   const std::size_t dx_region = static_cast<std::size_t>(stored_dx_min_region_rows) *
                                 static_cast<std::size_t>(s.d) * sizeof(float);
+  const std::size_t region =
+      std::max(dx_region, stored_groups_bytes(s, std::max<std::int64_t>(rows, 0)));
   if (stored_offsets_possible<Element> &&
-      static_cast<std::size_t>(std::max<std::int64_t>(rows, 0)) * tiles * sizeof(float) < dx_region)
-    rows = rows_within(dx_region);
+      static_cast<std::size_t>(std::max<std::int64_t>(rows, 0)) * tiles * sizeof(float) < region)
+    rows = rows_within(region);
   if (rows <= 0 || rows >= s.n) return {};
   problem chunk = s;
   chunk.n = rows;
@@ -309,8 +328,27 @@ cudaError_t run_stored_offset_backward(
     LCE_RETURN_IF_ERROR(gemm(handle, N, T, s.d, s.v, rows, alpha, x_scaled, s.dx_stride(), e, st.ld,
                              beta, a.dw, s.dw_stride()));
   if (a.dw != nullptr || a.db != nullptr) {  // the targets' rows of dW and db
+    auto* groups = detail::at<int>(ws, plan.groups);
+    const kernel::target_group_params gp{target,
+                                         rows,
+                                         s.v,
+                                         groups,
+                                         groups + s.v + 1,
+                                         groups + 2 * s.v + 1,
+                                         groups + 2 * s.v + 1 + rows};
+    LCE_RETURN_IF_ERROR(cudaMemsetAsync(groups, 0, plan.group_zeroed_bytes, stream));
+    const auto row_blocks = static_cast<unsigned>(std::min<std::int64_t>((rows + 255) / 256, 1024));
+    kernel::target_count_kernel<256><<<row_blocks, 256, 0, stream>>>(gp);
+    LCE_CHECK_LAUNCH("target_count_kernel");
+    kernel::exclusive_scan_kernel<1024><<<1, 1024, 0, stream>>>(groups, s.v + 1);
+    LCE_CHECK_LAUNCH("exclusive_scan_kernel");
+    kernel::target_place_kernel<256><<<row_blocks, 256, 0, stream>>>(gp);
+    LCE_CHECK_LAUNCH("target_place_kernel");
+    kernel::target_order_kernel<256><<<row_blocks, 256, 0, stream>>>(gp);
+    LCE_CHECK_LAUNCH("target_order_kernel");
     const kernel::target_grad_params<Element, Grad> tp{
-        target, target_grad, x_c, rows, s.d, s.x_stride(), alpha, a.dw, s.dw_stride(), a.db};
+        target, gp.start,     gp.ordered, target_grad, x_c,           rows, s.v,
+        s.d,    s.x_stride(), alpha,      a.dw,        s.dw_stride(), a.db};
     kernel::target_grad_kernel<Element, Grad, threads>
         <<<static_cast<unsigned>(rows), threads, 0, stream>>>(tp);
     LCE_CHECK_LAUNCH("target_grad_kernel");

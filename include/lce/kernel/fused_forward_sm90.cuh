@@ -6,8 +6,9 @@
 ///
 /// Grid: (row tiles of 128, vocabulary splits) from device::make_balanced_grid — row tiles
 /// rounded up to the cluster's size, split s holding ⌊T/splits⌋ or ⌈T/splits⌉ of the T
-/// vocabulary tiles (block::split_range); block (i, s) writes `partial[s·n + row]` and the
-/// target logit of rows whose target lies in its range (rows past n: nothing).
+/// vocabulary tiles (block::split_range), in block::grid_tile_of_block's order; the block of
+/// (row tile i, split s) writes `partial[s·n + row]` and the target logit of rows whose target
+/// lies in its range (rows past n: nothing).
 #pragma once
 
 #include <cuda.h>
@@ -112,7 +113,7 @@ struct fused_forward_sm90 {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (rows[h] < p.n && quad == 0) {
-          p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + rows[h]] = stats[h];
+          p.partial[block::grid_tile_of_block().split * p.n + rows[h]] = stats[h];
         }
       }
     }
@@ -370,7 +371,7 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
   using kernel_t = fused_forward_sm90<Element, Config, General, Store>;
   kernel_t::pipeline::template run_kernel<kernel_t>(p, [&](std::int64_t row) {
     if (row < p.n) {
-      p.partial[static_cast<std::int64_t>(blockIdx.y) * p.n + row] =
+      p.partial[block::grid_tile_of_block().split * p.n + row] =
           thread::row_stats{NAN, NAN, NAN, NAN, -1};
     }
   });

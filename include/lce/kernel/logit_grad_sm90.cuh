@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(Config::threads, 1) LCE_KERNEL_VISIBILITY
                            typename logit_grad_sm90<Element, Config, General>::params p) {
   using kernel_t = logit_grad_sm90<Element, Config, General>;
   kernel_t::pipeline::template run_kernel<kernel_t>(p, [&](std::int64_t row) {
-    if (row < p.rows && blockIdx.y == 0) {
+    if (row < p.rows && block::grid_tile_of_block().split == 0) {
       for (std::int64_t c = 0; c < p.grad.cols; ++c)
         p.dz[row * p.ldz + c] = static_cast<Element>(NAN);
     }

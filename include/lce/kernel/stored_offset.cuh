@@ -176,17 +176,113 @@ __global__ void LCE_KERNEL_VISIBILITY scale_rows_kernel(const scale_rows_params<
   }
 }
 
+/// The rows of a chunk grouped by target in row order, in O(rows + V) work (the target_grad
+/// kernel's input): a counting sort whose within-group order is restored by rank, so that
+/// every group's sum runs in row order and is the same run to run.
+///   1. target_count_kernel: start[y] = rows with target y (start and fill zeroed before);
+///   2. exclusive_scan_kernel: start[y] = rows with a smaller target, start[v] = the total;
+///   3. target_place_kernel: each row to a slot of its group (the order inside a group is
+///      the atomics', not fixed);
+///   4. target_order_kernel: each row to start[y] + its rank among its group's rows — the
+///      ranks read the group (k² loads for a group of k, a warp's loads broadcast where its
+///      rows share one group: 2048 warps × 65536 loads when all 65536 rows of a chunk share one
+///      target).
+struct target_group_params {
+  const std::int64_t* target;  ///< [rows] −1: none
+  std::int64_t rows, v;
+  int* start;    ///< [v + 1]
+  int* fill;     ///< [v]
+  int* grouped;  ///< [rows] by group, unordered inside one
+  int* ordered;  ///< [rows] by group, in row order inside one
+};
+
+template <int Threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    target_count_kernel(const target_group_params p) {
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       r < p.rows; r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t y = p.target[r];
+    if (y >= 0) atomicAdd(p.start + y, 1);
+  }
+}
+
+/// In-place exclusive prefix sum of `count` ints by one block: each thread a contiguous
+/// segment (the counts are a few MiB at most, read from L2).
+template <int Threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    exclusive_scan_kernel(int* a, std::int64_t count) {
+  static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, one block");
+  __shared__ int warp_total[Threads / 32];
+  const std::int64_t per = (count + Threads - 1) / Threads;
+  const std::int64_t first = static_cast<std::int64_t>(threadIdx.x) * per;
+  const std::int64_t begin = first < count ? first : count;
+  const std::int64_t end = begin + per < count ? begin + per : count;
+  int sum = 0;
+  for (std::int64_t i = begin; i < end; ++i) sum += a[i];
+  // Inclusive scan of the segment sums within the warp, then across the warps' totals.
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  int inclusive = sum;
+  for (int o = 1; o < 32; o *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += other;
+  }
+  if (lane == 31) warp_total[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int total = lane < Threads / 32 ? warp_total[lane] : 0;
+    for (int o = 1; o < 32; o *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, total, o);
+      if (lane >= o) total += other;
+    }
+    if (lane < Threads / 32) warp_total[lane] = total;  // inclusive over the warps
+  }
+  __syncthreads();
+  int running = inclusive - sum + (warp > 0 ? warp_total[warp - 1] : 0);
+  for (std::int64_t i = begin; i < end; ++i) {
+    const int c = a[i];
+    a[i] = running;
+    running += c;
+  }
+}
+
+template <int Threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    target_place_kernel(const target_group_params p) {
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       r < p.rows; r += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t y = p.target[r];
+    if (y >= 0) p.grouped[p.start[y] + atomicAdd(p.fill + y, 1)] = static_cast<int>(r);
+  }
+}
+
+template <int Threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    target_order_kernel(const target_group_params p) {
+  const int total = p.start[p.v];
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const int r = p.grouped[i];
+    const std::int64_t y = p.target[r];
+    const int begin = p.start[y], end = p.start[y + 1];
+    int rank = 0;
+    for (int j = begin; j < end; ++j) rank += p.grouped[j] < r ? 1 : 0;
+    p.ordered[begin + rank] = r;
+  }
+}
+
 /// The targets' entries into dW and db, after their GEMMs: for each column y that is the
 /// target of rows of the chunk, dW[y, :] += alpha·Σ t_r·x_r and db[y] += alpha·Σ t_r over those
-/// rows in row order — one block per target (its first row's), no atomics, so the sums are the
-/// same run to run. Grad: dW's and db's type (fp32 accumulators, or the caller's 16-bit ones,
-/// then rounded a second time).
+/// rows in row order (target_group: `ordered` from `start[y]`) — one block per group (the block
+/// of its first slot), no atomics, so the sums are the same run to run. Grad: dW's and db's
+/// type (fp32 accumulators, or the caller's 16-bit ones, then rounded a second time).
 template <class Element, class Grad>
 struct target_grad_params {
   const std::int64_t* target;  ///< [rows] −1: none
+  const int* start;            ///< [v + 1] target_group's
+  const int* ordered;          ///< [rows] target_group's
   const float* target_grad;    ///< [rows] t
   const Element* x;            ///< the chunk's rows [rows, ldx]
-  std::int64_t rows, d, ldx;
+  std::int64_t rows, v, d, ldx;
   const float* alpha;
   Grad* dw;  ///< [v, lddw] or null
   std::int64_t lddw;
@@ -196,55 +292,25 @@ struct target_grad_params {
 template <class Element, class Grad, int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     target_grad_kernel(const target_grad_params<Element, Grad> p) {
-  constexpr int list_max = 1024;  // rows of the target gathered at a time, in order
-  constexpr int per_thread = 8;   // columns a thread sums at a time (d in passes of 8·Threads)
-  __shared__ int list[list_max];
-  __shared__ int listed, scanned, earlier;
-  const std::int64_t first = blockIdx.x;
-  const std::int64_t y = p.target[first];
-  if (y < 0) return;
-  if (threadIdx.x == 0) earlier = 0;
-  __syncthreads();
-  for (std::int64_t m = threadIdx.x; m < first; m += Threads) {
-    if (p.target[m] == y) earlier = 1;
-  }
-  __syncthreads();
-  if (earlier != 0) return;  // another block (the target's first row) does it
+  constexpr int per_thread = 8;  // columns a thread sums at a time (d in passes of 8·Threads)
+  const int slot = static_cast<int>(blockIdx.x);
+  if (slot >= p.start[p.v]) return;  // slots past the rows with a target
+  const std::int64_t y = p.target[p.ordered[slot]];
+  const int begin = p.start[y], end = p.start[y + 1];
+  if (slot != begin) return;  // the group's first slot's block does it
   const float alpha = *p.alpha;
   float db_sum = 0.0f;  // thread 0's
   for (std::int64_t k0 = 0; k0 < p.d; k0 += static_cast<std::int64_t>(per_thread) * Threads) {
     float acc[per_thread] = {};
-    for (std::int64_t from = first; from < p.rows;) {
-      __syncthreads();  // the previous piece's list is read
-      if (threadIdx.x < 32) {
-        // One warp lists the matching rows from `from` on, in order (ballot and prefix count).
-        int count = 0;
-        std::int64_t m = from;
-        for (; m < p.rows && count + 32 <= list_max; m += 32) {
-          const std::int64_t row = m + threadIdx.x;
-          const bool match = row < p.rows && p.target[row] == y;
-          const unsigned ballot = __ballot_sync(0xffffffffu, match);
-          if (match)
-            list[count + __popc(ballot & ((1u << threadIdx.x) - 1u))] = static_cast<int>(row);
-          count += __popc(ballot);
-        }
-        if (threadIdx.x == 0) {
-          listed = count;
-          scanned = static_cast<int>(m - from);
-        }
-      }
-      __syncthreads();
-      for (int i = 0; i < listed; ++i) {
-        const std::int64_t row = list[i];
-        const float t = p.target_grad[row];
-        if (k0 == 0 && threadIdx.x == 0) db_sum += t;
+    for (int i = begin; i < end; ++i) {
+      const std::int64_t row = p.ordered[i];
+      const float t = p.target_grad[row];
+      if (k0 == 0 && threadIdx.x == 0) db_sum += t;
 #pragma unroll
-        for (int j = 0; j < per_thread; ++j) {
-          const std::int64_t k = k0 + threadIdx.x + static_cast<std::int64_t>(j) * Threads;
-          if (k < p.d) acc[j] = fmaf(t, static_cast<float>(p.x[row * p.ldx + k]), acc[j]);
-        }
+      for (int j = 0; j < per_thread; ++j) {
+        const std::int64_t k = k0 + threadIdx.x + static_cast<std::int64_t>(j) * Threads;
+        if (k < p.d) acc[j] = fmaf(t, static_cast<float>(p.x[row * p.ldx + k]), acc[j]);
       }
-      from += scanned;
     }
     if (p.dw != nullptr) {
 #pragma unroll
