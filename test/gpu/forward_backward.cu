@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support/harness.cuh"
@@ -254,6 +255,25 @@ TEMPLATE_TEST_CASE("forward_backward: stored in row chunks matches the fp64 refe
 // against the fp64 reference (issue 13's T5), the loss as exact; a softcap too. Logits with a
 // std of 20 put a fifth of the rows' targets more than 80 below their row's maximum: those
 // rows are recomputed.
+/// stored's per-row-offset form and its dZ-pass form (filter_eps = FLT_MIN takes the pass) on
+/// the same data, at the default budget; `tag` marks the RESULT lines.
+std::pair<measured, measured> run_offsets_and_pass(problem_data<__nv_bfloat16>& data,
+                                                   const std::string& tag) {
+  using bf16 = __nv_bfloat16;
+  gpu_context ctx;
+  const std::size_t budget = lce::backward_options{}.memory_budget;
+  outputs<bf16, bf16> out(data.shape, true);
+  const measured offsets = run_forward_backward(
+      data, ctx, variant{lce::backward_strategy::stored, budget, "offsets"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, ("stored/offsets" + tag).c_str(),
+                           offsets);
+  data.options.filter_eps = FLT_MIN;
+  const measured pass =
+      run_forward_backward(data, ctx, variant{lce::backward_strategy::stored, budget, "pass"}, out);
+  print_result<bf16, bf16>("forward_backward", data.spec, ("stored/pass" + tag).c_str(), pass);
+  return {offsets, pass};
+}
+
 TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass",
           "[gpu][forward_backward][stored]") {
   using bf16 = __nv_bfloat16;
@@ -269,16 +289,7 @@ TEST_CASE("forward_backward: stored with per-row offsets is as exact as the pass
   data.use_unit_upstream();
   data.compute_reference(true);
   INFO(data.describe());
-  gpu_context ctx;
-  const std::size_t budget = lce::backward_options{}.memory_budget;
-  outputs<bf16, bf16> out(data.shape, true);
-  const measured offsets = run_forward_backward(
-      data, ctx, variant{lce::backward_strategy::stored, budget, "offsets"}, out);
-  print_result<bf16, bf16>("forward_backward", data.spec, "stored/offsets", offsets);
-  data.options.filter_eps = FLT_MIN;
-  const measured pass =
-      run_forward_backward(data, ctx, variant{lce::backward_strategy::stored, budget, "pass"}, out);
-  print_result<bf16, bf16>("forward_backward", data.spec, "stored/pass", pass);
+  const auto [offsets, pass] = run_offsets_and_pass(data, "");
   if (pass.loss >= 0) CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);  // none: no loss
   CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
   // dW's and db's GEMMs take f ⊙ X (and f) rounded to bf16, a second rounding the pass form
@@ -312,16 +323,7 @@ TEST_CASE("forward_backward: stored with per-row offsets, rows that share target
   data.use_unit_upstream();
   data.compute_reference(true);
   INFO(data.describe() << " layout " << layout);
-  gpu_context ctx;
-  const std::size_t budget = lce::backward_options{}.memory_budget;
-  outputs<bf16, bf16> out(data.shape, true);
-  const measured offsets = run_forward_backward(
-      data, ctx, variant{lce::backward_strategy::stored, budget, "offsets"}, out);
-  print_result<bf16, bf16>("forward_backward", data.spec, "stored/offsets/shared", offsets);
-  data.options.filter_eps = FLT_MIN;
-  const measured pass =
-      run_forward_backward(data, ctx, variant{lce::backward_strategy::stored, budget, "pass"}, out);
-  print_result<bf16, bf16>("forward_backward", data.spec, "stored/pass/shared", pass);
+  const auto [offsets, pass] = run_offsets_and_pass(data, "/shared");
   CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);
   CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
   CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
