@@ -109,8 +109,9 @@ struct tile_pipeline_sm90 {
   /// The body of a __global__ kernel on this pipeline: the functor `Kernel` over the dynamic
   /// shared memory. Built without sm_90a features (e.g. plain sm_90, or sm_80), a static shared
   /// marker instead tells the launcher (device::sm90_kernel_runs reads sharedSizeBytes) not to
-  /// pick this build; should it run anyway, thread t < 128 of block (x, y) calls
-  /// `fallback(x·128 + t)` to poison its row's outputs (NaN rather than garbage).
+  /// pick this build; should it run anyway, thread t < 128 of the block of row tile i
+  /// (grid_tile_of_block) calls `fallback(i·128 + t)` to poison its row's outputs (NaN rather
+  /// than garbage).
   template <class Kernel, class Params, class Fallback>
   __device__ __forceinline__ static void run_kernel(const Params& p, Fallback&& fallback) {
 #if defined(LCE_SM90A)
