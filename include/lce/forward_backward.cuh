@@ -39,8 +39,9 @@ forward_backward_plan make_forward_backward_plan(const problem& s, const backwar
   p.lse = layout.reserve<float>(static_cast<std::size_t>(s.n));
   p.backward = layout.reserve<char>(0);
   workspace_layout stored_layout;
-  const device::stored_plan whole = device::make_stored_plan<Element>(
-      s, s.n, 0, stored_layout, device::stored_offsets_possible<Element>);
+  const device::stored_plan whole =
+      device::make_stored_plan<Element>(s, s.n, 0, device::stored_tile_cols<Config>(),
+                                        stored_layout, device::stored_offsets_possible<Element>);
   const bool fits = whole.bytes <= b.memory_budget;
   // Where the n rows do not fit, row chunks as tall as the budget holds; each chunk adds to
   // dW and db: the caller's where they are fp32, else fp32 accumulators within the budget.
@@ -186,13 +187,7 @@ template <class Element, class Grad, class Config = default_config<Element>>
   } else if (gradients && plan.stored) {
     // The forward stores e^{z − m} where its lean sm_90a kernel runs; elsewhere it runs as
     // usual and the fallback plan's backward follows, from its lse.
-    using sm90_config = typename sm90_config_of<Config>::type;
-    std::int64_t tile_cols = device::vocab_chunk_granule;
-    if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
-    detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
-                                   detail::at<float>(backward_ws, plan.stored_plan.tile_max),
-                                   plan.stored_plan.ld, (shape.v + tile_cols - 1) / tile_cols,
-                                   tile_cols};
+    detail::stored_exp<Element> st = device::stored_values<Element>(backward_ws, plan.stored_plan);
     const backward_args<Element, Grad> ba = detail::backward_part(args, lse, nullptr);
     if (device::stored_offset_form(ba, options)) {
       // One offset per row (kernel/stored_offset.cuh): dZ needs no pass over the values.

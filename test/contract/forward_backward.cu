@@ -273,6 +273,16 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   // The budget is a bound: stored asks for its values (and the forward's few MiB), not the
   // 4 GiB; its fallback plan (a device without the sm_90a kernel) runs in that space.
   CHECK(c.workspace_bytes < stored_values + (std::size_t{64} << 20));
+  // The same bound on the other heads of bench/, whose v·4 bytes of tile maxima per row
+  // (one per 256-column tile of the default sm_90a kernel) are the most beyond the values.
+  for (const lce::problem head :
+       {lce::problem{8192, 2304, 256000}, lce::problem{8192, 3584, 152064}}) {
+    CAPTURE(head.d, head.v);
+    const lce::backward_choice h = lce::choose_forward_backward<TestType>(head, bopt);
+    CHECK(h.strategy == lce::backward_strategy::stored);
+    CHECK(h.workspace_bytes <
+          static_cast<std::size_t>(head.n * head.v) * 2 + (std::size_t{64} << 20));
+  }
   // A bias or class weights: the chunked plan runs and takes the budget; the size query says
   // so when told.
   const lce::backward_choice fallback =
@@ -419,8 +429,8 @@ TEST_CASE("forward_backward plan: the stored per-row-offset form and its regions
                                lce::problem{300, 72, 1000}, lce::problem{1, 16, 1}}) {
     CAPTURE(s.n, s.d, s.v);
     lce::detail::workspace_layout with, without;
-    const auto p = lce::device::make_stored_plan<bf16>(s, s.n, 0, with, true);
-    const auto q = lce::device::make_stored_plan<bf16>(s, s.n, 0, without, false);
+    const auto p = lce::device::make_stored_plan<bf16>(s, s.n, 0, 256, with, true);
+    const auto q = lce::device::make_stored_plan<bf16>(s, s.n, 0, 256, without, false);
     CHECK(p.dx_rows >= 1);
     CHECK(p.dx_rows <= s.n);
     CHECK(p.dx_first_rows >= 1);
@@ -433,6 +443,7 @@ TEST_CASE("forward_backward plan: the stored per-row-offset form and its regions
     // the region at tile_max holds the tile maxima and the first dX chunk's fp32 rows
     CHECK(region >= fp32_rows(p.dx_first_rows));
     CHECK(region >= static_cast<std::size_t>(s.n * p.tiles) * sizeof(float));
+    CHECK(p.tiles == (s.v + 255) / 256);
     // dX's chunks cover the rows in order, each in the region or in the values before it
     std::int64_t chunks = 0, cr = 0, c0 = 0;
     for (; c0 < s.n && chunks < s.n + 1; c0 += cr, ++chunks) {

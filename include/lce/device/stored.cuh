@@ -37,11 +37,11 @@ namespace device {
 /// for `rows` rows at a time. rows = n: one chunk, after a forward over all rows. rows < n
 /// (row chunks, when the n rows do not fit the budget): the forward runs chunk by
 /// chunk, each chunk's kernel writing its vocabulary-split statistics to `partial` (`splits`
-/// per row at most). The tile count is an upper bound for every sm_90a tile width
-/// (≥ vocab_chunk_granule columns).
+/// per row at most). The maxima are one per row and tile of `tile_cols` columns, the tile
+/// width of the sm_90a kernel that writes them (stored_tile_cols).
 struct stored_plan {
   std::size_t ones = 0, values = 0, tile_max = 0, partial = 0;
-  std::int64_t ld = 0, tiles = 0, rows = 0;
+  std::int64_t ld = 0, tiles = 0, tile_cols = 0, rows = 0;
   /// The per-row-offset form (kernel/stored_offset.cuh): the offsets, the flags and the row
   /// scales [rows] each, and `ones` holds the 16-bit row scales. dX goes through fp32 in row
   /// chunks: the first, of dx_first_rows rows, in tile_max's region (the maxima are not used by
@@ -64,6 +64,19 @@ struct stored_plan {
   std::size_t bytes = 0;
 };
 
+/// The columns of one stored tile maximum: the width of the Config's sm_90a tiles, whose
+/// forward writes the maxima (vocab_chunk_granule for a Config without one: no stored forward
+/// runs, only the fallback's).
+template <class Config>
+constexpr std::int64_t stored_tile_cols() noexcept {
+  using sm90 = typename sm90_config_of<Config>::type;
+  if constexpr (std::is_void_v<sm90>) {
+    return vocab_chunk_granule;
+  } else {
+    return sm90::block_v;
+  }
+}
+
 /// The fp32 rows of d that the per-row-offset form's region holds at least (beyond the
 /// maxima where those are fewer bytes).
 inline constexpr std::int64_t stored_dx_min_region_rows = 256;
@@ -81,19 +94,22 @@ template <class Element>
 inline constexpr bool stored_offsets_possible = std::is_same_v<Element, __nv_bfloat16>;
 
 /// The stored regions for chunks of `rows` rows; `splits`: the most vocabulary splits a chunk's
-/// forward uses (0 for one chunk, whose forward is lce's own). `offsets`: room for the
+/// forward uses (0 for one chunk, whose forward is lce's own); `tile_cols`: the columns of a
+/// tile maximum (stored_tile_cols of the Config that stores). `offsets`: room for the
 /// per-row-offset form's regions too (the maxima's region at least
 /// min(rows, stored_dx_min_region_rows) fp32 rows of d and the targets' groups,
 /// stored_groups_bytes, and rows·24 bytes of per-row arrays).
 template <class Element>
 stored_plan make_stored_plan(const problem& s, std::int64_t rows, std::int64_t splits,
-                             detail::workspace_layout& layout, bool offsets = false) noexcept {
+                             std::int64_t tile_cols, detail::workspace_layout& layout,
+                             bool offsets = false) noexcept {
   stored_plan p;
   p.rows = rows;
   const auto r = static_cast<std::size_t>(rows);
   p.ones = layout.reserve<Element>(r);
   p.ld = round_up(s.v, 8);
-  p.tiles = (s.v + vocab_chunk_granule - 1) / vocab_chunk_granule;
+  p.tile_cols = tile_cols;
+  p.tiles = (s.v + tile_cols - 1) / tile_cols;
   p.values = layout.reserve<Element>(r * static_cast<std::size_t>(p.ld));
   const std::size_t tile_max_bytes = r * static_cast<std::size_t>(p.tiles) * sizeof(float);
   const std::size_t row_bytes = static_cast<std::size_t>(s.d) * sizeof(float);
@@ -142,6 +158,14 @@ std::int64_t stored_dx_chunk_rows(const stored_plan& p, const problem& s, std::i
   return cr;
 }
 
+/// Where a plan's values and tile maxima lie in its workspace `ws` (the per-row-offset form's
+/// offset and flags are set by its caller).
+template <class Element>
+detail::stored_exp<Element> stored_values(void* ws, const stored_plan& p) noexcept {
+  return {detail::at<Element>(ws, p.values), detail::at<float>(ws, p.tile_max), p.ld, p.tiles,
+          p.tile_cols};
+}
+
 /// The stored plan in row chunks within `budget` (Element 16-bit, Config with an sm_90a
 /// kernel): as many rows per chunk as the budget holds, in whole row tiles of the kernel. rows
 /// is 0 where no chunk fits or where every row does (then one chunk is the plan). With
@@ -153,8 +177,7 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   using config = typename sm90_config_of<Config>::type;
   const std::int64_t granule = std::int64_t{config::block_m} * config::cluster_m;
   const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
-  const auto tiles =
-      static_cast<std::size_t>((s.v + vocab_chunk_granule - 1) / vocab_chunk_granule);
+  const auto tiles = static_cast<std::size_t>((s.v + config::block_v - 1) / config::block_v);
   // values, the tile maxima, the 16-bit ones or row scales, offset, flag, scale, target entry
   // and column, the splits' statistics
   const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
@@ -198,8 +221,8 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
     dw_acc = layout.reserve<float>(static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d));
     db_acc = layout.reserve<float>(static_cast<std::size_t>(s.v));
   }
-  stored_plan p =
-      make_stored_plan<Element>(s, rows, splits, layout, stored_offsets_possible<Element>);
+  stored_plan p = make_stored_plan<Element>(s, rows, splits, config::block_v, layout,
+                                            stored_offsets_possible<Element>);
   p.accumulators = fp32_accumulators;
   p.dw_acc = dw_acc;
   p.db_acc = db_acc;
@@ -500,9 +523,7 @@ cudaError_t run_stored_chunks(void* fwd_ws, const forward_plan& fplan, void* ws,
     LCE_RETURN_IF_ERROR(
         run_loss_scalars(fa.targets, nullptr, nullptr, s, o, scalars, fa.status, stream));
     const thread::row_outputs all_rows = make_row_outputs(fwd_ws, fplan, fa);
-    detail::stored_exp<Element> st{detail::at<Element>(ws, plan.values),
-                                   detail::at<float>(ws, plan.tile_max), plan.ld,
-                                   (s.v + config::block_v - 1) / config::block_v, config::block_v};
+    detail::stored_exp<Element> st = stored_values<Element>(ws, plan);
     // dW and db: the caller's where they are fp32, else the plan's fp32 accumulators (dense
     // [v, d]: the chunks see a problem whose dW stride is d), zeroed first where the chunks
     // add to them from the start (accumulate: the caller's values join in the conversion).

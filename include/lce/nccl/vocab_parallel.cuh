@@ -60,8 +60,8 @@ forward_backward_plan make_forward_backward_plan(const problem& local, const bac
   detail::workspace_layout stored_layout;
   const std::size_t stored_dx =
       stored_layout.reserve<float>(static_cast<std::size_t>(local.n * local.d));
-  const lce::device::stored_plan stored =
-      lce::device::make_stored_plan<Element>(local, local.n, 0, stored_layout);
+  const lce::device::stored_plan stored = lce::device::make_stored_plan<Element>(
+      local, local.n, 0, lce::device::stored_tile_cols<Config>(), stored_layout);
   const std::size_t stored_bytes = stored_layout.bytes();
   p.stored =
       !bias_or_weights && (b.strategy == backward_strategy::stored ||
@@ -279,14 +279,9 @@ template <class Element, class Grad, class Config = default_config<Element>>
   void* backward_ws = detail::at<char>(d_workspace, plan.backward);
   // The stored strategy: the shard's forward keeps e^{z − m} of its columns (where its lean
   // sm_90a kernel runs; elsewhere the fallback plan's backward follows).
-  using sm90_config = typename sm90_config_of<Config>::type;
-  std::int64_t tile_cols = lce::device::vocab_chunk_granule;
-  if constexpr (!std::is_void_v<sm90_config>) tile_cols = sm90_config::block_v;
   const std::int64_t v_local = shard.rows();
-  const detail::stored_exp<Element> st{detail::at<Element>(backward_ws, plan.stored_plan.values),
-                                       detail::at<float>(backward_ws, plan.stored_plan.tile_max),
-                                       plan.stored_plan.ld, (v_local + tile_cols - 1) / tile_cols,
-                                       tile_cols};
+  const detail::stored_exp<Element> st =
+      lce::device::stored_values<Element>(backward_ws, plan.stored_plan);
   const bool store = gradients && plan.stored;
   bool stored = false;
   LCE_RETURN_IF_ERROR(
