@@ -154,11 +154,41 @@ def _(x, weight, bias, target, lse, grad, class_weight, ignore_index, reduction,
     return None
 
 
+@torch.library.register_fake("lce_torch::scale_")
+def _(t, scale):
+    return None
+
+
 @torch.library.register_fake("lce_torch::forward_backward_into")
 def _(x, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing, z_loss,
       softcap, temperature, shift_seq_len, filter_eps, outputs, strategy, memory_budget,
       accumulate, dx, dw, db):
     return _fake_forward_outputs(x, reduction, outputs)
+
+
+def _fused_gradients(ctx, grad_loss, needed):
+    """The gradients computed in the forward (saved in ctx), times the upstream gradient.
+
+    grad_loss is a device scalar, read on the device (no host synchronization, so CUDA graphs
+    and torch.compile keep working): at 1, the usual case, nothing is written; otherwise one
+    pass over each gradient, in place, where ``dw * grad_loss`` wrote a second dW-sized buffer
+    and cost that pass every step. In place means the saved gradients are handed over once: a
+    second backward through the same graph (retain_graph=True) is refused.
+    """
+    if getattr(ctx, "gradients_consumed", False):
+        raise RuntimeError(
+            "lce_torch: with grad_in_forward=True (or strategy='stored') the gradients are "
+            "computed once, in the forward, and handed over by the first backward; a second "
+            "backward through the same graph (retain_graph=True) is not supported: use "
+            "grad_in_forward=False"
+        )
+    ctx.gradients_consumed = True
+    grads = ctx.saved_tensors
+    scale = grad_loss.detach().to(torch.float32).reshape(1)
+    for grad, need in zip(grads, needed):
+        if need:
+            _ops.scale_(grad, scale)
+    return grads
 
 
 # ------------------------------------------------------------------------------------------
@@ -227,11 +257,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if not (need_dx or need_dw or need_db):
             return (None,) * 18
         if ctx.fused:
-            dx, dw, db = ctx.saved_tensors
-            # grad_loss is a device scalar: no host synchronization to skip the scaling when 1.
-            dx = dx * grad_loss if need_dx else None
-            dw = dw * grad_loss if need_dw else None
-            db = db * grad_loss if need_db else None
+            dx, dw, db = _fused_gradients(ctx, grad_loss, (need_dx, need_dw, need_db))
         else:
             x, weight, bias, target, class_weight, lse = ctx.saved_tensors
             dx, dw, db = _ops.backward(x, weight, bias, target, lse, grad_loss, class_weight,

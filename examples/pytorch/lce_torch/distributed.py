@@ -37,6 +37,7 @@ from . import (
     _WANT_LSE,
     LinearCrossEntropyOutput,
     _fake_forward_outputs,
+    _fused_gradients,
     _outputs_mask,
     _pack_outputs,
     _parse_reduction,
@@ -347,10 +348,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         if not (need_dx or need_dw or need_db):
             return (None,) * 6
         if ctx.fused:
-            dx, dw, db = ctx.saved_tensors
-            dx = dx * grad_loss if need_dx else None
-            dw = dw * grad_loss if need_dw else None
-            db = db * grad_loss if need_db else None
+            dx, dw, db = _fused_gradients(ctx, grad_loss, (need_dx, need_dw, need_db))
         else:
             spec = ctx.spec
             comm = spec.comm

@@ -673,6 +673,39 @@ def test_deterministic(seed):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("lce_options", [
+    {"grad_in_forward": True},
+    {"grad_in_forward": True, "fp32_weight_grad": True},
+    {"strategy": "stored"},
+], ids=["bf16", "fp32_dw", "stored"])
+def test_fused_gradients_take_the_upstream_once(lce_options, seed):
+    # The gradients computed in the forward meet autograd's upstream gradient in place, read
+    # on the device: 1 leaves them as computed; 2.5 gives each one rounding of g·2.5; a second
+    # backward through the same graph finds them handed over and is refused.
+    x, w, b, y = make_problem((200,), 128, 2000, torch.bfloat16, bias=True)
+    if lce_options.get("strategy") == "stored":
+        b = None  # stored runs without a bias
+
+    def fn(a, c, e):
+        return lce_torch.linear_cross_entropy(a, c, y, e, **lce_options)
+
+    _, *ones = run(fn, x, w, b, torch.tensor(1.0, device=DEVICE))
+    _, *scaled = run(fn, x, w, b, torch.tensor(2.5, device=DEVICE))
+    for one, got in zip(ones, scaled):
+        if one is None:
+            continue
+        if lce_options.get("fp32_weight_grad") and one.dtype != torch.float32:
+            # an fp32 dW scaled, then cast by autograd: one rounding of its own, not of `one`
+            torch.testing.assert_close(got.float(), one.float() * 2.5, rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(got, (one.float() * 2.5).to(one.dtype))
+    xs = x.detach().requires_grad_()
+    loss = fn(xs, w, b)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
 def test_errors():
     x, w, b, y = make_problem((16,), 32, 40, torch.float32, bias=True)
     with pytest.raises(ValueError, match="CUDA"):

@@ -226,6 +226,28 @@ forward_result forward_backward_into_op(
   return to_result(c, o);
 }
 
+/// t *= scale in place, scale one float32 on t's device (read there: where it is 1 nothing is
+/// written). The gradients computed in the forward (grad_in_forward) meet the upstream
+/// gradient this way in the backward.
+void scale_op(const at::Tensor& t, const at::Tensor& scale) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.is_contiguous(),
+                    "lce_torch scale_: t must be a contiguous CUDA tensor");
+  TORCH_CHECK_VALUE(
+      scale.device() == t.device() && scale.numel() == 1 && scale.scalar_type() == at::kFloat,
+      "lce_torch scale_: scale must be one float32 on t's device");
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return scale_fp32(t, scale);
+    case at::kHalf:
+      return scale_fp16(t, scale);
+    case at::kBFloat16:
+      return scale_bf16(t, scale);
+    default:
+      TORCH_CHECK_VALUE(false, "lce_torch scale_: t must be float32, float16 or bfloat16, got ",
+                        t.scalar_type());
+  }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Size queries (Python module functions)
 
@@ -340,6 +362,7 @@ TORCH_LIBRARY(lce_torch, m) {
       "Tensor? class_weight, " LCE_TORCH_LOSS_ARGS
       ", int outputs, int strategy, int memory_budget, bool accumulate, Tensor(a!)? dx, "
       "Tensor(b!)? dw, Tensor(c!)? db) -> (" LCE_TORCH_FORWARD_RETURNS ")");
+  m.def("scale_(Tensor(a!) t, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(lce_torch, CUDA, m) {
@@ -348,6 +371,7 @@ TORCH_LIBRARY_IMPL(lce_torch, CUDA, m) {
   m.impl("forward_backward", &lce_torch::forward_backward_op);
   m.impl("backward_into", &lce_torch::backward_into_op);
   m.impl("forward_backward_into", &lce_torch::forward_backward_into_op);
+  m.impl("scale_", &lce_torch::scale_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -55,7 +55,8 @@ struct backward_plan_info {
   backward_plan_info choose_backward_##suffix(const lce::problem& shape,                         \
                                               const lce::backward_options& bopt, bool fp32_grad, \
                                               bool with_forward, bool bias_or_weights);          \
-  std::int64_t forward_workspace_##suffix(const lce::problem& shape);
+  std::int64_t forward_workspace_##suffix(const lce::problem& shape);                            \
+  void scale_##suffix(const at::Tensor& t, const at::Tensor& scale);
 
 LCE_TORCH_DECLARE_ENTRY_POINTS(fp32)
 LCE_TORCH_DECLARE_ENTRY_POINTS(fp16)

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <lce/lce.cuh>
 #include <type_traits>
@@ -219,6 +220,39 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
           choice.reason};
 }
 
+/// t *= *scale in place, elementwise, unless *scale is 1: the gradients that forward_backward
+/// computed in the forward, times the upstream gradient that autograd hands the backward as a
+/// device scalar. Read on the device, so no host synchronization decides (graph capture stays
+/// possible) and the common 1 costs a launch; other values (a loss scale) one read and one write
+/// of t, in place, where t·scale out of place took a second buffer of t's size.
+template <class Element>
+__global__ void scale_kernel(Element* t, std::int64_t count, const float* scale) {
+  const float s = *scale;
+  if (s == 1.0f) return;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += stride) {
+    t[i] = static_cast<Element>(static_cast<float>(t[i]) * s);
+  }
+}
+
+template <class Element>
+void scale(const at::Tensor& t, const at::Tensor& scale) {
+  const std::int64_t count = t.numel();
+  if (count == 0) return;
+  const c10::cuda::CUDAGuard guard(t.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  constexpr int threads = 256;
+  // A few waves of blocks: each block reads the scale once and, at 1, returns at once.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto blocks = static_cast<unsigned>(
+      std::min<std::int64_t>((count + threads - 1) / threads, std::int64_t{8} * sms));
+  scale_kernel<Element>
+      <<<blocks, threads, 0, stream>>>(pointer<Element>(t), count, scale.data_ptr<float>());
+  const cudaError_t status = cudaGetLastError();
+  TORCH_CHECK(status == cudaSuccess, "lce_torch scale_: ", cudaGetErrorString(status));
+}
+
 }  // namespace detail
 }  // namespace lce_torch
 
@@ -239,5 +273,8 @@ backward_plan_info choose_backward(const lce::problem& shape, const lce::backwar
   }                                                                                               \
   std::int64_t forward_workspace_##suffix(const lce::problem& shape) {                            \
     return static_cast<std::int64_t>(lce::forward_workspace_size<Element>(shape));                \
+  }                                                                                               \
+  void scale_##suffix(const at::Tensor& t, const at::Tensor& scale) {                             \
+    detail::scale<Element>(t, scale);                                                             \
   }                                                                                               \
   }
