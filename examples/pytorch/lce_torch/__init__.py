@@ -173,8 +173,12 @@ def _fused_gradients(ctx, grad_loss, needed):
     and torch.compile keep working): at 1, the usual case, nothing is written; otherwise one
     pass over each gradient, in place, where ``dw * grad_loss`` wrote a second dW-sized buffer
     and cost that pass every step. In place means the saved gradients are handed over once: a
-    second backward through the same graph (retain_graph=True) is refused.
+    second backward through the same graph (retain_graph=True) is refused. Under torch.compile
+    the product stays out of place, for the compiler to fuse (no bookkeeping on ctx there).
     """
+    if torch.compiler.is_compiling():
+        return tuple(grad * grad_loss if need else grad
+                     for grad, need in zip(ctx.saved_tensors, needed))
     if getattr(ctx, "gradients_consumed", False):
         raise RuntimeError(
             "lce_torch: with grad_in_forward=True (or strategy='stored') the gradients are "

@@ -843,15 +843,17 @@ def test_cuda_graph_capture(lce_options, seed):
             assert rel(value, ref) <= (1e-6 if name == "loss" else 1e-3), f"{name} [seed {seed}]"
 
 
+@pytest.mark.parametrize("grad_in_forward", [False, True], ids=["backward", "in_forward"])
 @pytest.mark.parametrize("fullgraph", [False, True])
-def test_torch_compile(fullgraph, seed):
+def test_torch_compile(fullgraph, grad_in_forward, seed):
     """The op inside a compiled function (with PyTorch ops around it) gives eager's results."""
     torch._dynamo.reset()
     x, w, b, y = make_problem((4, 32), 128, 1000, torch.bfloat16, bias=True)
 
     def step(x, w, b, y):
         h = torch.nn.functional.gelu(x) * 1.5
-        loss = lce_torch.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, shift=True)
+        loss = lce_torch.linear_cross_entropy(h, w, y, b, label_smoothing=0.1, shift=True,
+                                              grad_in_forward=grad_in_forward)
         return loss * 2.0
 
     compiled = torch.compile(step, fullgraph=fullgraph)
