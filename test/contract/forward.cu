@@ -343,3 +343,42 @@ TEST_CASE("choose_forward: the kernel and why", "[contract][forward][choice]") {
     CHECK(lce::choose_forward<__nv_bfloat16>(shape, bias).kernel == b.kernel);
   }
 }
+
+// The sm_90a kernels' block order (block::raster_tile): every (row tile, split) of the grid
+// exactly once; a grid of at most one group in the launch's own order (x the row tile, y the
+// split); and the two blocks of a cluster (x, x + 1 with x even: clusters of two along x) on
+// one split and consecutive row tiles, which the W multicast needs.
+TEST_CASE("block order of the sm_90a kernels: a bijection that keeps clusters together",
+          "[contract][forward][raster]") {
+  for (const unsigned group : {0u, 2u, 8u, 16u, 32u}) {
+    for (const unsigned rows : {1u, 2u, 6u, 16u, 34u, 64u, 130u}) {
+      for (const unsigned splits : {1u, 3u, 8u, 17u}) {
+        CAPTURE(group, rows, splits);
+        std::vector<int> seen(static_cast<std::size_t>(rows) * splits, 0);
+        bool in_range = true, launch_order = true, clusters = true;
+        for (unsigned y = 0; y < splits; ++y) {
+          for (unsigned x = 0; x < rows; ++x) {
+            const unsigned linear = y * rows + x;
+            const lce::block::grid_tile t = lce::block::raster_tile(linear, rows, splits, group);
+            if (t.row_tile < 0 || t.row_tile >= rows || t.split < 0 || t.split >= splits) {
+              in_range = false;
+              continue;
+            }
+            ++seen[static_cast<std::size_t>(t.split) * rows + static_cast<std::size_t>(t.row_tile)];
+            if (group == 0 || rows <= group)
+              launch_order = launch_order && t.row_tile == x && t.split == y;
+            if (rows % 2 == 0 && x % 2 == 0) {
+              const lce::block::grid_tile u =
+                  lce::block::raster_tile(linear + 1, rows, splits, group);
+              clusters = clusters && u.split == t.split && u.row_tile == t.row_tile + 1;
+            }
+          }
+        }
+        CHECK(in_range);
+        CHECK(std::all_of(seen.begin(), seen.end(), [](int c) { return c == 1; }));
+        CHECK(launch_order);
+        CHECK(clusters);
+      }
+    }
+  }
+}

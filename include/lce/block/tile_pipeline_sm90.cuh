@@ -53,21 +53,28 @@ __host__ __device__ constexpr tile_range split_range(std::int64_t tiles, std::in
 inline constexpr unsigned raster_group_rows = LCE_SM90_RASTER_ROWS;
 static_assert(raster_group_rows % 2 == 0, "whole clusters of up to 2 blocks in a group");
 
-/// The (row tile, split) of this block of a grid of (row tiles, splits): blocks in linear
-/// order take the row tiles of a group of raster_group_rows split by split, then the next
-/// group's (a bijection; a grid of at most one group keeps x as the row tile, y the split).
+/// The (row tile, split) of block `linear` (in launch order, x fastest) of a grid of (`rows`
+/// row tiles, `splits` splits) in groups of `group` row tiles (0: one group of all): the
+/// blocks of a group take its row tiles split by split, then the next group's. A bijection
+/// onto the grid; a grid of at most one group keeps x as the row tile and y as the split; with
+/// an even group and an even `rows`, the two blocks of a cluster (x, x + 1), x even, keep one
+/// split and consecutive row tiles (test/contract checks both).
 struct grid_tile {
   std::int64_t row_tile;
   std::int64_t split;
 };
-__device__ __forceinline__ grid_tile grid_tile_of_block() {
-  const unsigned rows = gridDim.x, splits = gridDim.y;
-  const unsigned linear = blockIdx.y * rows + blockIdx.x;
-  const unsigned group = raster_group_rows == 0 ? rows : raster_group_rows;
+__host__ __device__ constexpr grid_tile raster_tile(unsigned linear, unsigned rows, unsigned splits,
+                                                    unsigned group) noexcept {
+  group = group == 0 ? rows : group;
   const unsigned first = linear / (group * splits) * group;
   const unsigned height = rows - first < group ? rows - first : group;
   const unsigned j = linear - first * splits;
   return {static_cast<std::int64_t>(first + j % height), static_cast<std::int64_t>(j / height)};
+}
+
+/// This block's (row tile, split): raster_tile in groups of raster_group_rows.
+__device__ __forceinline__ grid_tile grid_tile_of_block() {
+  return raster_tile(blockIdx.y * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, raster_group_rows);
 }
 
 template <class Element, class Config>
