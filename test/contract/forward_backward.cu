@@ -273,8 +273,8 @@ TEMPLATE_TEST_CASE("forward_backward choice: stored when asked for or when it fi
   // The budget is a bound: stored asks for its values (and the forward's few MiB), not the
   // 4 GiB; its fallback plan (a device without the sm_90a kernel) runs in that space.
   CHECK(c.workspace_bytes < stored_values + (std::size_t{64} << 20));
-  // The same bound on the other heads of bench/, whose v·4 bytes of tile maxima per row
-  // (one per 256-column tile of the default sm_90a kernel) are the most beyond the values.
+  // The same bound on the other heads of bench/: beyond the values, a row's tile maxima take
+  // ⌈v/256⌉·4 bytes (one per 256-column tile of the default sm_90a kernel), Gemma 2's the most.
   for (const lce::problem head :
        {lce::problem{8192, 2304, 256000}, lce::problem{8192, 3584, 152064}}) {
     CAPTURE(head.d, head.v);

@@ -183,12 +183,12 @@ __device__ __forceinline__ float fast_rcp(float x) noexcept {
 }
 
 /// c·tanh(y) for y = raw·scale (scale = 1/(τ·c)), as c − 2c/(1 + e^{2y}): one ex2, one
-/// reciprocal and four FP32 instructions, no branch, where (1 − e)/(1 + e) with e = e^{−2|y|},
-/// a series near 0 and the sign put back took twelve more. It saturates by itself: e^{2y}
-/// overflows to +inf (→ c) or underflows to 0 (→ −c). Absolute error at most about c·2⁻²¹,
-/// from ex2's and the reciprocal's relative errors (the two-sided form's: c·2⁻²²). An
-/// infinite or NaN logit gives NaN, as thread::logit_transform does (docs/robustness.md:
-/// never a finite wrong number): raw·0 + c is NaN exactly there.
+/// reciprocal and four FP32 instructions, no branch (the two-sided (1 − e)/(1 + e), e =
+/// e^{−2|y|}, needs a series near 0, selects and the sign put back: twelve more, in an epilogue
+/// that runs between MMAs). It saturates by itself: e^{2y} overflows to +inf (→ c) or
+/// underflows to 0 (→ −c). Absolute error at most about c·2⁻²¹, from ex2's and the
+/// reciprocal's relative errors. An infinite or NaN logit gives NaN, as thread::logit_transform
+/// does (docs/robustness.md: never a finite wrong number): raw·0 + c is NaN exactly there.
 __device__ __forceinline__ float fast_softcap(float raw, float scale, float cap) noexcept {
   constexpr float two_log2e = 2.0f * 1.4426950408889634f;
   const float r = fast_rcp(1.0f + fast_exp2(raw * (scale * two_log2e)));

@@ -177,7 +177,8 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
   using config = typename sm90_config_of<Config>::type;
   const std::int64_t granule = std::int64_t{config::block_m} * config::cluster_m;
   const auto ld = static_cast<std::size_t>(round_up(s.v, 8));
-  const auto tiles = static_cast<std::size_t>((s.v + config::block_v - 1) / config::block_v);
+  constexpr std::int64_t tile_cols = stored_tile_cols<Config>();
+  const auto tiles = static_cast<std::size_t>((s.v + tile_cols - 1) / tile_cols);
   // values, the tile maxima, the 16-bit ones or row scales, offset, flag, scale, target entry
   // and column, the splits' statistics
   const std::size_t per_row = ld * sizeof(Element) + tiles * sizeof(float) + sizeof(Element) +
@@ -221,7 +222,7 @@ stored_plan make_stored_chunk_plan(const problem& s, std::size_t budget,
     dw_acc = layout.reserve<float>(static_cast<std::size_t>(s.v) * static_cast<std::size_t>(s.d));
     db_acc = layout.reserve<float>(static_cast<std::size_t>(s.v));
   }
-  stored_plan p = make_stored_plan<Element>(s, rows, splits, config::block_v, layout,
+  stored_plan p = make_stored_plan<Element>(s, rows, splits, tile_cols, layout,
                                             stored_offsets_possible<Element>);
   p.accumulators = fp32_accumulators;
   p.dw_acc = dw_acc;
