@@ -623,6 +623,11 @@ void register_benchmarks() {
         add("fwdbwd/lce" + name, bm_lce_forward_backward<bf16>, s, data_family::lm, bopt,
             lce::loss_options{});
     }
+    for (std::size_t mib : extra_budgets()) {  // LCE_BENCH_VOCAB_BUDGETS, as above
+      const lce::backward_options bopt{lce::backward_strategy::vocab_chunked, mib << 20};
+      add("fwdbwd/lce" + rows + "/" + variant_name({lce::backward_strategy::vocab_chunked, mib}),
+          bm_lce_forward_backward<bf16>, s, data_family::lm, bopt, lce::loss_options{});
+    }
     add("fwdbwd/naive" + rows, bm_naive_forward_backward, s, data_family::lm);
   }
 }

@@ -1,0 +1,230 @@
+/// @file gemm_modes.cu
+/// @brief gemm_modes: the gradient GEMMs of lce's backward strategies, at their shapes, timed in
+/// the ways lce could call cuBLAS — what a scale known only on the device costs, and how far
+/// cuBLAS's first choice is from the fastest of its candidates. Not a suite: a probe that
+/// decides how detail/cublas.cuh calls cuBLAS (bench/NOTES.md has its runs).
+///
+/// Ways, timed in turn (6 rounds of 3 runs each, the L2 flushed before every run, the median
+/// of each way's 18 runs), so that the clock's drift under the power cap falls on all alike:
+///   ex_device  cublasGemmEx, alpha and beta in device memory (lce's calls: alpha is computed on
+///              the device; the kernel cannot be told that beta is 0)
+///   ex_host    cublasGemmEx, alpha and beta from the host
+///   lt_first   cuBLASLt, host scalars, 32 MiB workspace, the heuristic's first algorithm
+///   lt_best    the same, the fastest of the heuristic's first 8 (lce_bench's floor)
+/// cuBLASLt's alpha-vector pointer modes (an alpha per row of C on the device, beta 0 or from
+/// the host) offered no algorithm for these bf16 GEMMs on an H200 with CUDA 13.0.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/cuda_check.cuh"
+
+namespace {
+
+using lce_example::device_buffer;
+
+__global__ void fill_random(__nv_bfloat16* p, std::size_t count, std::uint32_t seed, float scale) {
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    std::uint32_t h = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    p[i] = __float2bfloat16(scale * (static_cast<float>(h & 0xFFFF) / 32768.0f - 1.0f));
+  }
+}
+
+void check(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "%s: status %d\n", what, static_cast<int>(s));
+    std::exit(1);
+  }
+}
+
+struct gemm_case {
+  const char* name;
+  cublasOperation_t ta, tb;
+  std::int64_t m, n, k, lda, ldb, ldc;
+  bool fp32_out;
+  float beta;
+};
+
+struct probe {
+  cublasHandle_t handle;
+  cublasLtHandle_t lt;
+  cudaStream_t stream;
+  lce_example::l2_flusher flusher;
+  device_buffer<unsigned char> workspace{32u << 20};
+  device_buffer<float> scalars{2};  // alpha, beta in device memory
+
+  double time(const std::function<void(cudaStream_t)>& work) {
+    return lce_example::median(lce_example::time_runs(work, 2, 7, stream, flusher));
+  }
+
+  // A cuBLASLt GEMM with host scalars: its descriptors, the heuristic's first algorithm and
+  // the fastest of its first 8 (timed here on the operands).
+  struct lt_plan {
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
+    cublasLtMatmulAlgo_t first{}, best{};
+    bool ok = false;
+  };
+
+  lt_plan plan_lt(const gemm_case& c, const void* a, const void* b, void* out, float alpha) {
+    lt_plan q;
+    check(cublasLtMatmulDescCreate(&q.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+    check(cublasLtMatmulDescSetAttribute(q.op, CUBLASLT_MATMUL_DESC_TRANSA, &c.ta, sizeof(c.ta)),
+          "ta");
+    check(cublasLtMatmulDescSetAttribute(q.op, CUBLASLT_MATMUL_DESC_TRANSB, &c.tb, sizeof(c.tb)),
+          "tb");
+    const bool at = c.ta != CUBLAS_OP_N, bt = c.tb != CUBLAS_OP_N;
+    check(cublasLtMatrixLayoutCreate(&q.la, CUDA_R_16BF, at ? c.k : c.m, at ? c.m : c.k, c.lda),
+          "A");
+    check(cublasLtMatrixLayoutCreate(&q.lb, CUDA_R_16BF, bt ? c.n : c.k, bt ? c.k : c.n, c.ldb),
+          "B");
+    check(cublasLtMatrixLayoutCreate(&q.lc, c.fp32_out ? CUDA_R_32F : CUDA_R_16BF, c.m, c.n, c.ldc),
+          "C");
+    cublasLtMatmulPreference_t pref;
+    check(cublasLtMatmulPreferenceCreate(&pref), "pref");
+    std::size_t ws = workspace.bytes();
+    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                               sizeof(ws)),
+          "ws");
+    cublasLtMatmulHeuristicResult_t found[8];
+    int count = 0;
+    const cublasStatus_t hs =
+        cublasLtMatmulAlgoGetHeuristic(lt, q.op, q.la, q.lb, q.lc, q.lc, pref, 8, found, &count);
+    cublasLtMatmulPreferenceDestroy(pref);
+    double best = std::numeric_limits<double>::infinity();
+    for (int i = 0; hs == CUBLAS_STATUS_SUCCESS && i < count; ++i) {
+      if (found[i].state != CUBLAS_STATUS_SUCCESS) continue;
+      q.best = found[i].algo;
+      if (run_lt(q, c, a, b, out, alpha, q.best, stream) != CUBLAS_STATUS_SUCCESS) continue;
+      const double ms =
+          time([&](cudaStream_t s) { run_lt(q, c, a, b, out, alpha, found[i].algo, s); });
+      if (!q.ok) q.first = found[i].algo;
+      q.ok = true;
+      if (ms < best) {
+        best = ms;
+        q.best = found[i].algo;
+      }
+    }
+    return q;
+  }
+
+  cublasStatus_t run_lt(const lt_plan& q, const gemm_case& c, const void* a, const void* b,
+                        void* out, float alpha, const cublasLtMatmulAlgo_t& algo, cudaStream_t s) {
+    const float beta = c.beta;
+    return cublasLtMatmul(lt, q.op, &alpha, a, q.la, b, q.lb, &beta, out, q.lc, out, q.lc, &algo,
+                          workspace.data(), workspace.bytes(), s);
+  }
+};
+
+}  // namespace
+
+int main() {
+  probe p;
+  check(cublasCreate(&p.handle), "create");
+  check(cublasLtCreate(&p.lt), "lt create");
+  LCE_EXAMPLE_CHECK(cudaStreamCreate(&p.stream));
+  check(cublasSetStream(p.handle, p.stream), "stream");
+  // Llama 3 (d 4096, v 128256) and Gemma 2 (d 2304, v 256000) heads, n = 8192 and 32768: the
+  // stored strategy's dW and dX, the lean default's per-chunk dW and dX (its dZ chunks 7936 and
+  // 4096 columns wide), the floor's dW and dX.
+  const gemm_case cases[] = {
+      {"llama8k stored dW   bf16", CUBLAS_OP_N, CUBLAS_OP_T, 4096, 128256, 8192, 4096, 128256, 4096,
+       false, 0.f},
+      {"llama8k stored dX   fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 7424, 128256, 4096, 128256, 4096,
+       true, 0.f},
+      {"llama8k floor dX    bf16", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 8192, 128256, 4096, 128256, 4096,
+       false, 0.f},
+      {"llama8k lean dW     bf16", CUBLAS_OP_N, CUBLAS_OP_T, 4096, 7936, 8192, 4096, 7936, 4096,
+       false, 0.f},
+      {"llama8k lean dX+=   fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 8192, 7936, 4096, 7936, 4096,
+       true, 1.f},
+      {"gemma8k stored dW   bf16", CUBLAS_OP_N, CUBLAS_OP_T, 2304, 256000, 8192, 2304, 256000, 2304,
+       false, 0.f},
+      {"gemma8k stored dX   fp32", CUBLAS_OP_N, CUBLAS_OP_N, 2304, 7168, 256000, 2304, 256000, 2304,
+       true, 0.f},
+      {"llama32k lean dW    bf16", CUBLAS_OP_N, CUBLAS_OP_T, 4096, 4096, 32768, 4096, 4096, 4096,
+       false, 0.f},
+      {"llama32k lean dX+=  fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 32768, 4096, 4096, 4096, 4096,
+       true, 1.f},
+  };
+  std::size_t max_a = 0, max_b = 0, max_c = 0;
+  for (const auto& c : cases) {
+    max_a = std::max<std::size_t>(max_a, c.lda * (c.ta == CUBLAS_OP_N ? c.k : c.m));
+    max_b = std::max<std::size_t>(max_b, c.ldb * (c.tb == CUBLAS_OP_N ? c.n : c.k));
+    max_c = std::max<std::size_t>(max_c, c.ldc * c.n);
+  }
+  device_buffer<__nv_bfloat16> a(max_a), b(max_b);
+  device_buffer<float> out(max_c);  // fp32 or bf16 C: the fp32 size holds either
+  fill_random<<<4096, 256>>>(a.data(), max_a, 1u, 1.0f);
+  fill_random<<<4096, 256>>>(b.data(), max_b, 2u, 0.5f);
+  const float alpha = 1.0f / 8192;
+  LCE_EXAMPLE_CHECK(cudaMemset(out.data(), 0, max_c * sizeof(float)));
+  LCE_EXAMPLE_CHECK(cudaDeviceSynchronize());
+  std::printf("%-26s %9s %9s %9s %9s  (ms)\n", "gemm", "ex_device", "ex_host", "lt_first",
+              "lt_best");
+  for (const auto& c : cases) {
+    const float scal[2] = {alpha, c.beta};
+    LCE_EXAMPLE_CHECK(cudaMemcpy(p.scalars.data(), scal, sizeof(scal), cudaMemcpyHostToDevice));
+    const cudaDataType_t ct = c.fp32_out ? CUDA_R_32F : CUDA_R_16BF;
+    auto ex = [&](cublasPointerMode_t mode) {  // one launch
+      check(cublasSetPointerMode(p.handle, mode), "pointer mode");
+      const void* pa = mode == CUBLAS_POINTER_MODE_DEVICE
+                           ? static_cast<const void*>(p.scalars.data())
+                           : static_cast<const void*>(&scal[0]);
+      const void* pb = mode == CUBLAS_POINTER_MODE_DEVICE
+                           ? static_cast<const void*>(p.scalars.data() + 1)
+                           : static_cast<const void*>(&scal[1]);
+      check(cublasGemmEx(p.handle, c.ta, c.tb, static_cast<int>(c.m), static_cast<int>(c.n),
+                         static_cast<int>(c.k), pa, a.data(), CUDA_R_16BF, static_cast<int>(c.lda),
+                         b.data(), CUDA_R_16BF, static_cast<int>(c.ldb), pb, out.data(), ct,
+                         static_cast<int>(c.ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+            "gemmex");
+    };
+    probe::lt_plan q = p.plan_lt(c, a.data(), b.data(), out.data(), alpha);
+    // Rounds of the four ways in turn, 3 runs each, so that the clock's drift under the power
+    // cap (the GPU slows as it warms) falls on every way alike; the median of all of a way's runs.
+    std::vector<double> t[4];
+    for (int round = 0; round < 6; ++round) {
+      for (int way = 0; way < 4; ++way) {
+        std::vector<double> ms;
+        if (way == 0)
+          ms = lce_example::time_runs([&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_DEVICE); }, 0, 3,
+                                      p.stream, p.flusher);
+        if (way == 1)
+          ms = lce_example::time_runs([&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_HOST); }, 0, 3,
+                                      p.stream, p.flusher);
+        if (way == 2)
+          ms = lce_example::time_runs(
+              [&](cudaStream_t s) {
+                p.run_lt(q, c, a.data(), b.data(), out.data(), alpha, q.first, s);
+              },
+              0, 3, p.stream, p.flusher);
+        if (way == 3)
+          ms = lce_example::time_runs(
+              [&](cudaStream_t s) {
+                p.run_lt(q, c, a.data(), b.data(), out.data(), alpha, q.best, s);
+              },
+              0, 3, p.stream, p.flusher);
+        t[way].insert(t[way].end(), ms.begin(), ms.end());
+      }
+    }
+    std::printf("%-26s %9.3f %9.3f %9.3f %9.3f\n", c.name, lce_example::median(t[0]),
+                lce_example::median(t[1]), lce_example::median(t[2]), lce_example::median(t[3]));
+    std::fflush(stdout);
+  }
+  return 0;
+}
