@@ -303,6 +303,27 @@ TEST_CASE("sm_90a grid: balanced vocabulary splits fill whole waves and cover ev
   }
 }
 
+TEST_CASE("sm_90a grid: the recompute's fewest splits", "[contract][forward][grid]") {
+  // Llama 3's head at n = 32768, a lean chunk of 4096 columns (16 tiles of 256): waves alone
+  // pick one split (256 blocks, 2 waves), so the 132 resident blocks hold 132 row tiles; with
+  // the recompute's minimum they share row tiles, the waves within 5% of whole.
+  const lce::problem chunk{32768, 4096, 4096};
+  const auto lone = lce::device::make_balanced_grid(chunk, 128, 256, 2);
+  CHECK(lone.splits == 1);
+  const auto shared = lce::device::make_balanced_grid(chunk, 128, 256, 2, LCE_RECOMPUTE_MIN_SPLITS);
+  CHECK(shared.splits >= LCE_RECOMPUTE_MIN_SPLITS);
+  const std::int64_t sms = lce::device::nominal_sms;
+  const std::int64_t waves = (shared.row_tiles * shared.splits + sms - 1) / sms;
+  CHECK(static_cast<double>(waves * shared.tiles_per_split) <=
+        1.05 * static_cast<double>(shared.row_tiles * 16) / static_cast<double>(sms));
+  CHECK(sms / shared.splits <= 33);  // resident row tiles: ≤ 33 MiB of X at d = 4096
+  // Fewer tiles than the minimum: one split per tile, no empty split.
+  const auto narrow =
+      lce::device::make_balanced_grid(lce::problem{32768, 4096, 512}, 128, 256, 2, 4);
+  CHECK(narrow.splits == 2);
+  CHECK(narrow.tiles_per_split == 1);
+}
+
 namespace {
 /// A tile configuration without an sm_90a kernel.
 struct contract_tiled_config : lce::tile_config<128, 128, 32, 2, 4, 4> {};

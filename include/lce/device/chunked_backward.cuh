@@ -32,6 +32,16 @@
 #include "../thread/row_grad.cuh"
 #include "launch.cuh"
 
+/// The fewest vocabulary splits of the sm_90a recompute's grid (where the chunk has as many
+/// tiles). Its tiles are independent (the lse is given: no statistics to combine), and with one
+/// split the ~132 resident blocks would hold as many different row tiles, each block streaming
+/// its own X tile (1 MiB at d = 4096) from HBM once per vocabulary tile — at n = 32768 a chunk
+/// of 16 tiles took one split. Four splits put the resident blocks on ~33 row tiles, in the
+/// groups of block::raster_tile. bench/NOTES.md v18 has the runs (1, 4 and 8 compared).
+#ifndef LCE_RECOMPUTE_MIN_SPLITS
+#define LCE_RECOMPUTE_MIN_SPLITS 4
+#endif
+
 LCE_NAMESPACE_BEGIN
 namespace device {
 
@@ -155,8 +165,8 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   problem tiles;
   tiles.n = rows;
   tiles.v = gp.cols;
-  const forward_grid grid =
-      make_balanced_grid(tiles, Config::block_m, Config::block_v, Config::cluster_m);
+  const forward_grid grid = make_balanced_grid(tiles, Config::block_m, Config::block_v,
+                                               Config::cluster_m, LCE_RECOMPUTE_MIN_SPLITS);
   fp.rows = rows;
   fp.d = d;
   fp.dz = dz;

@@ -82,9 +82,11 @@ inline constexpr std::int64_t max_sm90_splits = 64;
 /// kernel's time is about ⌈blocks / SMs⌉ waves of T/splits tiles each: the number of splits
 /// minimizes that (plus a tenth of a tile per block for its pipeline fill and drain). At
 /// 8192 × 256000 with 128 × 256 tiles: 33 splits, 2112 blocks = 16 full waves, 0.3% above
-/// T·rows/SMs, where 16 splits (1024 blocks, 7.8 waves) lose 4%.
+/// T·rows/SMs, where 16 splits (1024 blocks, 7.8 waves) lose 4%. `min_splits`: the fewest
+/// splits considered (as many as there are tiles where those are fewer), for a kernel whose
+/// resident blocks should share row tiles (the recompute, LCE_RECOMPUTE_MIN_SPLITS).
 inline forward_grid make_balanced_grid(const problem& s, int block_m, int block_v,
-                                       int cluster_m = 1) noexcept {
+                                       int cluster_m = 1, std::int64_t min_splits = 1) noexcept {
   forward_grid g;
   g.row_tiles = (s.n + block_m - 1) / block_m;
   g.row_tiles = (g.row_tiles + cluster_m - 1) / cluster_m * cluster_m;
@@ -92,7 +94,8 @@ inline forward_grid make_balanced_grid(const problem& s, int block_m, int block_
   g.splits = 1;
   double best = -1.0;
   const std::int64_t most = std::max<std::int64_t>(std::min(g.vocab_tiles, max_sm90_splits), 1);
-  for (std::int64_t splits = 1; splits <= most; ++splits) {
+  for (std::int64_t splits = std::clamp<std::int64_t>(min_splits, 1, most); splits <= most;
+       ++splits) {
     const auto waves = static_cast<double>((g.row_tiles * splits + nominal_sms - 1) / nominal_sms);
     const double cost =
         waves * (static_cast<double>(g.vocab_tiles) / static_cast<double>(splits) + 0.1);

@@ -373,8 +373,10 @@ cudaError_t run_stored_offset_backward(
     const kernel::target_grad_params<Element, Grad> tp{
         target, gp.start,     gp.ordered, target_grad, x_c,           rows, s.v,
         s.d,    s.x_stride(), alpha,      a.dw,        s.dw_stride(), a.db};
-    kernel::target_grad_kernel<Element, Grad, threads>
-        <<<static_cast<unsigned>(rows), threads, 0, stream>>>(tp);
+    constexpr std::int64_t slice = std::int64_t{kernel::target_grad_per_thread} * threads;
+    const dim3 target_blocks(static_cast<unsigned>(rows),
+                             static_cast<unsigned>((s.d + slice - 1) / slice));
+    kernel::target_grad_kernel<Element, Grad, threads><<<target_blocks, threads, 0, stream>>>(tp);
     LCE_CHECK_LAUNCH("target_grad_kernel");
   }
   // dX_c by row chunks through fp32: alpha·(E·W)ᵀ [d, cr] = Wᵀ · Eᵀ, then scaled, the target's
@@ -402,8 +404,7 @@ cudaError_t run_stored_offset_backward(
                                                 s.d,
                                                 a.dx + (r0 + c0) * s.dx_stride(),
                                                 s.dx_stride()};
-    const auto blocks =
-        static_cast<unsigned>(std::min<std::int64_t>((cr * s.d + threads - 1) / threads, 4096));
+    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>(cr, 8192));
     kernel::scale_rows_kernel<Element><<<blocks, threads, 0, stream>>>(sp);
     LCE_CHECK_LAUNCH("scale_rows_kernel");
   }

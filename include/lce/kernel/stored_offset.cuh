@@ -160,19 +160,24 @@ struct scale_rows_params {
   std::int64_t ld;
 };
 
+/// Rows by blocks (grid-stride), columns by threads: no division per element.
 template <class Element>
 __global__ void LCE_KERNEL_VISIBILITY scale_rows_kernel(const scale_rows_params<Element> p) {
-  const std::int64_t total = p.rows * p.cols;
   const float alpha = *p.alpha;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const std::int64_t r = i / p.cols;
-    const std::int64_t k = i - r * p.cols;
-    float value = p.scale[r] * p.in[i];
+  for (std::int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const float f = p.scale[r];
     const std::int64_t y = p.target[r];
-    if (y >= 0)
-      value = fmaf(alpha * p.target_grad[r], static_cast<float>(p.w[y * p.ldw + k]), value);
-    p.out[r * p.ld + k] = static_cast<Element>(value);
+    const float* in = p.in + r * p.cols;
+    Element* out = p.out + r * p.ld;
+    if (y >= 0) {
+      const float t = alpha * p.target_grad[r];
+      const Element* wy = p.w + y * p.ldw;
+      for (std::int64_t k = threadIdx.x; k < p.cols; k += blockDim.x)
+        out[k] = static_cast<Element>(fmaf(t, static_cast<float>(wy[k]), f * in[k]));
+    } else {
+      for (std::int64_t k = threadIdx.x; k < p.cols; k += blockDim.x)
+        out[k] = static_cast<Element>(f * in[k]);
+    }
   }
 }
 
@@ -206,42 +211,54 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   }
 }
 
-/// In-place exclusive prefix sum of `count` ints by one block: each thread a contiguous
-/// segment (the counts are a few MiB at most, read from L2).
+/// In-place exclusive prefix sum of `count` ints by one block, in tiles of Threads·8: each
+/// thread scans 8 consecutive ints (a warp reads 1 KiB at a time), the block scans the
+/// threads' sums, and a carry runs from tile to tile. The counts are v + 1 ints (0.5–1 MiB).
 template <int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     exclusive_scan_kernel(int* a, std::int64_t count) {
   static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, one block");
-  __shared__ int warp_total[Threads / 32];
-  const std::int64_t per = (count + Threads - 1) / Threads;
-  const std::int64_t first = static_cast<std::int64_t>(threadIdx.x) * per;
-  const std::int64_t begin = first < count ? first : count;
-  const std::int64_t end = begin + per < count ? begin + per : count;
-  int sum = 0;
-  for (std::int64_t i = begin; i < end; ++i) sum += a[i];
-  // Inclusive scan of the segment sums within the warp, then across the warps' totals.
+  constexpr int per = 8;
+  constexpr int warps = Threads / 32;
+  __shared__ int warp_total[warps];
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-  int inclusive = sum;
-  for (int o = 1; o < 32; o *= 2) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += other;
-  }
-  if (lane == 31) warp_total[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    int total = lane < Threads / 32 ? warp_total[lane] : 0;
-    for (int o = 1; o < 32; o *= 2) {
-      const int other = __shfl_up_sync(0xffffffffu, total, o);
-      if (lane >= o) total += other;
+  int carry = 0;  // the sum of every earlier tile
+  for (std::int64_t base = 0; base < count; base += static_cast<std::int64_t>(Threads) * per) {
+    const std::int64_t first = base + static_cast<std::int64_t>(threadIdx.x) * per;
+    int v[per];
+    int sum = 0;
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      v[j] = first + j < count ? a[first + j] : 0;
+      sum += v[j];
     }
-    if (lane < Threads / 32) warp_total[lane] = total;  // inclusive over the warps
-  }
-  __syncthreads();
-  int running = inclusive - sum + (warp > 0 ? warp_total[warp - 1] : 0);
-  for (std::int64_t i = begin; i < end; ++i) {
-    const int c = a[i];
-    a[i] = running;
-    running += c;
+    // Inclusive scan of the threads' sums within the warp, then across the warps' totals.
+    int inclusive = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive += other;
+    }
+    if (lane == 31) warp_total[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+      int total = lane < warps ? warp_total[lane] : 0;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, total, o);
+        if (lane >= o) total += other;
+      }
+      if (lane < warps) warp_total[lane] = total;  // inclusive over the warps
+    }
+    __syncthreads();
+    int running = carry + inclusive - sum + (warp > 0 ? warp_total[warp - 1] : 0);
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      if (first + j < count) a[first + j] = running;
+      running += v[j];
+    }
+    carry += warp_total[warps - 1];
+    __syncthreads();  // warp_total is written again by the next tile
   }
 }
 
@@ -272,8 +289,9 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 
 /// The targets' entries into dW and db, after their GEMMs: for each column y that is the
 /// target of rows of the chunk, dW[y, :] += alpha·Σ t_r·x_r and db[y] += alpha·Σ t_r over those
-/// rows in row order (target_group: `ordered` from `start[y]`) — one block per group (the block
-/// of its first slot), no atomics, so the sums are the same run to run. Grad: dW's and db's
+/// rows in row order (target_group: `ordered` from `start[y]`) — one block per group and column
+/// slice (the blocks of its first slot; grid (rows, ⌈d / (8·Threads)⌉)), no atomics,
+/// so the sums are the same run to run. Grad: dW's and db's
 /// type (fp32 accumulators, or the caller's 16-bit ones, then rounded a second time).
 template <class Element, class Grad>
 struct target_grad_params {
@@ -289,19 +307,27 @@ struct target_grad_params {
   Grad* db;  ///< [v] or null
 };
 
+/// Columns a thread of target_grad_kernel sums at a time: a block's column slice is
+/// target_grad_per_thread·Threads wide.
+inline constexpr int target_grad_per_thread = 8;
+
 template <class Element, class Grad, int Threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
     target_grad_kernel(const target_grad_params<Element, Grad> p) {
-  constexpr int per_thread = 8;  // columns a thread sums at a time (d in passes of 8·Threads)
+  constexpr int per_thread = target_grad_per_thread;
   const int slot = static_cast<int>(blockIdx.x);
   if (slot >= p.start[p.v]) return;  // slots past the rows with a target
   const std::int64_t y = p.target[p.ordered[slot]];
   const int begin = p.start[y], end = p.start[y + 1];
   if (slot != begin) return;  // the group's first slot's block does it
   const float alpha = *p.alpha;
-  float db_sum = 0.0f;  // thread 0's
-  for (std::int64_t k0 = 0; k0 < p.d; k0 += static_cast<std::int64_t>(per_thread) * Threads) {
+  float db_sum = 0.0f;  // thread 0's of the blocks of column slice 0
+  // Column slices of per_thread·Threads by blockIdx.y, so that a large group (a frequent
+  // token's rows) is summed by gridDim.y blocks at once; rows in row order within each.
+  constexpr std::int64_t slice = static_cast<std::int64_t>(per_thread) * Threads;
+  for (std::int64_t k0 = blockIdx.y * slice; k0 < p.d; k0 += gridDim.y * slice) {
     float acc[per_thread] = {};
+#pragma unroll 4
     for (int i = begin; i < end; ++i) {
       const std::int64_t row = p.ordered[i];
       const float t = p.target_grad[row];
@@ -323,7 +349,7 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
       }
     }
   }
-  if (p.db != nullptr && threadIdx.x == 0)
+  if (p.db != nullptr && blockIdx.y == 0 && threadIdx.x == 0)
     p.db[y] = static_cast<Grad>(static_cast<float>(p.db[y]) + alpha * db_sum);
 }
 
