@@ -20,14 +20,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <functional>
-#include <limits>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "common/cuda_check.cuh"
+#include "lt_floor.cuh"
 
 namespace {
 
@@ -66,68 +64,6 @@ struct probe {
   lce_example::l2_flusher flusher;
   device_buffer<unsigned char> workspace{32u << 20};
   device_buffer<float> scalars{2};  // alpha, beta in device memory
-
-  double time(const std::function<void(cudaStream_t)>& work) {
-    return lce_example::median(lce_example::time_runs(work, 2, 7, stream, flusher));
-  }
-
-  // A cuBLASLt GEMM with host scalars: its descriptors, the heuristic's first algorithm and
-  // the fastest of its first 8 (timed here on the operands).
-  struct lt_plan {
-    cublasLtMatmulDesc_t op = nullptr;
-    cublasLtMatrixLayout_t la = nullptr, lb = nullptr, lc = nullptr;
-    cublasLtMatmulAlgo_t first{}, best{};
-    bool ok = false;
-  };
-
-  lt_plan plan_lt(const gemm_case& c, const void* a, const void* b, void* out, float alpha) {
-    lt_plan q;
-    check(cublasLtMatmulDescCreate(&q.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
-    check(cublasLtMatmulDescSetAttribute(q.op, CUBLASLT_MATMUL_DESC_TRANSA, &c.ta, sizeof(c.ta)),
-          "ta");
-    check(cublasLtMatmulDescSetAttribute(q.op, CUBLASLT_MATMUL_DESC_TRANSB, &c.tb, sizeof(c.tb)),
-          "tb");
-    const bool at = c.ta != CUBLAS_OP_N, bt = c.tb != CUBLAS_OP_N;
-    check(cublasLtMatrixLayoutCreate(&q.la, CUDA_R_16BF, at ? c.k : c.m, at ? c.m : c.k, c.lda),
-          "A");
-    check(cublasLtMatrixLayoutCreate(&q.lb, CUDA_R_16BF, bt ? c.n : c.k, bt ? c.k : c.n, c.ldb),
-          "B");
-    check(cublasLtMatrixLayoutCreate(&q.lc, c.fp32_out ? CUDA_R_32F : CUDA_R_16BF, c.m, c.n, c.ldc),
-          "C");
-    cublasLtMatmulPreference_t pref;
-    check(cublasLtMatmulPreferenceCreate(&pref), "pref");
-    std::size_t ws = workspace.bytes();
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                               sizeof(ws)),
-          "ws");
-    cublasLtMatmulHeuristicResult_t found[8];
-    int count = 0;
-    const cublasStatus_t hs =
-        cublasLtMatmulAlgoGetHeuristic(lt, q.op, q.la, q.lb, q.lc, q.lc, pref, 8, found, &count);
-    cublasLtMatmulPreferenceDestroy(pref);
-    double best = std::numeric_limits<double>::infinity();
-    for (int i = 0; hs == CUBLAS_STATUS_SUCCESS && i < count; ++i) {
-      if (found[i].state != CUBLAS_STATUS_SUCCESS) continue;
-      q.best = found[i].algo;
-      if (run_lt(q, c, a, b, out, alpha, q.best, stream) != CUBLAS_STATUS_SUCCESS) continue;
-      const double ms =
-          time([&](cudaStream_t s) { run_lt(q, c, a, b, out, alpha, found[i].algo, s); });
-      if (!q.ok) q.first = found[i].algo;
-      q.ok = true;
-      if (ms < best) {
-        best = ms;
-        q.best = found[i].algo;
-      }
-    }
-    return q;
-  }
-
-  cublasStatus_t run_lt(const lt_plan& q, const gemm_case& c, const void* a, const void* b,
-                        void* out, float alpha, const cublasLtMatmulAlgo_t& algo, cudaStream_t s) {
-    const float beta = c.beta;
-    return cublasLtMatmul(lt, q.op, &alpha, a, q.la, b, q.lb, &beta, out, q.lc, out, q.lc, &algo,
-                          workspace.data(), workspace.bytes(), s);
-  }
 };
 
 }  // namespace
@@ -194,31 +130,21 @@ int main() {
                          static_cast<int>(c.ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "gemmex");
     };
-    probe::lt_plan q = p.plan_lt(c, a.data(), b.data(), out.data(), alpha);
+    // The floor's GEMM class (bench/lt_floor.cuh): host scalars, alpha 1, this case's beta.
+    lce_bench::lt_gemm lt(p.lt, c.ta, c.tb, c.m, c.n, c.k, c.lda, c.ldb, c.ldc, ct, c.beta);
+    lt.tune(a.data(), b.data(), out.data(), p.workspace.data(), p.workspace.bytes(), 8, 7, p.stream,
+            p.flusher);
+    const std::function<void(cudaStream_t)> ways[4] = {
+        [&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_DEVICE); },
+        [&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_HOST); },
+        [&](cudaStream_t s) { lt.run_first(a.data(), b.data(), out.data(), s); },
+        [&](cudaStream_t s) { lt.run(a.data(), b.data(), out.data(), s); }};
     // Rounds of the four ways in turn, 3 runs each, so that the clock's drift under the power
     // cap (the GPU slows as it warms) falls on every way alike; the median of all of a way's runs.
     std::vector<double> t[4];
     for (int round = 0; round < 6; ++round) {
       for (int way = 0; way < 4; ++way) {
-        std::vector<double> ms;
-        if (way == 0)
-          ms = lce_example::time_runs([&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_DEVICE); }, 0, 3,
-                                      p.stream, p.flusher);
-        if (way == 1)
-          ms = lce_example::time_runs([&](cudaStream_t) { ex(CUBLAS_POINTER_MODE_HOST); }, 0, 3,
-                                      p.stream, p.flusher);
-        if (way == 2)
-          ms = lce_example::time_runs(
-              [&](cudaStream_t s) {
-                p.run_lt(q, c, a.data(), b.data(), out.data(), alpha, q.first, s);
-              },
-              0, 3, p.stream, p.flusher);
-        if (way == 3)
-          ms = lce_example::time_runs(
-              [&](cudaStream_t s) {
-                p.run_lt(q, c, a.data(), b.data(), out.data(), alpha, q.best, s);
-              },
-              0, 3, p.stream, p.flusher);
+        const std::vector<double> ms = lce_example::time_runs(ways[way], 0, 3, p.stream, p.flusher);
         t[way].insert(t[way].end(), ms.begin(), ms.end());
       }
     }
