@@ -140,6 +140,74 @@ __device__ inline void tma_load_2d_multicast(void* dst, const void* tensor_map, 
 #endif
 }
 
+/// Copies the box at (c0 innermost, c1) of the tensor map from shared address `src` to global
+/// memory, in this thread's bulk async-group (commit with bulk_commit_group). Elements outside
+/// the tensor map are not written. The writes of `src` must be made visible to the async proxy
+/// first (fence_proxy_async_shared, then a barrier of the writing threads).
+__device__ inline void tma_store_2d(const void* tensor_map, std::uint32_t src, int c0,
+                                    int c1) noexcept {
+#if defined(LCE_SM90A)
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+          reinterpret_cast<std::uint64_t>(tensor_map)),
+      "r"(c0), "r"(c1), "r"(src)
+      : "memory");
+#endif
+}
+
+/// Closes this thread's bulk async-group of stores issued since the last commit.
+__device__ inline void bulk_commit_group() noexcept {
+#if defined(LCE_SM90A)
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+
+/// Waits until at most `Pending` of this thread's committed bulk groups still read their shared
+/// memory source (which may then be overwritten).
+template <int Pending>
+__device__ inline void bulk_wait_group_read() noexcept {
+#if defined(LCE_SM90A)
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
+/// Waits until at most `Pending` of this thread's committed bulk groups are incomplete (their
+/// global writes done).
+template <int Pending>
+__device__ inline void bulk_wait_group() noexcept {
+#if defined(LCE_SM90A)
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(Pending) : "memory");
+#endif
+}
+
+/// Makes this thread's generic-proxy writes of shared memory visible to the async proxy (the
+/// bulk copies that read them next).
+__device__ inline void fence_proxy_async_shared() noexcept {
+#if defined(LCE_SM90A)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+/// A barrier of `Threads` threads (whole warps) on hardware barrier `id` (1–15; 0 is
+/// __syncthreads's).
+template <int Threads>
+__device__ inline void named_barrier_sync(int id) noexcept {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(Threads) : "memory");
+}
+
+/// Stores four 8×8 matrices of 16-bit pairs to shared memory (`stmatrix...x4`): register i of
+/// each thread is its pair (row lane/4, columns 2·(lane%4), +1) of matrix i, the layout of a
+/// wgmma accumulator fragment; lanes 8i to 8i + 7 give the addresses of matrix i's 8 rows
+/// (16 bytes each).
+__device__ inline void stmatrix_x4(std::uint32_t address, std::uint32_t r0, std::uint32_t r1,
+                                   std::uint32_t r2, std::uint32_t r3) noexcept {
+#if defined(LCE_SM90A)
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
 __device__ inline void tma_prefetch_descriptor(const void* tensor_map) noexcept {
 #if defined(LCE_SM90A)
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(tensor_map))

@@ -77,7 +77,9 @@ __device__ __forceinline__ grid_tile grid_tile_of_block() {
   return raster_tile(blockIdx.y * gridDim.x + blockIdx.x, gridDim.x, gridDim.y, raster_group_rows);
 }
 
-template <class Element, class Config>
+/// EpilogueBytes: shared memory the epilogue keeps beside the stages (`shared_storage::epilogue`,
+/// 1024-byte aligned), e.g. a staging tile for bulk stores.
+template <class Element, class Config, int EpilogueBytes = 0>
 struct tile_pipeline_sm90 {
   static constexpr int block_m = Config::block_m;  // 128: two consumer warpgroups of 64 rows
   static constexpr int block_v = Config::block_v;
@@ -101,11 +103,15 @@ struct tile_pipeline_sm90 {
   struct shared_storage {
     alignas(1024) unsigned char a[stages][a_bytes];
     alignas(1024) unsigned char b[stages][b_bytes];
+    alignas(1024) unsigned char epilogue[EpilogueBytes > 0 ? EpilogueBytes : 1];
     std::uint64_t full[stages];
     std::uint64_t empty[stages];
   };
   /// Dynamic shared memory to request: the storage plus slack to align it to 1024 bytes.
   static constexpr int smem_bytes = static_cast<int>(sizeof(shared_storage)) + 1024;
+  static_assert(smem_bytes <= 227 * 1024,
+                "the stages and the epilogue's bytes exceed a block's "
+                "shared memory");
 
   /// The shared storage inside the dynamic shared memory, aligned to 1024 bytes.
   __device__ static shared_storage& storage(unsigned char* smem) {

@@ -141,7 +141,14 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
   typename fused::params fp{};
   launched = false;
   if (!prepare_sm90_forward<Element, SM90Config, General, Store>(fp, a, s)) return cudaSuccess;
-  if constexpr (Store) fp.store = *store;
+  if constexpr (Store) {
+    fp.store = *store;
+    // stored_exp's values meet the copy engine's rules (16-byte aligned, ld a multiple of 8).
+    if (!detail::encode_tile_map(&fp.store_map, store->values, s.n, s.v, store->ld, 64,
+                                 fused::store_box_cols)) {
+      return cudaErrorInvalidValue;
+    }
+  }
   fp.n = s.n;
   fp.v = s.v;
   fp.d = s.d;

@@ -15,8 +15,10 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../config.hpp"
 #include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
@@ -30,10 +32,28 @@ namespace kernel {
 /// the lean one's registers are not sized for the general fold (which spills at 256 columns).
 /// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (detail::stored_exp),
 /// for the `stored` backward strategy.
+/// Store: the values go out through shared memory, a staging tile of the block's 128 rows ×
+/// BlockV columns (64 KiB at 256), by bulk tensor stores; the stages that fit beside it (3 of
+/// 48 KiB at 256, where the lean kernel keeps 4). From the registers a warp writes 8×8 blocks
+/// (stmatrix, 16 bytes a lane); written directly, each pair of a thread would be its own 4-byte
+/// store, 8 rows of 16 bytes a warp instruction.
+template <class Config, bool Store>
+struct forward_pipeline_shape {
+  static constexpr int staging_bytes = Store ? Config::block_m * Config::block_v * 2 : 0;
+  static constexpr int stage_bytes = (Config::block_m + Config::block_v) * Config::block_k * 2;
+  /// The bytes left for stages: 227 KiB, less the staging, the alignment slack and barriers.
+  static constexpr int fitting_stages = (227 * 1024 - 2 * 1024 - staging_bytes) / stage_bytes;
+  static constexpr int stages = Config::stages < fitting_stages ? Config::stages : fitting_stages;
+  using config =
+      std::conditional_t<Store, sm90_tile_config<Config::block_v, stages, Config::cluster_m>,
+                         Config>;
+};
+
 template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
-  using pipeline = block::tile_pipeline_sm90<Element, Config>;
+  using shape = forward_pipeline_shape<Config, Store>;
+  using pipeline = block::tile_pipeline_sm90<Element, typename shape::config, shape::staging_bytes>;
   using shared_storage = typename pipeline::shared_storage;
   static constexpr int block_v = pipeline::block_v;
   static constexpr int frag = pipeline::frag;
@@ -52,7 +72,14 @@ struct fused_forward_sm90 {
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
     detail::stored_exp<Element> store;  ///< Store only
+    /// Store only: store.values [n, v] (row stride store.ld) in boxes of 64 rows × 64 columns,
+    /// 128-byte swizzle (the staging tile's layout).
+    CUtensorMap store_map;
   };
+
+  /// Columns of a store box: one 128-byte swizzle row of 16-bit values.
+  static constexpr int store_box_cols = 64;
+  static constexpr int store_box_bytes = 64 * store_box_cols * 2;
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
   struct epilogue {
@@ -63,11 +90,28 @@ struct fused_forward_sm90 {
     thread::row_stats stats[2];
     /// Store with per-row offsets (detail::stored_exp::offset): each row's c, or +inf past n.
     float offset[2] = {0.0f, 0.0f};
+    /// Store: the warpgroup's staging (64 rows × block_v), its first row in the matrix, and
+    /// where this lane's stmatrix row address lies (see stage_address).
+    std::uint32_t staging = 0;
+    int half_index = 0;
+    int staging_row0 = 0;
+    std::uint32_t lane_offset = 0;
 
-    __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
+    __device__ __forceinline__ epilogue(const params& p_, int half, shared_storage& s) : p(p_) {
       quad = pipeline::fragment_quad();
       rows[0] = pipeline::fragment_row0(half);
       rows[1] = rows[0] + 8;
+      if constexpr (Store) {
+        const int t = static_cast<int>(threadIdx.x) % 128;
+        half_index = half;
+        staging = arch::sm90::smem_address(s.epilogue) + half * (shape::staging_bytes / 2);
+        staging_row0 =
+            static_cast<int>(block::grid_tile_of_block().row_tile * pipeline::block_m + half * 64);
+        // Lane l writes the row (l % 8) of matrix l / 8 of its warp's 16 rows: 128 bytes a row,
+        // its 16-byte chunk XOR (row % 8) under the 128-byte swizzle.
+        const int lane = t % 32, row = 16 * (t / 32) + lane % 8;
+        lane_offset = static_cast<std::uint32_t>(row * 128 + (((lane / 8) ^ (lane % 8)) * 16));
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         target[h] = rows[h] < p.n ? p.targets(rows[h]) : -1;
@@ -90,26 +134,60 @@ struct fused_forward_sm90 {
       }
     }
 
+    /// The staging address of this lane's stmatrix row for fragment row h (0, 1) and the
+    /// column groups j4 .. j4 + 3 (j4 a multiple of 4; column group j: columns 8j .. 8j + 7):
+    /// box j4 / 8 of 64 columns, its chunk (j4 % 8 + lane / 8) XOR (row % 8); rows h = 1 lie
+    /// 8 below (the same row % 8).
+    __device__ __forceinline__ std::uint32_t stage_address(int h, int j4) const {
+      const std::uint32_t chunk_flip = (j4 % 8) != 0 ? 64u : 0u;
+      return staging + static_cast<std::uint32_t>((j4 / 8) * store_box_bytes + h * 8 * 128) +
+             (lane_offset ^ chunk_flip);
+    }
+
+    /// Before the tile's values are written to the staging: its previous tile's bulk stores
+    /// have read it.
+    __device__ __forceinline__ void staging_acquire() const {
+      if (threadIdx.x % 128 == 0) arch::sm90::bulk_wait_group_read<0>();
+      arch::sm90::named_barrier_sync<128>(1 + half_index);
+    }
+
+    /// After: the staging tile goes out in boxes of 64 columns by the warpgroup's first thread.
+    __device__ __forceinline__ void staging_release(std::int64_t vocab0) const {
+      arch::sm90::fence_proxy_async_shared();
+      arch::sm90::named_barrier_sync<128>(1 + half_index);
+      if (threadIdx.x % 128 == 0) {
+#pragma unroll
+        for (int b = 0; b < block_v / store_box_cols; ++b) {
+          arch::sm90::tma_store_2d(&p.store_map, staging + b * store_box_bytes,
+                                   static_cast<int>(vocab0) + b * store_box_cols, staging_row0);
+        }
+        arch::sm90::bulk_commit_group();
+      }
+    }
+
     template <bool Masked>
     __device__ __forceinline__ void lean(float (&acc)[frag], std::int64_t vocab0) {
       if (p.transform.softcap > 0.0f) {
         if (p.extras) {
           fold_plain_tile<true, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
-                                                     offset);
+                                                     offset, *this);
         } else {
           fold_plain_tile<true, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
-                                                      offset);
+                                                      offset, *this);
         }
       } else if (p.extras) {
         fold_plain_tile<false, true, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
-                                                    offset);
+                                                    offset, *this);
       } else {
         fold_plain_tile<false, false, Masked, Store>(p, acc, vocab0, quad, rows, target, stats,
-                                                     offset);
+                                                     offset, *this);
       }
     }
 
     __device__ __forceinline__ void finish() {
+      if constexpr (Store) {
+        if (threadIdx.x % 128 == 0) arch::sm90::bulk_wait_group<0>();
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (rows[h] < p.n && quad == 0) {
@@ -121,7 +199,7 @@ struct fused_forward_sm90 {
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
     pipeline::run_split(&p.x_map, &p.w_map, s, p.v, p.d,
-                        [&](int half) { return epilogue(p, half); });
+                        [&](int half) { return epilogue(p, half, s); });
   }
 
   /// Writes the target logits that lie in this tile: the thread holding a target's column
@@ -178,12 +256,10 @@ struct fused_forward_sm90 {
   /// minimum). Without Extras a logit costs 6 instructions: scale, max, subtract, multiply,
   /// ex2, add. Masked (the last tile): columns at or past v become −inf and add nothing.
   template <bool Softcap, bool Extras, bool Masked, bool Stored>
-  __device__ __forceinline__ static void fold_plain_tile(const params& p, float (&acc)[frag],
-                                                         std::int64_t vocab0, int quad,
-                                                         const std::int64_t (&rows)[2],
-                                                         const std::int64_t (&target)[2],
-                                                         thread::row_stats (&stats)[2],
-                                                         const float (&offset)[2]) {
+  __device__ __forceinline__ static void fold_plain_tile(
+      const params& p, float (&acc)[frag], std::int64_t vocab0, int quad,
+      const std::int64_t (&rows)[2], const std::int64_t (&target)[2], thread::row_stats (&stats)[2],
+      const float (&offset)[2], const epilogue& ep) {
     constexpr float log2e = 1.4426950408889634f;
     const float inv_t = p.transform.inv_temperature;
     const float cap = p.transform.softcap;
@@ -218,13 +294,14 @@ struct fused_forward_sm90 {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
     }
     write_targets(p, acc, vocab0, quad, rows, target);
+    if constexpr (Stored) ep.staging_acquire();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum = 0.0f, sum_pz = 0.0f, sum_z = 0.0f;
       int first = INT_MAX;
-      // Stored: each pair of e^{z − m} goes out as soon as it is made, so that no register
-      // holds it beyond its octet (the tile's accumulators are all live here).
-      Element* out = nullptr;
+      // Stored: each four pairs of e^{z − m} go to the staging as soon as they are made, so
+      // that no register holds them longer (the tile's accumulators are all live here).
+      std::uint32_t packed[4] = {0u, 0u, 0u, 0u};
       const bool row_in = rows[h] < p.n;
       // What e^{z − max} is multiplied by before it is stored: 1 (with the tile's maximum kept
       // beside), or with a per-row offset c, e^{max − c} (so e^{z − c} is stored; a maximum
@@ -232,7 +309,6 @@ struct fused_forward_sm90 {
       // stays finite). An ignored row's c is +inf: its values are 0.
       float factor = 1.0f;
       if constexpr (Stored) {
-        out = p.store.values + rows[h] * p.store.ld + vocab0 + 2 * quad;
         if (p.store.offset != nullptr) {
           const float lead = mx[h] - offset[h];
           factor = arch::sm90::fast_exp2(fminf(lead, stored_offset_limit) * log2e);
@@ -273,11 +349,11 @@ struct fused_forward_sm90 {
           }
         }
         if constexpr (Stored) {
-          const std::int64_t c = vocab0 + 8 * j + 2 * quad;
-          if (row_in && (!Masked || c + 1 < p.v)) {
-            arch::sm90::store_pair(out + 8 * j, ez_pair[0], ez_pair[1]);
-          } else if (row_in && c < p.v) {
-            out[8 * j] = static_cast<Element>(ez_pair[0]);
+          // Rows past n and columns past v lie outside store_map: the bulk store skips them.
+          packed[j % 4] = arch::sm90::pack_pair<Element>(ez_pair[0], ez_pair[1]);
+          if (j % 4 == 0) {
+            arch::sm90::stmatrix_x4(ep.stage_address(h, j), packed[0], packed[1], packed[2],
+                                    packed[3]);
           }
         }
       }
@@ -292,6 +368,7 @@ struct fused_forward_sm90 {
       if constexpr (!Extras) first = 0;
       merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
     }
+    if constexpr (Stored) ep.staging_release(vocab0);
   }
 
   /// Calls f(j, e, col, in) for each column of a tile this thread holds: tile-local column
