@@ -84,5 +84,26 @@ cudaError_t gemm(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_
   return status == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(status, "GEMM");
 }
 
+/// gemm with alpha and beta from the host, for a GEMM whose scale its caller applies elsewhere:
+/// cuBLAS then knows beta (0 or 1) when it picks the kernel, where from the device it takes one
+/// that reads beta. The handle is in device pointer mode around it (cublas_scope) and is left so.
+template <class AB, class C>
+cudaError_t gemm_host_scalars(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b,
+                              std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                              const AB* a, std::int64_t lda, const AB* b, std::int64_t ldb,
+                              float beta, C* c, std::int64_t ldc) noexcept {
+  cublasStatus_t status = cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST);
+  if (status != CUBLAS_STATUS_SUCCESS) return cublas_failure(status, "pointer mode");
+  const cublasComputeType_t compute =
+      std::is_same_v<AB, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
+  status = cublasGemmEx(handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n),
+                        static_cast<int>(k), &alpha, a, cuda_data_type<AB>(), static_cast<int>(lda),
+                        b, cuda_data_type<AB>(), static_cast<int>(ldb), &beta, c,
+                        cuda_data_type<C>(), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t restored = cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_DEVICE);
+  if (status != CUBLAS_STATUS_SUCCESS) return cublas_failure(status, "GEMM");
+  return restored == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(restored, "pointer mode");
+}
+
 }  // namespace detail
 LCE_NAMESPACE_END

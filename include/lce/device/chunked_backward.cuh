@@ -262,6 +262,7 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
                                  const loss_options& o, cublasHandle_t handle, cudaStream_t stream,
                                  const thread::row_outputs* fwd = nullptr) noexcept {
   using detail::gemm;
+  using detail::gemm_host_scalars;
   constexpr cublasOperation_t N = CUBLAS_OP_N;
   constexpr cublasOperation_t T = CUBLAS_OP_T;
   constexpr int grad_threads = 256;
@@ -271,8 +272,9 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
   const std::int64_t lddx = s.dx_stride(), lddw = s.dw_stride();
 
   auto* scalars = detail::at<thread::loss_scalars>(ws, plan.scalars);
-  // Every GEMM takes alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
-  // GEMMs multiply the alpha-normalized dZ back by alpha.
+  // The GEMMs take alpha and beta from the device (scalars): Z = 1·X·Wᵀ + 0; the gradient
+  // GEMMs multiply the alpha-normalized dZ back by alpha (vocab_chunked's own dX accumulator
+  // excepted: it takes alpha in its conversion).
   const float* one = &scalars->one;
   const float* zero = &scalars->zero;
   const float* alpha = &scalars->alpha;
@@ -309,7 +311,11 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
         dx_acc = detail::at<float>(ws, plan.dx);
       }
     }
-    // The 16-bit accumulator adds the caller's dX once, in the final conversion.
+    // The workspace's accumulator (16-bit dX) sums W_cᵀ·(dZ_c/alpha) and takes alpha and the
+    // caller's dX once, in the final conversion: its GEMMs have host scalars (1, and beta 0 or
+    // 1), so cuBLAS knows beta when it picks the kernel — 7% off these GEMMs at n = 8192 on
+    // Llama 3's head (bench/gemm_modes.cu, H100 and H200).
+    const bool own_accumulator = dx_partial == nullptr && plan.dx_accumulator;
     const float* dx_beta0 =
         dx_partial == nullptr && !std::is_same_v<Element, float> ? zero : dx_first_beta;
     // sm_90a: the recompute and dZ in one kernel, no fp32 chunk. dZ is then 16-bit, so the
@@ -349,14 +355,20 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
       if (a.db != nullptr)  // db_c [vc, 1] = dZ_cᵀ · 1
         LCE_RETURN_IF_ERROR(
             gemm(handle, N, N, vc, 1, n, alpha, dz, ldz, ones, n, first_beta, a.db + v0, vc));
-      if (a.dx != nullptr)  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
-        LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, n, vc, alpha, w_c, ldw, dz, ldz,
-                                 v0 > 0 ? one : dx_beta0, dx_acc, dx_ld));
+      if (a.dx != nullptr) {  // dXᵀ [d, n] += W_cᵀ · dZ_cᵀ
+        if (own_accumulator) {
+          LCE_RETURN_IF_ERROR(gemm_host_scalars(handle, N, N, d, n, vc, 1.0f, w_c, ldw, dz, ldz,
+                                                v0 > 0 ? 1.0f : 0.0f, dx_acc, dx_ld));
+        } else {
+          LCE_RETURN_IF_ERROR(gemm(handle, N, N, d, n, vc, alpha, w_c, ldw, dz, ldz,
+                                   v0 > 0 ? one : dx_beta0, dx_acc, dx_ld));
+        }
+      }
     }
-    if (a.dx != nullptr && dx_partial == nullptr && plan.dx_accumulator) {
+    if (a.dx != nullptr && own_accumulator) {
       const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((n * d + 255) / 256, 4096));
       kernel::convert_rows_kernel<Element>
-          <<<blocks, 256, 0, stream>>>(dx_acc, n, d, a.dx, lddx, o.accumulate);
+          <<<blocks, 256, 0, stream>>>(dx_acc, n, d, a.dx, lddx, o.accumulate, alpha);
       LCE_CHECK_LAUNCH("convert_rows_kernel");
     }
     return cudaSuccess;
