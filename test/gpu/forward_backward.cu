@@ -78,7 +78,8 @@ measured check_all(const problem_data<Element>& data,
   measured m;
   if (args.loss != nullptr) m.loss = check_loss(args.loss, data.ref_loss, loss_tol);
   if (args.lse != nullptr)
-    m.lse = check_output("lse", args.lse, s.n, 1, 1, data.ref_lse.data(), loss_tol);
+    m.lse = check_output("lse", args.lse, s.n, 1, 1, data.ref_lse.data(), loss_tol,
+                         lse_norm_floor(s.n));
   if (args.token_loss != nullptr) {
     m.token_loss = check_output("token_loss", args.token_loss, s.n, 1, 1,
                                 data.ref_token_loss.data(), loss_tol);
