@@ -403,3 +403,23 @@ TEST_CASE("block order of the sm_90a kernels: a bijection that keeps clusters to
     }
   }
 }
+
+// The stored forward's staging tile (128 × BlockV values) beside the pipeline's stages: as many
+// of the Config's stages as fit in a block's 227 KiB next to it, the lean kernel keeping all.
+TEST_CASE("sm_90a stored forward: its staging tile and the stages beside it fit shared memory",
+          "[contract][forward][sm90]") {
+  using bf16 = __nv_bfloat16;
+  using wide = lce::default_config<bf16>::sm90;  // BlockV 256, 4 stages
+  using stored = lce::kernel::fused_forward_sm90<bf16, wide, false, true>;
+  using lean = lce::kernel::fused_forward_sm90<bf16, wide, false, false>;
+  CHECK(lean::pipeline::stages == wide::stages);
+  CHECK(stored::pipeline::stages == 3);
+  CHECK(sizeof(stored::shared_storage::epilogue) == 128 * 256 * 2);
+  CHECK(stored::pipeline::smem_bytes <= 227 * 1024);
+  // The lean kernel's placeholder for the epilogue region costs no more than its alignment.
+  CHECK(lean::pipeline::smem_bytes <= wide::stages * (128 + 256) * 128 + 2 * 1024);
+  using narrow = lce::sm90_tile_config<128, 6, 2>;
+  using stored128 = lce::kernel::fused_forward_sm90<bf16, narrow, false, true>;
+  CHECK(stored128::pipeline::stages == 6);
+  CHECK(stored128::pipeline::smem_bytes <= 227 * 1024);
+}
