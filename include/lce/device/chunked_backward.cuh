@@ -313,8 +313,8 @@ cudaError_t run_chunked_backward(void* ws, const backward_plan& plan,
     }
     // The workspace's accumulator (16-bit dX) sums W_cᵀ·(dZ_c/alpha) and takes alpha and the
     // caller's dX once, in the final conversion: its GEMMs have host scalars (1, and beta 0 or
-    // 1), so cuBLAS knows beta when it picks the kernel — 7% off these GEMMs at n = 8192 on
-    // Llama 3's head (bench/gemm_modes.cu, H100 and H200).
+    // 1), so cuBLAS knows beta when it picks the kernel instead of one that reads beta from
+    // the device (bench/gemm_modes.cu and bench/NOTES.md v18–v19 have the timings).
     const bool own_accumulator = dx_partial == nullptr && plan.dx_accumulator;
     const float* dx_beta0 =
         dx_partial == nullptr && !std::is_same_v<Element, float> ? zero : dx_first_beta;

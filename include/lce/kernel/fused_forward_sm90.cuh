@@ -27,11 +27,6 @@
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
-/// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
-/// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
-/// the lean one's registers are not sized for the general fold (which spills at 256 columns).
-/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (detail::stored_exp),
-/// for the `stored` backward strategy.
 /// Store: the values go out through shared memory, a staging tile of the block's 128 rows ×
 /// BlockV columns (64 KiB at 256), by bulk tensor stores; the stages that fit beside it (3 of
 /// 48 KiB at 256, where the lean kernel keeps 4). From the registers a warp writes 8×8 blocks
@@ -49,6 +44,11 @@ struct forward_pipeline_shape {
                          Config>;
 };
 
+/// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
+/// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
+/// the lean one's registers are not sized for the general fold (which spills at 256 columns).
+/// Store (lean only): each tile's e^{z − m} and m also go to `params::store` (detail::stored_exp),
+/// for the `stored` backward strategy.
 template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
