@@ -162,6 +162,12 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
                                    d)) {
     return cudaSuccess;
   }
+  // The lean epilogue's bulk stores need dz as the copy engine writes it (16-byte aligned, ldz
+  // a multiple of 8, as the plan lays it out); else the caller's cuBLAS path runs.
+  if (!General && !detail::encode_tile_map(&fp.dz_map, dz, rows, gp.cols, ldz, 64,
+                                           fused::tile_store::box_cols)) {
+    return cudaSuccess;
+  }
   problem tiles;
   tiles.n = rows;
   tiles.v = gp.cols;
@@ -171,7 +177,6 @@ cudaError_t launch_logit_grad_sm90(const thread::logit_grad_params<Element>& gp,
   fp.d = d;
   fp.dz = dz;
   fp.ldz = ldz;
-  fp.wide_stores = ldz % 8 == 0 && reinterpret_cast<std::uintptr_t>(dz) % 16 == 0;
   fp.grad = gp;
   LCE_RETURN_IF_ERROR(launch_sm90_grid<Config>(entry, grid, fused::pipeline::threads,
                                                fused::pipeline::smem_bytes, stream, fp));

@@ -145,7 +145,7 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
     fp.store = *store;
     // stored_exp's values meet the copy engine's rules (16-byte aligned, ld a multiple of 8).
     if (!detail::encode_tile_map(&fp.store_map, store->values, s.n, s.v, store->ld, 64,
-                                 fused::store_box_cols)) {
+                                 fused::tile_store::box_cols)) {
       return cudaErrorInvalidValue;
     }
   }

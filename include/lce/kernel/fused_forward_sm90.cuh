@@ -18,7 +18,7 @@
 #include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
-#include "../config.hpp"
+#include "../block/tile_store_sm90.cuh"
 #include "../detail/stored_exp.hpp"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_stats.cuh"
@@ -26,23 +26,6 @@
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
-
-/// Store: the values go out through shared memory, a staging tile of the block's 128 rows ×
-/// BlockV columns (64 KiB at 256), by bulk tensor stores; the stages that fit beside it (3 of
-/// 48 KiB at 256, where the lean kernel keeps 4). From the registers a warp writes 8×8 blocks
-/// (stmatrix, 16 bytes a lane); written directly, each pair of a thread would be its own 4-byte
-/// store, 8 rows of 16 bytes a warp instruction.
-template <class Config, bool Store>
-struct forward_pipeline_shape {
-  static constexpr int staging_bytes = Store ? Config::block_m * Config::block_v * 2 : 0;
-  static constexpr int stage_bytes = (Config::block_m + Config::block_v) * Config::block_k * 2;
-  /// The bytes left for stages: 227 KiB, less the staging, the alignment slack and barriers.
-  static constexpr int fitting_stages = (227 * 1024 - 2 * 1024 - staging_bytes) / stage_bytes;
-  static constexpr int stages = Config::stages < fitting_stages ? Config::stages : fitting_stages;
-  using config =
-      std::conditional_t<Store, sm90_tile_config<Config::block_v, stages, Config::cluster_m>,
-                         Config>;
-};
 
 /// General = false: the lean epilogue only (no bias, no class weights; partial tiles masked);
 /// General = true: the general one (bias, class weights) on every tile. Two kernels, so that
@@ -52,8 +35,9 @@ struct forward_pipeline_shape {
 template <class Element, class Config, bool General = false, bool Store = false>
 struct fused_forward_sm90 {
   static_assert(!(General && Store), "the stored values come from the lean epilogue");
-  using shape = forward_pipeline_shape<Config, Store>;
-  using pipeline = block::tile_pipeline_sm90<Element, typename shape::config, shape::staging_bytes>;
+  /// Store: the values leave through a staging tile (block/tile_store_sm90.cuh), beside
+  /// fewer stages.
+  using pipeline = typename block::staged_pipeline<Element, Config, Store>::type;
   using shared_storage = typename pipeline::shared_storage;
   static constexpr int block_v = pipeline::block_v;
   static constexpr int frag = pipeline::frag;
@@ -72,14 +56,11 @@ struct fused_forward_sm90 {
     /// without them the lean epilogue leaves them out (0, 0 and the tile's first column).
     bool extras;
     detail::stored_exp<Element> store;  ///< Store only
-    /// Store only: store.values [n, v] (row stride store.ld) in boxes of 64 rows × 64 columns,
-    /// 128-byte swizzle (the staging tile's layout).
+    /// Store only: store.values [n, v] (row stride store.ld) in boxes of 64 rows ×
+    /// block::tile_store_sm90::box_cols, 128-byte swizzle (the staging tile's layout).
     CUtensorMap store_map;
   };
-
-  /// Columns of a store box: one 128-byte swizzle row of 16-bit values.
-  static constexpr int store_box_cols = 64;
-  static constexpr int store_box_bytes = 64 * store_box_cols * 2;
+  using tile_store = block::tile_store_sm90<block_v>;
 
   /// The epilogue of one consumer warpgroup: the statistics of its thread's two rows.
   struct epilogue {
@@ -90,28 +71,17 @@ struct fused_forward_sm90 {
     thread::row_stats stats[2];
     /// Store with per-row offsets (detail::stored_exp::offset): each row's c, or +inf past n.
     float offset[2] = {0.0f, 0.0f};
-    /// Store: the warpgroup's staging (64 rows × block_v), its first row in the matrix, and
-    /// where this lane's stmatrix row address lies (see stage_address).
-    std::uint32_t staging = 0;
-    int half_index = 0;
-    int staging_row0 = 0;
-    std::uint32_t lane_offset = 0;
+    /// Store: the warpgroup's side of the staging tile.
+    tile_store out;
 
-    __device__ __forceinline__ epilogue(const params& p_, int half, shared_storage& s) : p(p_) {
+    __device__ __forceinline__ epilogue(const params& p_, int half, shared_storage& s)
+        : p(p_),
+          out(s.epilogue, half,
+              static_cast<int>(block::grid_tile_of_block().row_tile * pipeline::block_m +
+                               half * 64)) {
       quad = pipeline::fragment_quad();
       rows[0] = pipeline::fragment_row0(half);
       rows[1] = rows[0] + 8;
-      if constexpr (Store) {
-        const int t = static_cast<int>(threadIdx.x) % 128;
-        half_index = half;
-        staging = arch::sm90::smem_address(s.epilogue) + half * (shape::staging_bytes / 2);
-        staging_row0 =
-            static_cast<int>(block::grid_tile_of_block().row_tile * pipeline::block_m + half * 64);
-        // Lane l writes the row (l % 8) of matrix l / 8 of its warp's 16 rows: 128 bytes a row,
-        // its 16-byte chunk XOR (row % 8) under the 128-byte swizzle.
-        const int lane = t % 32, row = 16 * (t / 32) + lane % 8;
-        lane_offset = static_cast<std::uint32_t>(row * 128 + (((lane / 8) ^ (lane % 8)) * 16));
-      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         target[h] = rows[h] < p.n ? p.targets(rows[h]) : -1;
@@ -131,37 +101,6 @@ struct fused_forward_sm90 {
         lean<false>(acc, vocab0);
       } else {
         lean<true>(acc, vocab0);  // the last, partial tile
-      }
-    }
-
-    /// The staging address of this lane's stmatrix row for fragment row h (0, 1) and the
-    /// column groups j4 .. j4 + 3 (j4 a multiple of 4; column group j: columns 8j .. 8j + 7):
-    /// box j4 / 8 of 64 columns, its chunk (j4 % 8 + lane / 8) XOR (row % 8); rows h = 1 lie
-    /// 8 below (the same row % 8).
-    __device__ __forceinline__ std::uint32_t stage_address(int h, int j4) const {
-      const std::uint32_t chunk_flip = (j4 % 8) != 0 ? 64u : 0u;
-      return staging + static_cast<std::uint32_t>((j4 / 8) * store_box_bytes + h * 8 * 128) +
-             (lane_offset ^ chunk_flip);
-    }
-
-    /// Before the tile's values are written to the staging: its previous tile's bulk stores
-    /// have read it.
-    __device__ __forceinline__ void staging_acquire() const {
-      if (threadIdx.x % 128 == 0) arch::sm90::bulk_wait_group_read<0>();
-      arch::sm90::named_barrier_sync<128>(1 + half_index);
-    }
-
-    /// After: the staging tile goes out in boxes of 64 columns by the warpgroup's first thread.
-    __device__ __forceinline__ void staging_release(std::int64_t vocab0) const {
-      arch::sm90::fence_proxy_async_shared();
-      arch::sm90::named_barrier_sync<128>(1 + half_index);
-      if (threadIdx.x % 128 == 0) {
-#pragma unroll
-        for (int b = 0; b < block_v / store_box_cols; ++b) {
-          arch::sm90::tma_store_2d(&p.store_map, staging + b * store_box_bytes,
-                                   static_cast<int>(vocab0) + b * store_box_cols, staging_row0);
-        }
-        arch::sm90::bulk_commit_group();
       }
     }
 
@@ -185,9 +124,7 @@ struct fused_forward_sm90 {
     }
 
     __device__ __forceinline__ void finish() {
-      if constexpr (Store) {
-        if (threadIdx.x % 128 == 0) arch::sm90::bulk_wait_group<0>();
-      }
+      if constexpr (Store) out.finish();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (rows[h] < p.n && quad == 0) {
@@ -294,7 +231,7 @@ struct fused_forward_sm90 {
       mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
     }
     write_targets(p, acc, vocab0, quad, rows, target);
-    if constexpr (Stored) ep.staging_acquire();
+    if constexpr (Stored) ep.out.acquire();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float sum = 0.0f, sum_pz = 0.0f, sum_z = 0.0f;
@@ -351,10 +288,7 @@ struct fused_forward_sm90 {
         if constexpr (Stored) {
           // Rows past n and columns past v lie outside store_map: the bulk store skips them.
           packed[j % 4] = arch::sm90::pack_pair<Element>(ez_pair[0], ez_pair[1]);
-          if (j % 4 == 0) {
-            arch::sm90::stmatrix_x4(ep.stage_address(h, j), packed[0], packed[1], packed[2],
-                                    packed[3]);
-          }
+          if (j % 4 == 0) ep.out.put(h, j, packed);
         }
       }
       // −inf logits add e = 0 to the sum but 0·(−inf) = NaN to Σe·z: the row turns NaN, as
@@ -368,7 +302,7 @@ struct fused_forward_sm90 {
       if constexpr (!Extras) first = 0;
       merge_quad<Extras>(mx[h], sum, sum_pz, sum_z, first, vocab0, stats[h]);
     }
-    if constexpr (Stored) ep.staging_release(vocab0);
+    if constexpr (Stored) ep.out.release(&p.store_map, static_cast<int>(vocab0));
   }
 
   /// Calls f(j, e, col, in) for each column of a tile this thread holds: tile-local column

@@ -24,16 +24,18 @@
 #include <type_traits>
 
 #include "../block/tile_pipeline_sm90.cuh"
+#include "../block/tile_store_sm90.cuh"
 #include "../thread/cross_entropy.cuh"
 #include "../thread/row_grad.cuh"
-#include "../warp/quad_store.cuh"
 
 LCE_NAMESPACE_BEGIN
 namespace kernel {
 
+/// The lean epilogue's dZ leaves through a staging tile (block/tile_store_sm90.cuh), beside
+/// fewer stages; the general one's with pair stores from registers.
 template <class Element, class Config, bool General = false>
 struct logit_grad_sm90 {
-  using pipeline = block::tile_pipeline_sm90<Element, Config>;
+  using pipeline = typename block::staged_pipeline<Element, Config, !General>::type;
   using shared_storage = typename pipeline::shared_storage;
   static constexpr int block_v = pipeline::block_v;
   static constexpr int frag = pipeline::frag;
@@ -43,20 +45,26 @@ struct logit_grad_sm90 {
     CUtensorMap w_map;  ///< the chunk's W rows [grad.vocab0, grad.vocab0 + grad.cols)
     std::int64_t rows, d;
     Element* dz;       ///< [rows, ldz]: chunk row r, column c at dz[r·ldz + c]
-    std::int64_t ldz;  ///< even
-    /// dz 16-byte aligned and ldz a multiple of 8: full tiles take 16-byte stores
-    bool wide_stores;
+    std::int64_t ldz;  ///< even; lean: a multiple of 8, dz 16-byte aligned
+    /// Lean: dz [rows, grad.cols] in boxes of 64 rows × tile_store::box_cols, 128-byte swizzle
+    CUtensorMap dz_map;
     thread::logit_grad_params<Element> grad;  ///< row0, vocab0, cols, v, options (bias and class
                                               ///< weights only with General)
   };
+  using tile_store = block::tile_store_sm90<block_v>;
 
   struct epilogue {
     const params& p;
     int quad;
     std::int64_t rows[2];  ///< chunk-local
     thread::row_grad rg[2];
+    tile_store out;  ///< lean only
 
-    __device__ __forceinline__ epilogue(const params& p_, int half) : p(p_) {
+    __device__ __forceinline__ epilogue(const params& p_, int half, shared_storage& s)
+        : p(p_),
+          out(s.epilogue, half,
+              static_cast<int>(block::grid_tile_of_block().row_tile * pipeline::block_m +
+                               half * 64)) {
       quad = pipeline::fragment_quad();
       rows[0] = pipeline::fragment_row0(half);  // chunk-local: the X map starts at the chunk
       rows[1] = rows[0] + 8;
@@ -111,56 +119,30 @@ struct logit_grad_sm90 {
       return r.active ? g * dzdraw : 0.0f;
     }
 
+    /// The lean tile's dZ into the staging, then out by bulk stores (rows past the chunk and
+    /// columns past grad.cols lie outside dz_map: not written).
     template <bool Softcap, bool Filter>
     __device__ __forceinline__ void store_tile(float (&acc)[frag], std::int64_t t) {
-      if (p.wide_stores && (t + 1) * block_v <= p.grad.cols) {
-        store_full_tile_wide<Softcap, Filter>(acc, t);
-        return;
-      }
-      const std::int64_t col0 = t * block_v + 2 * quad;  // chunk-local column of acc[…+0]
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (rows[h] >= p.rows) continue;
-        const thread::row_grad& r = rg[h];
-        // The target's chunk-local column (or out of range), so the loop compares columns only.
-        const std::int64_t target_col = r.y - p.grad.vocab0;
-        Element* out = p.dz + rows[h] * p.ldz;
-#pragma unroll
-        for (int j = 0; j < block_v / 8; ++j) {
-          const std::int64_t c = col0 + 8 * j;
-          if (c >= p.grad.cols) continue;
-          float d[2];
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            d[e] = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + e], r, c + e == target_col);
-          }
-          if (c + 1 < p.grad.cols) {
-            arch::sm90::store_pair(out + c, d[0], d[1]);
-          } else {
-            out[c] = static_cast<Element>(d[0]);
-          }
-        }
-      }
-    }
-
-    /// A full tile with 16-byte stores (warp::quad_store_row).
-    template <bool Softcap, bool Filter>
-    __device__ __forceinline__ void store_full_tile_wide(float (&acc)[frag], std::int64_t t) {
       const std::int64_t tile_col = t * block_v;
+      out.acquire();
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const thread::row_grad& r = rg[h];
+        // The target's tile-local column (or −1), so the loop compares columns only.
         const std::int64_t local = r.y - p.grad.vocab0 - tile_col;
         const int target_col = local >= 0 && local < block_v ? static_cast<int>(local) : -1;
-        warp::quad_store_row<block_v>(
-            p.dz + rows[h] * p.ldz + tile_col, quad, rows[h] < p.rows, [&](int j) {
-              const int c = 8 * j + 2 * quad;  // tile-local column of the pair
-              const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
-              const float d1 =
-                  lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
-              return arch::sm90::pack_pair<Element>(d0, d1);
-            });
+        std::uint32_t packed[4];
+#pragma unroll
+        for (int j = 0; j < block_v / 8; ++j) {
+          const int c = 8 * j + 2 * quad;  // tile-local column of the pair
+          const float d0 = lean_grad<Softcap, Filter>(acc[4 * j + 2 * h], r, c == target_col);
+          const float d1 =
+              lean_grad<Softcap, Filter>(acc[4 * j + 2 * h + 1], r, c + 1 == target_col);
+          packed[j % 4] = arch::sm90::pack_pair<Element>(d0, d1);
+          if (j % 4 == 3) out.put(h, j - 3, packed);
+        }
       }
+      out.release(&p.dz_map, static_cast<int>(tile_col));
     }
 
     /// The general epilogue: z = transform(raw + b_v) and dZ as logit_grad_kernel forms it.
@@ -202,12 +184,14 @@ struct logit_grad_sm90 {
       }
     }
 
-    __device__ __forceinline__ void finish() {}
+    __device__ __forceinline__ void finish() {
+      if constexpr (!General) out.finish();
+    }
   };
 
   __device__ __forceinline__ void operator()(const params& p, shared_storage& s) const {
     pipeline::run_split(&p.x_map, &p.w_map, s, p.grad.cols, p.d,
-                        [&](int half) { return epilogue(p, half); });
+                        [&](int half) { return epilogue(p, half, s); });
   }
 };
 
