@@ -362,3 +362,26 @@ TEST_CASE("to_string names every backward_strategy", "[contract][options]") {
   CHECK(std::string(lce::to_string(static_cast<lce::backward_strategy>(7))) == "unknown");
   static_assert(lce::to_string(lce::backward_strategy::stored)[0] == 's');
 }
+
+// vocab_chunked's chunk widths (device::balanced_chunk): as many chunks as the cap needs, none
+// wider than it, every one but the last a multiple of the tile, together exactly the total;
+// Llama 3's head at n = 8192 (a cap of 31 tiles of 256) in 16 chunks of 30 tiles and one of 21.
+TEST_CASE("vocab_chunked: chunk widths balanced under the cap", "[contract][backward]") {
+  using lce::device::balanced_chunk;
+  for (const std::int64_t total : {1, 100, 255, 256, 257, 4097, 32000, 128256, 151936, 256000}) {
+    for (const std::int64_t cap : {128, 256, 2048, 4096, 7936, 16384}) {
+      for (const std::int64_t multiple : {128, 256}) {
+        if (cap % multiple != 0) continue;  // the precondition
+        CAPTURE(total, cap, multiple);
+        const std::int64_t w = balanced_chunk(total, cap, multiple);
+        const std::int64_t chunks = (total + cap - 1) / cap;
+        CHECK(w >= 1);
+        CHECK(w <= cap);
+        CHECK((total + w - 1) / w == chunks);
+        if (chunks > 1) CHECK(w % multiple == 0);
+      }
+    }
+  }
+  CHECK(balanced_chunk(128256, 7936, 256) == 30 * 256);
+  CHECK(128256 - 16 * 30 * 256 == 21 * 256);
+}
