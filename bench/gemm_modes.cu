@@ -68,7 +68,9 @@ struct probe {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  // argv[1], when given: only the cases whose name contains it.
+  const std::string only = argc > 1 ? argv[1] : "";
   probe p;
   check(cublasCreate(&p.handle), "create");
   check(cublasLtCreate(&p.lt), "lt create");
@@ -92,6 +94,37 @@ int main() {
        false, 0.f},
       {"gemma8k stored dX   fp32", CUBLAS_OP_N, CUBLAS_OP_N, 2304, 7168, 256000, 2304, 256000, 2304,
        true, 0.f},
+      // The per-row-offset form's dX row chunks (device::stored_dx_chunk_rows): the first as
+      // many fp32 rows as the maxima's region holds, the second the rest, against two halves
+      // and the whole n in one GEMM (fp32 and bf16 out).
+      {"llama8k dX 768 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 768, 128256, 4096, 128256, 4096, true,
+       0.f},
+      {"llama8k dX 4096 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 4096, 128256, 4096, 128256, 4096,
+       true, 0.f},
+      {"llama8k dX 8192 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 8192, 128256, 4096, 128256, 4096,
+       true, 0.f},
+      {"gemma8k dX 1024 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 2304, 1024, 256000, 2304, 256000, 2304,
+       true, 0.f},
+      {"gemma8k dX 4096 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 2304, 4096, 256000, 2304, 256000, 2304,
+       true, 0.f},
+      {"gemma8k floor dX bf16", CUBLAS_OP_N, CUBLAS_OP_N, 2304, 8192, 256000, 2304, 256000, 2304,
+       false, 0.f},
+      {"qwen8k dX 1280 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 3584, 1280, 152064, 3584, 152064, 3584,
+       true, 0.f},
+      {"qwen8k dX 6912 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 3584, 6912, 152064, 3584, 152064, 3584,
+       true, 0.f},
+      {"qwen8k dX 4096 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 3584, 4096, 152064, 3584, 152064, 3584,
+       true, 0.f},
+      {"qwen8k floor dX bf16", CUBLAS_OP_N, CUBLAS_OP_N, 3584, 8192, 152064, 3584, 152064, 3584,
+       false, 0.f},
+      {"llama2k dX 256 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 256, 128256, 4096, 128256, 4096, true,
+       0.f},
+      {"llama2k dX 1792 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 1792, 128256, 4096, 128256, 4096,
+       true, 0.f},
+      {"llama2k dX 1024 fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 1024, 128256, 4096, 128256, 4096,
+       true, 0.f},
+      {"llama2k floor dX bf16", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 2048, 128256, 4096, 128256, 4096,
+       false, 0.f},
       {"llama32k lean dW    bf16", CUBLAS_OP_N, CUBLAS_OP_T, 4096, 4096, 32768, 4096, 4096, 4096,
        false, 0.f},
       {"llama32k lean dX+=  fp32", CUBLAS_OP_N, CUBLAS_OP_N, 4096, 32768, 4096, 4096, 4096, 4096,
@@ -113,6 +146,7 @@ int main() {
   std::printf("%-26s %9s %9s %9s %9s  (ms)\n", "gemm", "ex_device", "ex_host", "lt_first",
               "lt_best");
   for (const auto& c : cases) {
+    if (std::string(c.name).find(only) == std::string::npos) continue;
     const float scal[2] = {alpha, c.beta};
     LCE_EXAMPLE_CHECK(cudaMemcpy(p.scalars.data(), scal, sizeof(scal), cudaMemcpyHostToDevice));
     const cudaDataType_t ct = c.fp32_out ? CUDA_R_32F : CUDA_R_16BF;
