@@ -241,7 +241,7 @@ settings parse(int argc, char** argv) {
     } else if (flag == "--family") {
       known = parse_family(value, s.family);
     } else if (flag == "--strategy") {
-      known = value == "auto" || value == "vocab" || value == "row";
+      known = value == "auto" || value == "vocab" || value == "row" || value == "stored";
       s.strategy = value == "vocab"    ? lce::backward_strategy::vocab_chunked
                    : value == "row"    ? lce::backward_strategy::row_chunked
                    : value == "stored" ? lce::backward_strategy::stored
