@@ -330,6 +330,31 @@ TEST_CASE("forward_backward: stored with per-row offsets, rows that share target
   CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
 }
 
+// The rows' grouping by target scans v + 1 counts in tiles of kernel::scan_tile_ints (8192),
+// each tile starting from the totals of the tiles before it: targets in the first, middle and
+// last tiles and on the tiles' edges, so that a wrong carry moves a target's entries to another
+// row of dW.
+TEST_CASE("forward_backward: stored with per-row offsets, targets across the scan's tiles",
+          "[gpu][forward_backward][stored]") {
+  using bf16 = __nv_bfloat16;
+  problem_data<bf16> data(case_spec{1500, 40, 20000}.no_bias(), fresh_seed());
+  const std::int64_t v = data.spec.v;
+  const std::int64_t edges[] = {0, 8191, 8192, 16383, 16384, v - 1};
+  std::vector<std::int64_t> t = data.h_targets;
+  for (std::size_t r = 0; r < t.size(); ++r) {
+    t[r] = r % 3 == 0 ? edges[(r / 3) % 6] : static_cast<std::int64_t>(r * 7919 % v);
+  }
+  t[11] = data.spec.ignore_index;
+  data.set_targets(t);
+  data.use_unit_upstream();
+  data.compute_reference(true);
+  INFO(data.describe());
+  const auto [offsets, pass] = run_offsets_and_pass(data, "/tiles");
+  CHECK(offsets.loss <= 1.2 * pass.loss + 1e-9);
+  CHECK(offsets.dx <= 1.2 * pass.dx + 1e-6);
+  CHECK(offsets.dw <= 1.2 * pass.dw + 1e-6);
+}
+
 // The size query without `bias_or_weights` plans stored, whose chunked fallback gets only the
 // stored values' space; a call that passes a bias in a workspace of that size runs the fallback
 // there (the query with the flag would size the chunked plan for the whole budget).

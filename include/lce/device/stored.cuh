@@ -85,7 +85,9 @@ inline constexpr std::int64_t stored_dx_min_region_rows = 256;
 /// none without rows).
 inline std::size_t stored_groups_bytes(const problem& s, std::int64_t rows) noexcept {
   if (rows <= 0) return 0;
-  return (2 * static_cast<std::size_t>(s.v) + 1 + 2 * static_cast<std::size_t>(rows)) * sizeof(int);
+  const auto sums = static_cast<std::size_t>(kernel::scan_tiles(s.v + 1));
+  return (2 * static_cast<std::size_t>(s.v) + 1 + 2 * static_cast<std::size_t>(rows) + sums) *
+         sizeof(int);
 }
 
 /// Whether a stored plan of this element type holds the per-row-offset form's regions (dX's
@@ -359,12 +361,18 @@ cudaError_t run_stored_offset_backward(
                                          groups,
                                          groups + s.v + 1,
                                          groups + 2 * s.v + 1,
-                                         groups + 2 * s.v + 1 + rows};
+                                         groups + 2 * s.v + 1 + rows,
+                                         groups + 2 * s.v + 1 + 2 * rows};
     LCE_RETURN_IF_ERROR(cudaMemsetAsync(groups, 0, plan.group_zeroed_bytes, stream));
     const auto row_blocks = static_cast<unsigned>(std::min<std::int64_t>((rows + 255) / 256, 1024));
     kernel::target_count_kernel<256><<<row_blocks, 256, 0, stream>>>(gp);
     LCE_CHECK_LAUNCH("target_count_kernel");
-    kernel::exclusive_scan_kernel<1024><<<1, 1024, 0, stream>>>(groups, s.v + 1);
+    const auto scan_blocks = static_cast<unsigned>(kernel::scan_tiles(s.v + 1));
+    kernel::scan_sums_kernel<>
+        <<<scan_blocks, kernel::scan_threads, 0, stream>>>(groups, s.v + 1, gp.sums);
+    LCE_CHECK_LAUNCH("scan_sums_kernel");
+    kernel::exclusive_scan_kernel<>
+        <<<scan_blocks, kernel::scan_threads, 0, stream>>>(groups, s.v + 1, gp.sums);
     LCE_CHECK_LAUNCH("exclusive_scan_kernel");
     kernel::target_place_kernel<256><<<row_blocks, 256, 0, stream>>>(gp);
     LCE_CHECK_LAUNCH("target_place_kernel");

@@ -185,7 +185,8 @@ __global__ void LCE_KERNEL_VISIBILITY scale_rows_kernel(const scale_rows_params<
 /// kernel's input): a counting sort whose within-group order is restored by rank, so that
 /// every group's sum runs in row order and is the same run to run.
 ///   1. target_count_kernel: start[y] = rows with target y (start and fill zeroed before);
-///   2. exclusive_scan_kernel: start[y] = rows with a smaller target, start[v] = the total;
+///   2. scan_sums_kernel, exclusive_scan_kernel: start[y] = rows with a smaller target,
+///      start[v] = the total (the tiles' totals in `sums`);
 ///   3. target_place_kernel: each row to a slot of its group (the order inside a group is
 ///      the atomics', not fixed);
 ///   4. target_order_kernel: each row to start[y] + its rank among its group's rows — the
@@ -199,6 +200,7 @@ struct target_group_params {
   int* fill;     ///< [v]
   int* grouped;  ///< [rows] by group, unordered inside one
   int* ordered;  ///< [rows] by group, in row order inside one
+  int* sums;     ///< [scan_tiles(v + 1)] the scan's tile totals
 };
 
 template <int Threads>
@@ -211,54 +213,101 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
   }
 }
 
-/// In-place exclusive prefix sum of `count` ints by one block, in tiles of Threads·8: each
-/// thread scans 8 consecutive ints (a warp reads 1 KiB at a time), the block scans the
-/// threads' sums, and a carry runs from tile to tile. The counts are v + 1 ints (0.5–1 MiB).
+/// The in-place exclusive prefix sum of the counts (v + 1 ints, 0.5–1 MiB) in tiles of
+/// scan_tile_ints, by two kernels: scan_sums_kernel writes each tile's total, then
+/// exclusive_scan_kernel, a block per tile, starts from the totals of the tiles before its own.
+/// (One block carrying the sum from tile to tile took 16 tiles' latencies in a row: 0.11 ms at
+/// Llama 3's v, the stored backward's longest small kernel.)
+inline constexpr int scan_threads = 1024;
+inline constexpr int scan_per_thread = 8;
+inline constexpr std::int64_t scan_tile_ints = std::int64_t{scan_threads} * scan_per_thread;
+
+/// The tiles of a scan over `count` ints (the totals scan_sums_kernel writes).
+constexpr std::int64_t scan_tiles(std::int64_t count) noexcept {
+  return (count + scan_tile_ints - 1) / scan_tile_ints;
+}
+
+/// The block's sum of `value`, in every thread (Threads a multiple of 32, at most 1024).
 template <int Threads>
+__device__ __forceinline__ int block_sum(int value, int* warp_total) {
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) value += __shfl_xor_sync(0xffffffffu, value, o);
+  if (lane == 0) warp_total[warp] = value;
+  __syncthreads();
+  int total = 0;
+#pragma unroll
+  for (int w = 0; w < Threads / 32; ++w) total += warp_total[w];
+  return total;
+}
+
+/// sums[b] = the total of tile b of a[0, count): a block per tile. (Templates, as every kernel
+/// of the library, so that a header included by several translation units defines them once.)
+template <int Threads = scan_threads>
 __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
-    exclusive_scan_kernel(int* a, std::int64_t count) {
-  static_assert(Threads % 32 == 0 && Threads <= 1024, "whole warps, one block");
-  constexpr int per = 8;
-  constexpr int warps = Threads / 32;
+    scan_sums_kernel(const int* a, std::int64_t count, int* sums) {
+  static_assert(Threads == scan_threads, "scan_tile_ints ints a block");
+  __shared__ int warp_total[scan_threads / 32];
+  const std::int64_t first = blockIdx.x * scan_tile_ints + threadIdx.x;
+  int sum = 0;
+#pragma unroll
+  for (int j = 0; j < scan_per_thread; ++j) {  // coalesced: a warp reads 128 bytes at a time
+    const std::int64_t i = first + static_cast<std::int64_t>(j) * scan_threads;
+    sum += i < count ? a[i] : 0;
+  }
+  const int total = block_sum<scan_threads>(sum, warp_total);
+  if (threadIdx.x == 0) sums[blockIdx.x] = total;
+}
+
+/// a[i] = Σ a[0, i) in place, a block per tile of scan_tile_ints (scan_tiles(count) blocks),
+/// after scan_sums_kernel: each thread scans 8 consecutive ints, the block scans the threads'
+/// sums, and the tile starts from the totals of the tiles before it.
+template <int Threads = scan_threads>
+__global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
+    exclusive_scan_kernel(int* a, std::int64_t count, const int* sums) {
+  static_assert(Threads == scan_threads, "scan_tile_ints ints a block");
+  constexpr int warps = scan_threads / 32;
   __shared__ int warp_total[warps];
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-  int carry = 0;  // the sum of every earlier tile
-  for (std::int64_t base = 0; base < count; base += static_cast<std::int64_t>(Threads) * per) {
-    const std::int64_t first = base + static_cast<std::int64_t>(threadIdx.x) * per;
-    int v[per];
-    int sum = 0;
+  // The tiles before this one: a few dozen totals (v ≤ 2^31 would be 262144), a thread each.
+  int before = 0;
+  for (int t = static_cast<int>(threadIdx.x); t < static_cast<int>(blockIdx.x); t += scan_threads)
+    before += sums[t];
+  const int carry = block_sum<scan_threads>(before, warp_total);
+  __syncthreads();  // warp_total is written again below
+  const std::int64_t first =
+      blockIdx.x * scan_tile_ints + static_cast<std::int64_t>(threadIdx.x) * scan_per_thread;
+  int v[scan_per_thread];
+  int sum = 0;
 #pragma unroll
-    for (int j = 0; j < per; ++j) {
-      v[j] = first + j < count ? a[first + j] : 0;
-      sum += v[j];
-    }
-    // Inclusive scan of the threads' sums within the warp, then across the warps' totals.
-    int inclusive = sum;
+  for (int j = 0; j < scan_per_thread; ++j) {
+    v[j] = first + j < count ? a[first + j] : 0;
+    sum += v[j];
+  }
+  // Inclusive scan of the threads' sums within the warp, then across the warps' totals.
+  int inclusive = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += other;
+  }
+  if (lane == 31) warp_total[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int total = lane < warps ? warp_total[lane] : 0;
 #pragma unroll
     for (int o = 1; o < 32; o *= 2) {
-      const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
-      if (lane >= o) inclusive += other;
+      const int other = __shfl_up_sync(0xffffffffu, total, o);
+      if (lane >= o) total += other;
     }
-    if (lane == 31) warp_total[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-      int total = lane < warps ? warp_total[lane] : 0;
+    if (lane < warps) warp_total[lane] = total;  // inclusive over the warps
+  }
+  __syncthreads();
+  int running = carry + inclusive - sum + (warp > 0 ? warp_total[warp - 1] : 0);
 #pragma unroll
-      for (int o = 1; o < 32; o *= 2) {
-        const int other = __shfl_up_sync(0xffffffffu, total, o);
-        if (lane >= o) total += other;
-      }
-      if (lane < warps) warp_total[lane] = total;  // inclusive over the warps
-    }
-    __syncthreads();
-    int running = carry + inclusive - sum + (warp > 0 ? warp_total[warp - 1] : 0);
-#pragma unroll
-    for (int j = 0; j < per; ++j) {
-      if (first + j < count) a[first + j] = running;
-      running += v[j];
-    }
-    carry += warp_total[warps - 1];
-    __syncthreads();  // warp_total is written again by the next tile
+  for (int j = 0; j < scan_per_thread; ++j) {
+    if (first + j < count) a[first + j] = running;
+    running += v[j];
   }
 }
 
