@@ -216,8 +216,8 @@ __global__ void __launch_bounds__(Threads) LCE_KERNEL_VISIBILITY
 /// The in-place exclusive prefix sum of the counts (v + 1 ints, 0.5–1 MiB) in tiles of
 /// scan_tile_ints, by two kernels: scan_sums_kernel writes each tile's total, then
 /// exclusive_scan_kernel, a block per tile, starts from the totals of the tiles before its own.
-/// (One block carrying the sum from tile to tile took 16 tiles' latencies in a row: 0.11 ms at
-/// Llama 3's v, the stored backward's longest small kernel.)
+/// (One block carrying the sum from tile to tile pays every tile's load latency in a row;
+/// bench/NOTES.md v20 has the timing.)
 inline constexpr int scan_threads = 1024;
 inline constexpr int scan_per_thread = 8;
 inline constexpr std::int64_t scan_tile_ints = std::int64_t{scan_threads} * scan_per_thread;
