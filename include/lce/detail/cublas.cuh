@@ -68,8 +68,8 @@ class cublas_scope {
 };
 
 /// Column-major C[m, n] = alpha·op(A)·op(B) + beta·C, with op(A) [m, k] and op(B) [k, n];
-/// alpha and beta are device pointers. `AB` is the type of A and B, `C` the type of C;
-/// accumulation is fp32.
+/// alpha and beta are device pointers (host ones under gemm_host_scalars's pointer mode). `AB` is
+/// the type of A and B, `C` the type of C; accumulation is fp32.
 template <class AB, class C>
 cudaError_t gemm(cublasHandle_t handle, cublasOperation_t op_a, cublasOperation_t op_b,
                  std::int64_t m, std::int64_t n, std::int64_t k, const float* alpha, const AB* a,
@@ -94,15 +94,11 @@ cudaError_t gemm_host_scalars(cublasHandle_t handle, cublasOperation_t op_a, cub
                               float beta, C* c, std::int64_t ldc) noexcept {
   cublasStatus_t status = cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_HOST);
   if (status != CUBLAS_STATUS_SUCCESS) return cublas_failure(status, "pointer mode");
-  const cublasComputeType_t compute =
-      std::is_same_v<AB, float> ? CUBLAS_COMPUTE_32F_PEDANTIC : CUBLAS_COMPUTE_32F;
-  status = cublasGemmEx(handle, op_a, op_b, static_cast<int>(m), static_cast<int>(n),
-                        static_cast<int>(k), &alpha, a, cuda_data_type<AB>(), static_cast<int>(lda),
-                        b, cuda_data_type<AB>(), static_cast<int>(ldb), &beta, c,
-                        cuda_data_type<C>(), static_cast<int>(ldc), compute, CUBLAS_GEMM_DEFAULT);
-  const cublasStatus_t restored = cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_DEVICE);
-  if (status != CUBLAS_STATUS_SUCCESS) return cublas_failure(status, "GEMM");
-  return restored == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(restored, "pointer mode");
+  const cudaError_t result =
+      gemm(handle, op_a, op_b, m, n, k, &alpha, a, lda, b, ldb, &beta, c, ldc);
+  status = cublasSetPointerMode(handle, CUBLAS_POINTER_MODE_DEVICE);
+  if (result != cudaSuccess) return result;
+  return status == CUBLAS_STATUS_SUCCESS ? cudaSuccess : cublas_failure(status, "pointer mode");
 }
 
 }  // namespace detail

@@ -146,7 +146,8 @@ cudaError_t run_fused_forward_sm90(const forward_grid& grid, const forward_args<
     // stored_exp's values meet the copy engine's rules (16-byte aligned, ld a multiple of 8).
     if (!detail::encode_tile_map(&fp.store_map, store->values, s.n, s.v, store->ld, 64,
                                  fused::tile_store::box_cols)) {
-      return cudaErrorInvalidValue;
+      return detail::invalid(
+          "stored values: no tensor map for their bulk stores (shape or layout)");
     }
   }
   fp.n = s.n;
